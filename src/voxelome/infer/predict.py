@@ -1,0 +1,145 @@
+"""Whole-volume prediction from a trained run folder into a multiscale OME-Zarr ``(c, z, y, x)``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from voxelome.constants import CHECKPOINT_FILE
+from voxelome.errors import VoxelomeError
+from voxelome.infer.blocks import all_done, run_blockwise
+from voxelome.infer.sliding_window import patch_grid_inference, sliding_window_inference
+from voxelome.io.omezarr import build_pyramid, create_ome_zarr
+from voxelome.io.volume import Volume
+from voxelome.train.checkpoint import load_checkpoint
+from voxelome.train.config import TrainConfig, config_from_dict
+from voxelome.train.spots import IntensityScaler
+from voxelome.train.trainer import SpotPredictor, build_model, resolve_device
+
+
+@dataclass
+class TrainedModel:
+    """A model reloaded from its run folder: network, config and the data geometry it was fit on."""
+
+    config: TrainConfig
+    meta: dict
+    model: torch.nn.Module
+    device: torch.device
+
+    @classmethod
+    def load(cls, run_dir, device: str | None = None) -> "TrainedModel":
+        """Load ``run_dir/checkpoint.pt`` (``weights_only=True``; nothing else is needed)."""
+        path = Path(run_dir)
+        ckpt = load_checkpoint(path / CHECKPOINT_FILE if path.is_dir() else path)
+        config = config_from_dict(ckpt["config"])
+        dev = resolve_device(device or config.device)
+        model = build_model(config, ckpt["meta"])
+        model.load_state_dict(ckpt["model_state"])
+        return cls(config, ckpt["meta"], model.to(dev).eval(), dev)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.meta["names"])
+
+    @property
+    def scaler(self) -> IntensityScaler:
+        return IntensityScaler(*self.meta["scaler"])
+
+    def output_step(self) -> np.ndarray:
+        """Scan voxels per output voxel, (z, y, x)."""
+        if self.config.model == "dense":
+            return np.full(3, int(self.meta["total_stride"]))
+        return np.asarray(self.meta["grid_step"])
+
+    def output_geometry(self, volume: Volume) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+        """Output grid shape, spacing (µm) and origin (µm, centre of output voxel 0), all (z, y, x)."""
+        step = self.output_step()
+        shape = tuple(int(-(-s // f)) for s, f in zip(volume.shape, step))
+        spacing = tuple(float(d * f) for d, f in zip(volume.spacing_um, step))
+        origin = tuple(float(o + (f - 1) / 2 * d) for o, f, d in zip(volume.origin_um, step, volume.spacing_um))
+        return shape, spacing, origin
+
+    def check_volume(self, volume: Volume) -> None:
+        trained = np.asarray(self.meta["spacing_um"])
+        if not np.allclose(trained, volume.spacing_um, rtol=0.05):
+            raise VoxelomeError(
+                f"volume spacing {volume.spacing_um} µm differs from the training scan's {tuple(trained)} µm; "
+                "predict on a scan of the same voxel size (resample it first) or retrain."
+            )
+
+    @torch.no_grad()
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x).to(self.device)
+        y = self.model(t)
+        return (torch.exp(y) if self.config.model == "xpression" else y).float().cpu().numpy()
+
+    def predict_region(self, volume: Volume, out_region) -> np.ndarray:
+        """Proportions ``(k, *region)`` for one region of the output grid (the per-block function)."""
+        k = int(self.meta["n_signatures"])
+        if self.config.model == "dense":
+            return sliding_window_inference(
+                volume.data, self._forward, window=self.meta["window_shape"], stride=int(self.meta["total_stride"]),
+                n_channels=k, overlap=self.config.overlap, blend=self.config.blend, out_region=out_region,
+                batch_size=1, prepare=self.scaler)
+        return patch_grid_inference(
+            volume.data, self._forward, patch_shape=self.meta["patch_shape"], step=self.meta["grid_step"],
+            n_channels=k, out_region=out_region, batch_size=self.config.inference_batch, prepare=self.scaler)
+
+    def spot_predictor(self) -> SpotPredictor:
+        return SpotPredictor(self.model, self.config, self.meta, self.device)
+
+
+def default_chunks(model: TrainedModel) -> tuple[int, int, int]:
+    """Output chunk (z, y, x): about one dense window, so each window is recomputed at most ~8×."""
+    if model.config.model == "dense":
+        return tuple(int(max(w // model.meta["total_stride"], 8)) for w in model.meta["window_shape"])
+    return (16, 32, 32)
+
+
+def predict_volume(model: TrainedModel | str | Path, volume: Volume, out_path, *, chunks=None,
+                   overwrite: bool = False, pyramid: bool = True, progress: bool = True) -> dict:
+    """Predict signature proportions for the whole volume into OME-Zarr, resumably.
+
+    Parameters
+    ----------
+    model : TrainedModel or path
+        A loaded model or its run folder.
+    volume : Volume
+        The scan, same voxel size as at training.
+    out_path : path
+        Output ``.ome.zarr`` folder. If it exists from an interrupted run with the same
+        geometry, only unfinished chunks are computed.
+    chunks : tuple of int, optional
+        Output chunk shape (z, y, x) in output voxels; sets the memory of one block.
+    overwrite : bool
+        Discard an existing output with a different geometry.
+
+    Returns
+    -------
+    dict
+        Output path, shape, spacing, blocks computed/skipped, seconds, input voxels per second.
+    """
+    if not isinstance(model, TrainedModel):
+        model = TrainedModel.load(model)
+    model.check_volume(volume)
+    shape, spacing, origin = model.output_geometry(volume)
+    chunks = tuple(int(c) for c in (chunks or default_chunks(model)))
+    k = int(model.meta["n_signatures"])
+    out = create_ome_zarr(out_path, (k, *shape), chunks_czyx=(k, *chunks), dtype="float32",
+                          spacing_um_zyx=spacing, origin_um_zyx=origin, channel_names=model.names,
+                          overwrite=overwrite)
+    t0 = time.perf_counter()
+    stats = run_blockwise(lambda region: model.predict_region(volume, region), out, out_path, chunks_zyx=chunks,
+                          progress=progress, desc=f"predict {model.config.model}")
+    seconds = time.perf_counter() - t0
+    if pyramid and all_done(out_path, shape, chunks):
+        build_pyramid(out_path)
+    n_in = int(np.prod(volume.shape))
+    return {"path": str(out_path), "shape_czyx": [k, *shape], "spacing_um_zyx": list(spacing), "chunks": list(chunks),
+            **stats, "seconds": seconds,
+            "input_voxels_per_s": n_in * stats["computed"] / max(stats["blocks"], 1) / max(seconds, 1e-9),
+            "output_voxels_per_s": int(np.prod(shape)) * stats["computed"] / max(stats["blocks"], 1) / max(seconds, 1e-9)}

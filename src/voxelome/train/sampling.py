@@ -1,0 +1,204 @@
+"""Turn a volume and placed spots into training tensors.
+
+Dense model: crops of the volume near the section, with, for each spot inside the crop, the
+sample points of its footprint (a disk of the spot diameter on the section plane, through the
+section thickness) in the normalised coordinates ``grid_sample`` expects on the output map.
+X-Pression: one axis-aligned patch centred on each spot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from voxelome.io.volume import Volume
+from voxelome.register.sampling import disk_offsets
+from voxelome.train.spots import IntensityScaler, SpotTargets
+
+
+def odd_voxels(size_um: float, spacing_um: float) -> int:
+    """Nearest odd voxel count ≥ 1 covering ``size_um`` (patches centre on a voxel)."""
+    n = max(int(round(size_um / spacing_um)), 1)
+    return n if n % 2 == 1 else n + 1
+
+
+def multiple_voxels(size_um: float, spacing_um: float, divisor: int) -> int:
+    """Voxel count nearest ``size_um`` that is a positive multiple of ``divisor``."""
+    return max(int(round(size_um / spacing_um / divisor)), 1) * divisor
+
+
+@dataclass
+class Region:
+    """A block of the scaled volume held in memory: ``array[k, j, i]`` is voxel ``start + (k, j, i)``."""
+
+    array: np.ndarray
+    start: np.ndarray
+
+    def crop(self, start_zyx, shape_zyx) -> np.ndarray:
+        """Crop in global voxel indices, edge-padded where it leaves the region."""
+        lo = np.asarray(start_zyx) - self.start
+        hi = lo + np.asarray(shape_zyx)
+        lo_c = np.clip(lo, 0, self.array.shape)
+        hi_c = np.clip(hi, 0, self.array.shape)
+        block = self.array[lo_c[0]:hi_c[0], lo_c[1]:hi_c[1], lo_c[2]:hi_c[2]]
+        pad = [(int(a - b), int(c - d)) for a, b, c, d in zip(lo_c, lo, hi, hi_c)]
+        if any(p != (0, 0) for p in pad):
+            if block.size == 0:
+                return np.zeros(tuple(shape_zyx), np.float32)
+            block = np.pad(block, pad, mode="edge")
+        return block
+
+
+def load_region(volume: Volume, centres_xyz_um: np.ndarray, margin_um: float, scaler: IntensityScaler | None
+                ) -> tuple[Region, IntensityScaler]:
+    """Read (once) the bounding box of the spots plus ``margin_um``, scaled to ~[0, 1]."""
+    idx = volume.xyz_to_index(centres_xyz_um)
+    m = np.ceil(margin_um / np.asarray(volume.spacing_um)).astype(int)
+    lo = np.clip(np.floor(idx.min(0)).astype(int) - m, 0, None)
+    hi = np.minimum(np.ceil(idx.max(0)).astype(int) + m + 1, volume.shape)
+    raw = np.asarray(volume.data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
+    scaler = scaler or IntensityScaler.fit(raw[:: max(1, raw.shape[0] // 16)])
+    return Region(scaler(raw), lo), scaler
+
+
+def footprint_points(targets: SpotTargets, step_um: float) -> np.ndarray:
+    """Footprint sample offsets ``(m, 3)`` in µm (x, y, z) shared by all spots."""
+    disk = disk_offsets(targets.spot_diameter_um, step_um)
+    n_depth = max(int(round(targets.thickness_um / step_um)), 1)
+    depths = (np.arange(n_depth) - (n_depth - 1) / 2) * (targets.thickness_um / n_depth)
+    pts = disk[:, 0, None, None] * targets.u + disk[:, 1, None, None] * targets.v
+    pts = pts + depths[None, :, None] * targets.normal
+    return pts.reshape(-1, 3)
+
+
+class DenseCropSampler:
+    """Draws training crops for :class:`~voxelome.models.DenseSignatureNet3D`.
+
+    Parameters
+    ----------
+    region : Region
+        Scaled volume around the section.
+    volume : Volume
+        Geometry (spacing, origin) of the scan.
+    targets : SpotTargets
+        Placed spots.
+    crop_shape : tuple of int
+        Crop size (z, y, x) in scan voxels, multiples of the net's divisor.
+    total_stride : int
+        Scan voxels per output voxel.
+    footprint_step_um : float
+        Pitch of the footprint sample points.
+    margin_um : float
+        Spots closer than this to a crop face are left out of that crop (zero-padding effects).
+    """
+
+    def __init__(self, region: Region, volume: Volume, targets: SpotTargets, crop_shape, total_stride: int,
+                 footprint_step_um: float, margin_um: float):
+        self.region, self.targets = region, targets
+        self.crop_shape = np.asarray(crop_shape)
+        self.stride = int(total_stride)
+        offsets = footprint_points(targets, footprint_step_um)
+        pts = targets.centres_xyz_um[:, None, :] + offsets[None]
+        self.foot_idx = volume.xyz_to_index(pts)  # (n, m, 3) fractional scan voxels (z, y, x)
+        self.centre_idx = volume.xyz_to_index(targets.centres_xyz_um)
+        self.margin = np.asarray(margin_um) / np.asarray(volume.spacing_um)
+
+    def _spots_in(self, start: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        rel = self.foot_idx[candidates] - start
+        ok = np.all((rel >= self.margin) & (rel <= self.crop_shape - 1 - self.margin), axis=(1, 2))
+        return candidates[ok]
+
+    def _grid(self, rel_idx: np.ndarray) -> torch.Tensor:
+        """Scan-voxel coords relative to the crop ``(n, m, 3)`` → grid_sample coords ``(1, n, m, 1, 3)``."""
+        out_shape = self.crop_shape // self.stride
+        o = (rel_idx - (self.stride - 1) / 2.0) / self.stride
+        norm = 2.0 * o / np.maximum(out_shape - 1, 1) - 1.0
+        return torch.from_numpy(norm[..., ::-1].copy()).float()[None, :, :, None, :]
+
+    def crop_for(self, centre_idx: np.ndarray, rng: np.random.Generator | None, candidates: np.ndarray,
+                 augment: bool):
+        """One crop centred near ``centre_idx`` with the candidate spots that fit in it."""
+        jitter = rng.uniform(-0.25, 0.25, 3) * self.crop_shape if rng is not None else np.zeros(3)
+        jitter[0] = 0.0 if rng is None else jitter[0] * 0.2
+        start = np.round(centre_idx + jitter - self.crop_shape / 2).astype(int)
+        spots = self._spots_in(start, candidates)
+        x = self.region.crop(start, self.crop_shape)
+        rel = self.foot_idx[spots] - start
+        if augment and rng is not None:
+            for axis in range(3):
+                if rng.random() < 0.5:
+                    x = np.flip(x, axis)
+                    rel[..., axis] = self.crop_shape[axis] - 1 - rel[..., axis]
+            if self.crop_shape[1] == self.crop_shape[2] and rng.random() < 0.5:
+                x = np.swapaxes(x, 1, 2)
+                rel = rel[..., [0, 2, 1]]
+        return np.ascontiguousarray(x), spots, self._grid(rel)
+
+    def batch(self, rng: np.random.Generator, batch_size: int, augment: bool):
+        """``batch_size`` crops anchored on random training spots.
+
+        Returns ``x`` ``(B, 1, z, y, x)``, and per crop the footprint grid and target proportions.
+        """
+        train = np.flatnonzero(self.targets.train_mask)
+        xs, grids, ys = [], [], []
+        for anchor in rng.choice(train, size=batch_size):
+            x, spots, grid = self.crop_for(self.centre_idx[anchor], rng, train, augment)
+            xs.append(x)
+            grids.append(grid)
+            ys.append(torch.from_numpy(self.targets.proportions[spots]))
+        return torch.from_numpy(np.stack(xs))[:, None], grids, ys
+
+    def cover(self, spots: np.ndarray, batch_size: int):
+        """Deterministic crops that together contain every spot in ``spots`` once (for evaluation)."""
+        remaining = list(spots)
+        crops = []
+        while remaining:
+            anchor = remaining[0]
+            x, inside, grid = self.crop_for(self.centre_idx[anchor], None, np.asarray(remaining), False)
+            if anchor not in inside:  # footprint wider than the crop allows: evaluate it alone, centred
+                inside = np.asarray([anchor])
+                rel = self.foot_idx[inside] - np.round(self.centre_idx[anchor] - self.crop_shape / 2).astype(int)
+                grid = self._grid(rel)
+            crops.append((x, inside, grid))
+            taken = set(inside.tolist())
+            remaining = [s for s in remaining if s not in taken]
+        for i in range(0, len(crops), batch_size):
+            part = crops[i:i + batch_size]
+            yield torch.from_numpy(np.stack([c[0] for c in part]))[:, None], [c[1] for c in part], [c[2] for c in part]
+
+
+class PatchSampler:
+    """X-Pression patches: one axis-aligned ``patch_shape`` block centred on each spot's voxel."""
+
+    def __init__(self, region: Region, volume: Volume, targets: SpotTargets, patch_shape, oversample_rare: bool):
+        self.region, self.targets = region, targets
+        self.patch_shape = np.asarray(patch_shape)
+        self.centre_idx = np.round(volume.xyz_to_index(targets.centres_xyz_um)).astype(int)
+        train = np.flatnonzero(targets.train_mask)
+        weights = np.ones(len(train))
+        if oversample_rare:
+            # Rare dominant signatures are drawn as often as common ones (X-Pression's oversampling).
+            dominant = targets.proportions[train].argmax(1)
+            freq = np.bincount(dominant, minlength=targets.n_signatures)[dominant]
+            weights = 1.0 / freq
+        self.train, self.weights = train, weights / weights.sum()
+
+    def patches(self, spots, rng: np.random.Generator | None = None, augment: bool = False) -> torch.Tensor:
+        out = []
+        for s in spots:
+            p = self.region.crop(self.centre_idx[s] - self.patch_shape // 2, self.patch_shape)
+            if augment and rng is not None:
+                if rng.random() < 0.5:
+                    p = p[:, ::-1]
+                if rng.random() < 0.5:
+                    p = p[:, :, ::-1]
+                if p.shape[1] == p.shape[2]:
+                    p = np.rot90(p, k=int(rng.integers(4)), axes=(1, 2))
+            out.append(np.ascontiguousarray(p))
+        return torch.from_numpy(np.stack(out))[:, None]
+
+    def batch(self, rng: np.random.Generator, batch_size: int, augment: bool):
+        spots = rng.choice(self.train, size=batch_size, p=self.weights)
+        return self.patches(spots, rng, augment), torch.from_numpy(self.targets.proportions[spots])
