@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from voxelome.constants import (HELD_OUT_KEY, METRICS_FILE, PREDICTED_SIGNATURES_KEY, REPORT_FILE,
-                                SIGNATURES_KEY, SPATIAL_KEY)
+                                SIGNATURES_FILE, SIGNATURES_KEY, SPATIAL_KEY)
 from voxelome.evaluate.metrics import kl_divergence_rows, pearson_per_column, summarise
 from voxelome.infer.predict import TrainedModel, predict_volume
 from voxelome.io.atomic import atomic_write_h5ad, atomic_write_json
@@ -74,7 +74,7 @@ def run_pipeline(volume: Volume, section, placement: SectionPlacement, out_dir, 
     placement : SectionPlacement
         Where the section lies in the volume.
     out_dir : path
-        Output folder: ``section.h5ad``, ``signatures/``, ``run/``, ``prediction.ome.zarr``,
+        Output folder: ``section.h5ad``, ``signatures.npz``, ``run/``, ``prediction.ome.zarr``,
         ``metrics.json``.
     train_config : TrainConfig
         Model preset and settings.
@@ -95,7 +95,7 @@ def run_pipeline(volume: Volume, section, placement: SectionPlacement, out_dir, 
                                        "method": f"given ({signatures_key})"}
     else:
         sig_model = fit_signatures(section, signature_config or SignatureConfig())
-        sig_model.save(out_dir / "signatures")
+        sig_model.save(out_dir / SIGNATURES_FILE)
         project_signatures(sig_model, section)
 
     targets = targets_from_section(section, volume, val_fraction=train_config.val_fraction,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
 from voxelome.constants import CHECKPOINT_FILE
 from voxelome.errors import VoxelomeError
@@ -29,17 +32,20 @@ class TrainedModel:
     meta: dict
     model: torch.nn.Module
     device: torch.device
+    fingerprint: str = ""
 
     @classmethod
     def load(cls, run_dir, device: str | None = None) -> "TrainedModel":
         """Load ``run_dir/checkpoint.pt`` (``weights_only=True``; nothing else is needed)."""
         path = Path(run_dir)
-        ckpt = load_checkpoint(path / CHECKPOINT_FILE if path.is_dir() else path)
+        path = path / CHECKPOINT_FILE if path.is_dir() else path
+        ckpt = load_checkpoint(path)
         config = config_from_dict(ckpt["config"])
         dev = resolve_device(device or config.device)
         model = build_model(config, ckpt["meta"])
         model.load_state_dict(ckpt["model_state"])
-        return cls(config, ckpt["meta"], model.to(dev).eval(), dev)
+        fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return cls(config, ckpt["meta"], model.to(dev).eval(), dev, fingerprint)
 
     @property
     def names(self) -> list[str]:
@@ -100,6 +106,24 @@ def default_chunks(model: TrainedModel) -> tuple[int, int, int]:
     return (16, 32, 32)
 
 
+def _check_same_job(out_path, identity: dict, overwrite: bool) -> None:
+    """Resume only the same model on the same volume; otherwise refuse, or start over with ``overwrite``."""
+    out_path = Path(out_path)
+    if not out_path.exists():
+        return
+    try:
+        previous = dict(zarr.open_group(str(out_path), mode="r").attrs.get("voxelome", {}))
+    except Exception:  # noqa: BLE001 - not a zarr group: create_ome_zarr reports it
+        return
+    if previous and previous != identity:
+        if not overwrite:
+            raise VoxelomeError(
+                f"{out_path} holds a prediction of another model or volume ({previous}); it cannot be resumed "
+                "with this one. Choose another --out, or pass overwrite=True (--overwrite) to replace it."
+            )
+        shutil.rmtree(out_path)
+
+
 def predict_volume(model: TrainedModel | str | Path, volume: Volume, out_path, *, chunks=None,
                    overwrite: bool = False, pyramid: bool = True, progress: bool = True) -> dict:
     """Predict signature proportions for the whole volume into OME-Zarr, resumably.
@@ -129,9 +153,13 @@ def predict_volume(model: TrainedModel | str | Path, volume: Volume, out_path, *
     shape, spacing, origin = model.output_geometry(volume)
     chunks = tuple(int(c) for c in (chunks or default_chunks(model)))
     k = int(model.meta["n_signatures"])
+    identity = {"model": model.fingerprint, "volume": {"name": volume.name, "shape": list(volume.shape),
+                                                       "spacing_um": list(volume.spacing_um)}}
+    _check_same_job(out_path, identity, overwrite)
     out = create_ome_zarr(out_path, (k, *shape), chunks_czyx=(k, *chunks), dtype="float32",
                           spacing_um_zyx=spacing, origin_um_zyx=origin, channel_names=model.names,
                           overwrite=overwrite)
+    zarr.open_group(str(out_path), mode="a").attrs["voxelome"] = identity
     t0 = time.perf_counter()
     stats = run_blockwise(lambda region: model.predict_region(volume, region), out, out_path, chunks_zyx=chunks,
                           progress=progress, desc=f"predict {model.config.model}")

@@ -39,6 +39,9 @@ class TrainConfig:
     """Side of the square blocks (µm) that are held out together, so neighbours do not leak."""
     augment: bool = True
     """Random flips and in-plane 90° rotations of crops/patches."""
+    rotate_3d: bool = True
+    """Dense net: also rotate crops by 90° about any axis, so structures cut in one plane are learnt in
+    every orientation; used only when the scan's voxels are isotropic (within 10 %)."""
     # --- dense ---
     width: int = 16
     """Dense net: channels of the first stage."""

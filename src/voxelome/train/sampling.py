@@ -110,16 +110,21 @@ class DenseCropSampler:
         ok = np.all((rel >= self.margin) & (rel <= self.crop_shape - 1 - self.margin), axis=(1, 2))
         return candidates[ok]
 
-    def _grid(self, rel_idx: np.ndarray) -> torch.Tensor:
+    def _grid(self, rel_idx: np.ndarray, crop_shape=None) -> torch.Tensor:
         """Scan-voxel coords relative to the crop ``(n, m, 3)`` → grid_sample coords ``(1, n, m, 1, 3)``."""
-        out_shape = self.crop_shape // self.stride
+        out_shape = np.asarray(self.crop_shape if crop_shape is None else crop_shape) // self.stride
         o = (rel_idx - (self.stride - 1) / 2.0) / self.stride
         norm = 2.0 * o / np.maximum(out_shape - 1, 1) - 1.0
         return torch.from_numpy(norm[..., ::-1].copy()).float()[None, :, :, None, :]
 
     def crop_for(self, centre_idx: np.ndarray, rng: np.random.Generator | None, candidates: np.ndarray,
-                 augment: bool):
-        """One crop centred near ``centre_idx`` with the candidate spots that fit in it."""
+                 augment: bool, axes=(0, 1, 2)):
+        """One crop centred near ``centre_idx`` with the candidate spots that fit in it.
+
+        With ``augment``, random flips along every axis; ``axes`` then permutes the crop's axes
+        (a 90° rotation in 3D), so that a model fit on one plane sees its structures in every
+        orientation (for isotropic scans).
+        """
         jitter = rng.uniform(-0.25, 0.25, 3) * self.crop_shape if rng is not None else np.zeros(3)
         jitter[0] = 0.0 if rng is None else jitter[0] * 0.2
         start = np.round(centre_idx + jitter - self.crop_shape / 2).astype(int)
@@ -131,20 +136,24 @@ class DenseCropSampler:
                 if rng.random() < 0.5:
                     x = np.flip(x, axis)
                     rel[..., axis] = self.crop_shape[axis] - 1 - rel[..., axis]
-            if self.crop_shape[1] == self.crop_shape[2] and rng.random() < 0.5:
-                x = np.swapaxes(x, 1, 2)
-                rel = rel[..., [0, 2, 1]]
-        return np.ascontiguousarray(x), spots, self._grid(rel)
+        axes = list(axes)
+        x = np.transpose(x, axes)
+        rel = rel[..., axes]
+        return np.ascontiguousarray(x), spots, self._grid(rel, self.crop_shape[axes])
 
-    def batch(self, rng: np.random.Generator, batch_size: int, augment: bool):
+    def batch(self, rng: np.random.Generator, batch_size: int, augment: bool, rotate_3d: bool = False):
         """``batch_size`` crops anchored on random training spots.
 
         Returns ``x`` ``(B, 1, z, y, x)``, and per crop the footprint grid and target proportions.
+        With ``rotate_3d`` the whole batch shares one random axis permutation.
         """
         train = np.flatnonzero(self.targets.train_mask)
+        axes = rng.permutation(3) if (augment and rotate_3d) else (0, 1, 2)
+        if augment and not rotate_3d and self.crop_shape[1] == self.crop_shape[2] and rng.random() < 0.5:
+            axes = (0, 2, 1)
         xs, grids, ys = [], [], []
         for anchor in rng.choice(train, size=batch_size):
-            x, spots, grid = self.crop_for(self.centre_idx[anchor], rng, train, augment)
+            x, spots, grid = self.crop_for(self.centre_idx[anchor], rng, train, augment, axes)
             xs.append(x)
             grids.append(grid)
             ys.append(torch.from_numpy(self.targets.proportions[spots]))

@@ -106,6 +106,12 @@ class SpotPredictor:
         return out
 
 
+def draw_batch(sampler, rng, config: TrainConfig, isotropic: bool):
+    if isinstance(sampler, DenseCropSampler):
+        return sampler.batch(rng, config.batch_size, config.augment, rotate_3d=config.rotate_3d and isotropic)
+    return sampler.batch(rng, config.batch_size, config.augment)
+
+
 def _step_loss(model, sampler, batch, device) -> torch.Tensor:
     if isinstance(sampler, DenseCropSampler):
         x, grids, ys = batch
@@ -163,6 +169,7 @@ def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_d
     predictor = SpotPredictor(model, config, meta, device)
     sampler = predictor.sampler(volume, targets, region)
     val_spots = np.flatnonzero(~targets.train_mask)
+    isotropic = float(np.ptp(volume.spacing_um)) <= 0.1 * float(np.min(volume.spacing_um))
 
     history: list[dict] = []
     start_epoch, best_val, bad_epochs = 0, float("inf"), 0
@@ -190,7 +197,7 @@ def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_d
         model.train()
         losses = []
         for _ in range(config.steps_per_epoch):
-            loss = _step_loss(model, sampler, sampler.batch(rng, config.batch_size, config.augment), device)
+            loss = _step_loss(model, sampler, draw_batch(sampler, rng, config, isotropic), device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

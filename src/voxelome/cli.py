@@ -1,0 +1,244 @@
+"""Command line: one verb per stage, each a thin layer over the API.
+
+    voxelome demo                       the whole pipeline on the synthetic lung phantom
+    voxelome signatures SECTION ...     niche signatures of one ST section
+    voxelome train --volume V --section S --slice-index K ...
+    voxelome predict RUN --volume V --out pred.ome.zarr
+    voxelome evaluate RUN --volume V --section S
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+import yaml
+
+from voxelome.errors import VoxelomeError
+from voxelome.train.config import field_docs
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="voxelome: 3D niche-signature and expression maps from one ST section and a volume.")
+
+EXIT_USAGE = 2
+
+
+def _friendly(fn):
+    """Turn VoxelomeError into a one-line message and exit code 2 (no traceback for user errors)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VoxelomeError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_USAGE) from None
+
+    return wrapper
+
+
+def _triplet(text: Optional[str], name: str):
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise VoxelomeError(f"--{name}={text!r} must be numbers separated by commas, e.g. 100,200,50.") from None
+    if len(vals) not in (1, 3):
+        raise VoxelomeError(f"--{name}={text!r} must hold 1 or 3 numbers.")
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise VoxelomeError(f"--set {item!r} must look like key=value, e.g. --set epochs=20.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+SET_HELP = "Override a config field, key=value (repeatable). Fields: " + "; ".join(
+    f"{k}: {v}" for k, v in field_docs().items())
+
+
+def _load_volume(path: Path, spacing_um: Optional[str]):
+    from voxelome.io import read_volume
+
+    return read_volume(path, spacing_um=_triplet(spacing_um, "spacing-um"))
+
+
+def _placement(volume, pixel_size_um: float, slice_index, origin, normal, landmarks):
+    from voxelome.register import SectionPlacement
+
+    given = [slice_index is not None, origin is not None or normal is not None, landmarks is not None]
+    if sum(given) != 1:
+        raise VoxelomeError("place the section with exactly one of --slice-index, --origin/--normal, or --landmarks.")
+    if slice_index is not None:
+        return SectionPlacement.from_slice(volume, slice_index, pixel_size_um)
+    if landmarks is not None:
+        import pandas as pd
+
+        table = pd.read_csv(landmarks)
+        cols = ["px_x", "px_y", "x_um", "y_um", "z_um"]
+        missing = [c for c in cols if c not in table.columns]
+        if missing:
+            raise VoxelomeError(f"landmark file {landmarks} lacks columns {missing}; expected {cols}.")
+        return SectionPlacement.from_landmarks(table[cols[:2]].to_numpy(), table[cols[2:]].to_numpy())
+    if origin is None or normal is None:
+        raise VoxelomeError("--origin and --normal go together (both x,y,z; origin in µm).")
+    return SectionPlacement.from_origin_normal(_triplet(origin, "origin"), _triplet(normal, "normal"), pixel_size_um)
+
+
+@app.command()
+@_friendly
+def demo(out: Path = typer.Option(Path("voxelome-demo"), help="Output folder."),
+         preset: str = typer.Option("dense", help="Model preset: dense or xpression."),
+         seed: int = typer.Option(0, help="Seed of the phantom and of training."),
+         quick: bool = typer.Option(False, help="A smaller phantom and shorter training (for tests)."),
+         oblique: bool = typer.Option(False, help="Cut the training section at an oblique plane.")):
+    """Run the whole pipeline on the synthetic lung phantom and write a report."""
+    from voxelome.demo import run_demo
+
+    report = run_demo(out, preset=preset, seed=seed, quick=quick, oblique=oblique)
+    typer.echo(f"report: {report.resolve()}")
+
+
+@app.command()
+@_friendly
+def signatures(section: Path = typer.Argument(..., help="Section: Visium outs/ folder, .h5ad, or legacy-ST counts .tsv(.gz)."),
+               out: Path = typer.Option(..., help="Output .h5ad with obsm['signatures']; the model goes next to it."),
+               method: str = typer.Option("archetypes", help="archetypes (chrysalis-style) or nmf."),
+               n_signatures: int = typer.Option(6, help="Number of signatures."),
+               n_genes: int = typer.Option(1000, help="Spatially variable genes kept."),
+               seed: int = typer.Option(0),
+               pixel_size_um: Optional[float] = typer.Option(None, help="µm per image pixel, if the reader cannot tell."),
+               spots: Optional[Path] = typer.Option(None, help="Legacy ST: the spot file (x y ... pixel_x pixel_y).")):
+    """Derive niche signatures from one section and store per-spot proportions."""
+    from voxelome.io import read_section
+    from voxelome.io.atomic import atomic_write_h5ad
+    from voxelome.signatures import SignatureConfig, fit_signatures, project_signatures
+
+    kwargs = {"pixel_size_um": pixel_size_um}
+    if spots is not None:
+        kwargs["spots"] = spots
+    adata = read_section(section, **kwargs)
+    model = fit_signatures(adata, SignatureConfig(method=method, n_signatures=n_signatures, n_genes=n_genes, seed=seed))
+    project_signatures(model, adata)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model_path = model.save(out.with_suffix("").with_name(out.stem + "_signatures"))
+    atomic_write_h5ad(adata, out)
+    typer.echo(f"{model.n_signatures} signatures on {adata.n_obs} spots × {len(model.genes)} genes → {out} (model: {model_path})")
+
+
+@app.command()
+@_friendly
+def train(volume: Path = typer.Option(..., help="Scan: TIFF, OME-Zarr, NIfTI, NPY/NPZ."),
+          section: Path = typer.Option(..., help="Section .h5ad (with obsm['signatures'] from `voxelome signatures`, or counts to fit them)."),
+          out: Path = typer.Option(..., help="Output folder (run/ inside it holds the checkpoint)."),
+          preset: str = typer.Option("dense", help="dense or xpression."),
+          spacing_um: Optional[str] = typer.Option(None, help="Voxel size µm 'dz,dy,dx' or one number, if the file does not say."),
+          pixel_size_um: Optional[float] = typer.Option(None, help="Section µm per pixel, if the file does not say."),
+          slice_index: Optional[float] = typer.Option(None, help="The section is axial slice K of the volume."),
+          origin: Optional[str] = typer.Option(None, help="Plane origin x,y,z in µm (with --normal)."),
+          normal: Optional[str] = typer.Option(None, help="Plane normal x,y,z (with --origin)."),
+          landmarks: Optional[Path] = typer.Option(None, help="CSV of ≥ 3 landmark pairs: px_x,px_y,x_um,y_um,z_um."),
+          config: Optional[Path] = typer.Option(None, help="YAML file of config fields."),
+          set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+          no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of resuming run/last.pt."),
+          predict: bool = typer.Option(False, help="Also predict the whole volume into out/prediction.ome.zarr.")):
+    """Train an image → signature model on one placed section."""
+    from voxelome.io import read_section
+    from voxelome.pipeline import run_pipeline
+    from voxelome.train.config import load_config_file, make_config
+
+    vol = _load_volume(volume, spacing_um)
+    adata = read_section(section, pixel_size_um=pixel_size_um)
+    px = adata.uns["voxelome"]["pixel_size_um"]
+    placement = _placement(vol, px, slice_index, origin, normal, landmarks)
+    base = load_config_file(config).to_dict() if config else {}
+    base.update(_parse_sets(set_))
+    if "model" in base and base["model"] != preset:
+        preset = base["model"]
+    cfg = make_config(preset, **{k: v for k, v in base.items() if k != "model"})
+    key = "signatures" if "signatures" in adata.obsm else None
+    result = run_pipeline(vol, adata, placement, out, train_config=cfg, signatures_key=key, predict=predict,
+                          resume=not no_resume)
+    typer.echo(json.dumps(result.metrics["held_out_spots"], indent=1))
+    typer.echo(f"run: {result.run_dir}")
+
+
+@app.command()
+@_friendly
+def predict(run: Path = typer.Argument(..., help="Run folder (holding checkpoint.pt) or the train --out folder."),
+            volume: Path = typer.Option(..., help="Scan to predict (same voxel size as in training)."),
+            out: Path = typer.Option(..., help="Output .ome.zarr (resumes if it exists)."),
+            spacing_um: Optional[str] = typer.Option(None, help="Voxel size µm if the file does not say."),
+            chunks: Optional[str] = typer.Option(None, help="Output chunk z,y,x in output voxels."),
+            overwrite: bool = typer.Option(False, help="Replace an existing output of another geometry."),
+            genes: Optional[str] = typer.Option(None, help="Also write maps of these genes (comma-separated; 'all' for every signature gene) from the signature loadings.")):
+    """Predict the whole volume, chunk by chunk, into a multiscale OME-Zarr."""
+    from voxelome.infer.predict import predict_volume
+
+    run = _run_dir(run)
+    vol = _load_volume(volume, spacing_um)
+    ch = tuple(int(c) for c in _triplet(chunks, "chunks")) if chunks else None
+    stats = predict_volume(run, vol, out, chunks=ch, overwrite=overwrite)
+    typer.echo(json.dumps(stats, indent=1))
+    if genes:
+        from voxelome.genes import write_gene_volume
+        from voxelome.signatures import SignatureModel
+
+        sig = SignatureModel.load(run.parent / "signatures.npz")
+        names = None if genes == "all" else [g.strip() for g in genes.split(",")]
+        gene_out = out.with_name(out.name.replace(".ome.zarr", "") + "_genes.ome.zarr")
+        typer.echo(f"genes: {write_gene_volume(out, sig, gene_out, genes=names)}")
+
+
+def _run_dir(path: Path) -> Path:
+    if (path / "checkpoint.pt").exists():
+        return path
+    if (path / "run" / "checkpoint.pt").exists():
+        return path / "run"
+    raise VoxelomeError(f"no checkpoint.pt in {path} or {path / 'run'}; pass the folder `voxelome train --out` wrote.")
+
+
+@app.command()
+@_friendly
+def evaluate(run: Path = typer.Argument(..., help="Run folder or train --out folder."),
+             volume: Path = typer.Option(..., help="Scan."),
+             section: Path = typer.Option(..., help="A placed section .h5ad with obsm['signatures'] (e.g. out/section.h5ad, or another section)."),
+             out: Path = typer.Option(Path("evaluation"), help="Folder for metrics.json and figures."),
+             spacing_um: Optional[str] = typer.Option(None, help="Voxel size µm if the file does not say.")):
+    """Score a trained model on a section's spots (held-out spots when it is the training section)."""
+    import anndata as ad
+
+    from voxelome.constants import HELD_OUT_KEY, SIGNATURES_KEY, SPATIAL_KEY
+    from voxelome.infer.predict import TrainedModel
+    from voxelome.io.atomic import atomic_write_json
+    from voxelome.pipeline import predict_section_spots, spot_metrics
+    from voxelome.plot.figures import section_overlay
+
+    model = TrainedModel.load(_run_dir(run))
+    vol = _load_volume(volume, spacing_um)
+    adata = ad.read_h5ad(section)
+    if SIGNATURES_KEY not in adata.obsm or "spatial_3d" not in adata.obsm:
+        raise VoxelomeError(f"{section} needs obsm['signatures'] and obsm['spatial_3d'] (use the section.h5ad that train wrote).")
+    pred = predict_section_spots(model, vol, adata)
+    held = adata.obs[HELD_OUT_KEY].to_numpy(bool) if HELD_OUT_KEY in adata.obs else np.ones(adata.n_obs, bool)
+    true = np.asarray(adata.obsm[SIGNATURES_KEY])
+    metrics = {"spots": spot_metrics(pred[held], true[held], model.names)}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", metrics)
+    section_overlay(adata.obsm[SPATIAL_KEY], true, pred, model.names, out / "section_overlay.png", held_out=held)
+    typer.echo(json.dumps(metrics, indent=1))
+
+
+def main():  # pragma: no cover - entry point
+    sys.exit(app())

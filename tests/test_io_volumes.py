@@ -1,0 +1,284 @@
+"""Volume readers: every format round-trips into a lazy (z, y, x) Volume with spacing in µm."""
+
+from __future__ import annotations
+
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from voxelome.errors import VoxelomeError
+from voxelome.io import Volume, create_ome_zarr, read_volume, write_volume_ome_zarr
+
+tifffile = pytest.importorskip("tifffile")
+SHARED = Path(__file__).parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def vol():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 1000, size=(6, 20, 30)).astype(np.uint16)
+
+
+def _imagej(path, data, dz=2.0, dxy=0.5, unit="um"):
+    tifffile.imwrite(path, data, imagej=True, resolution=(1 / dxy, 1 / dxy),
+                     metadata={"spacing": dz, "unit": unit, "axes": "ZYX"})
+    return path
+
+
+# --- TIFF ------------------------------------------------------------------------------
+def test_tiff_imagej_roundtrip_is_lazy(tmp_path, vol):
+    v = read_volume(_imagej(tmp_path / "s.tif", vol))
+    assert isinstance(v, Volume) and isinstance(v.data, da.Array)
+    assert v.shape == vol.shape and v.spacing_um == pytest.approx((2.0, 0.5, 0.5))
+    np.testing.assert_array_equal(v.data.compute(), vol)
+    np.testing.assert_array_equal(v.data[3, 5:9, 7:12].compute(), vol[3, 5:9, 7:12])
+
+
+def test_tiff_graph_pickles_for_worker_processes(tmp_path, vol):
+    import pickle
+
+    v = read_volume(_imagej(tmp_path / "s.tif", vol))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(v.data))[2].compute(), vol[2])
+
+
+def test_tiff_micron_unit_and_chunks(tmp_path, vol):
+    v = read_volume(_imagej(tmp_path / "s.tiff", vol, dz=1.5, dxy=0.25, unit="micron"), chunks=(2, 10, 10))
+    assert v.spacing_um == pytest.approx((1.5, 0.25, 0.25)) and v.data.chunksize == (2, 10, 10)
+
+
+def test_ome_tiff_physical_size(tmp_path, vol):
+    p = tmp_path / "s.ome.tif"
+    tifffile.imwrite(p, vol, metadata={"axes": "ZYX", "PhysicalSizeZ": 3.0, "PhysicalSizeY": 0.4,
+                                       "PhysicalSizeX": 0.4, "PhysicalSizeZUnit": "nm"})
+    assert read_volume(p).spacing_um == pytest.approx((3e-3, 0.4, 0.4))
+
+
+def test_tiff_without_spacing_needs_argument(tmp_path, vol):
+    p = tmp_path / "plain.tif"
+    tifffile.imwrite(p, vol)
+    with pytest.raises(VoxelomeError, match="spacing_um"):
+        read_volume(p)
+    assert read_volume(p, spacing_um=1.6).spacing_um == (1.6, 1.6, 1.6)
+
+
+def test_argument_overrides_file_spacing_with_warning(tmp_path, vol):
+    p = _imagej(tmp_path / "s.tif", vol)
+    with pytest.warns(UserWarning, match="overrides"):
+        v = read_volume(p, spacing_um=(4.0, 0.5, 0.5))
+    assert v.spacing_um == (4.0, 0.5, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # agreeing values: no warning
+        read_volume(p, spacing_um=(2.0, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("kind", ["imagej", "tiled_zlib", "header"])
+def test_truncated_tiff_is_a_clear_error(tmp_path, vol, kind):
+    src = tmp_path / "full.tif"
+    if kind == "tiled_zlib":
+        tifffile.imwrite(src, vol, compression="zlib", tile=(16, 16))
+    else:
+        _imagej(src, vol)
+    raw = src.read_bytes()
+    cut = {"imagej": len(raw) // 2, "tiled_zlib": len(raw) - 200, "header": 100}[kind]
+    bad = tmp_path / "cut.tif"
+    bad.write_bytes(raw[:cut])
+    with pytest.raises(VoxelomeError, match="corrupt or truncated"):
+        read_volume(bad, spacing_um=1)
+
+
+def test_multichannel_tiff_needs_key(tmp_path):
+    p = tmp_path / "mc.tif"
+    data = np.arange(4 * 2 * 5 * 6, dtype=np.uint16).reshape(4, 2, 5, 6)
+    tifffile.imwrite(p, data, imagej=True, resolution=(2, 2), metadata={"axes": "ZCYX", "spacing": 3, "unit": "um"})
+    with pytest.raises(VoxelomeError, match="key="):
+        read_volume(p)
+    np.testing.assert_array_equal(read_volume(p, key=1).data.compute(), data[:, 1])
+
+
+# --- OME-Zarr / zarr --------------------------------------------------------------------
+def test_ome_zarr_roundtrip(tmp_path, vol):
+    p = tmp_path / "v.zarr"
+    arr = create_ome_zarr(p, (1,) + vol.shape, chunks_czyx=(1, 4, 8, 8), dtype="uint16",
+                          spacing_um_zyx=(2.0, 0.5, 0.5), origin_um_zyx=(10.0, 0.0, -5.0), channel_names=["ct"])
+    arr[0] = vol
+    v = read_volume(p)
+    assert isinstance(v.data, da.Array) and v.data.chunksize == (4, 8, 8)
+    assert v.spacing_um == (2.0, 0.5, 0.5) and v.origin_um == (10.0, 0.0, -5.0)
+    np.testing.assert_array_equal(v.data.compute(), vol)
+
+
+def test_ome_zarr_multichannel_pick_by_name(tmp_path, vol):
+    p = tmp_path / "mc.zarr"
+    data = np.stack([vol, vol + 1]).astype(np.float32)
+    write_volume_ome_zarr(p, data, (1.0, 1.0, 1.0), channel_names=["a", "b"], chunks_czyx=(1, 4, 8, 8))
+    with pytest.raises(VoxelomeError, match="channels"):
+        read_volume(p)
+    np.testing.assert_array_equal(read_volume(p, key="b").data.compute(), vol + 1)
+    np.testing.assert_array_equal(read_volume(p, key=0).data.compute(), vol)
+
+
+def test_ome_zarr_millimetre_units(tmp_path, vol):
+    import json
+
+    p = tmp_path / "mm.zarr"
+    write_volume_ome_zarr(p, vol, (1.0, 1.0, 1.0), chunks_czyx=(1, 8, 8, 8))
+    attrs = json.loads((p / ".zattrs").read_text())
+    for ax in attrs["multiscales"][0]["axes"][1:]:
+        ax["unit"] = "millimeter"
+    attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = [1, 0.002, 0.001, 0.001]
+    (p / ".zattrs").write_text(json.dumps(attrs))
+    assert read_volume(p).spacing_um == pytest.approx((2.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("damage", ["group_json", "array_json", "array_missing"])
+def test_broken_zarr_metadata_is_a_clear_error(tmp_path, vol, damage):
+    p = tmp_path / "v.zarr"
+    write_volume_ome_zarr(p, vol, 1.0, chunks_czyx=(1, 4, 8, 8))
+    if damage == "group_json":
+        (p / ".zattrs").write_text("{not json")
+    elif damage == "array_json":
+        (p / "0" / ".zarray").write_text("{not json")
+    else:
+        (p / "0" / ".zarray").unlink()
+    with pytest.raises(VoxelomeError, match="corrupt"):
+        read_volume(p)
+
+
+def test_corrupt_chunk_and_missing_chunk(tmp_path, vol):
+    p = tmp_path / "v.zarr"
+    write_volume_ome_zarr(p, vol.astype(np.float32) + 1, 1.0, chunks_czyx=(1, 4, 8, 8))
+    (p / "0" / "0" / "1" / "1" / "1").unlink()  # a missing chunk reads as the fill value (0)
+    v = read_volume(p)
+    assert float(v.data[4:6, 8:16, 8:16].max().compute()) == 0.0
+    (p / "0" / "0" / "1" / "0" / "0").write_bytes(b"garbage" * 20)
+    with pytest.raises(VoxelomeError, match="corrupt or truncated"):
+        read_volume(p).data.compute()
+
+
+def test_plain_zarr_array_needs_spacing(tmp_path, vol):
+    import zarr
+
+    p = tmp_path / "plain.zarr"
+    z = zarr.open_array(str(p), mode="w", shape=vol.shape, chunks=(2, 10, 10), dtype=vol.dtype, zarr_format=2)
+    z[:] = vol
+    with pytest.raises(VoxelomeError, match="spacing_um"):
+        read_volume(p)
+    v = read_volume(p, spacing_um=(1, 2, 2))
+    assert v.data.chunksize == (2, 10, 10)
+    np.testing.assert_array_equal(v.data.compute(), vol)
+
+
+# --- NIfTI -----------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_mm_to_um_and_transpose(tmp_path, suffix):
+    nib = pytest.importorskip("nibabel")
+    xyz = np.random.default_rng(1).random((7, 9, 11)).astype(np.float32)  # (x, y, z)
+    img = nib.Nifti1Image(xyz, np.diag([0.002, 0.003, 0.004, 1.0]))
+    img.header.set_xyzt_units("mm")
+    p = tmp_path / f"v{suffix}"
+    nib.save(img, p)
+    v = read_volume(p)
+    assert v.shape == (11, 9, 7) and v.spacing_um == pytest.approx((4.0, 3.0, 2.0))
+    assert isinstance(v.data, da.Array)
+    np.testing.assert_allclose(v.data.compute(), xyz.transpose(2, 1, 0))
+
+
+def test_nifti_unknown_unit_warns_and_assumes_mm(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    p = tmp_path / "u.nii"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), p)
+    with pytest.warns(UserWarning, match="millimetres"):
+        assert read_volume(p).spacing_um == (1000.0, 1000.0, 1000.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_volume(p, spacing_um=5).spacing_um == (5.0, 5.0, 5.0)
+
+
+def test_truncated_nifti(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    p = tmp_path / "t.nii"
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), p)
+    p.write_bytes(p.read_bytes()[:5000])
+    with pytest.raises(VoxelomeError, match="corrupt or truncated"):
+        read_volume(p, spacing_um=1)
+
+
+# --- NumPy -----------------------------------------------------------------------------
+def _peak_mib(fn) -> float:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def test_npy_is_memory_mapped_not_loaded(tmp_path):
+    p = tmp_path / "big.npy"
+    big = np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=(64, 256, 256))  # 16 MiB
+    big[10, 3:5, 4:6] = 7.0
+    big.flush()
+    del big
+
+    def use():
+        v = read_volume(p, spacing_um=2.0, chunks=(8, 64, 64))
+        assert isinstance(v.data, da.Array)
+        assert float(v.data[10, 3:5, 4:6].sum().compute()) == 28.0
+
+    assert _peak_mib(use) < 4.0  # the 16 MiB file is never read whole
+
+
+def test_npz_key_spacing_entry_and_errors(tmp_path, vol):
+    p = tmp_path / "v.npz"
+    np.savez(p, image=vol, labels=vol > 500, spacing_um=np.array([3.0, 1.0, 1.0]))
+    with pytest.raises(VoxelomeError, match="labels"):
+        read_volume(p)
+    with pytest.raises(VoxelomeError, match="Did you mean 'image'"):
+        read_volume(p, key="imag")
+    v = read_volume(p, key="image")
+    assert v.spacing_um == (3.0, 1.0, 1.0)
+    np.testing.assert_array_equal(v.data.compute(), vol)
+    q = tmp_path / "one.npz"
+    np.savez_compressed(q, vol)
+    np.testing.assert_array_equal(read_volume(q, spacing_um=1).data.compute(), vol)
+
+
+def test_uncompressed_npz_member_is_mapped(tmp_path):
+    p = tmp_path / "big.npz"
+    np.savez(p, vol=np.ones((64, 256, 256), np.float32), spacing=np.array(1.0))
+    assert _peak_mib(lambda: read_volume(p).data[0, :8, :8].compute()) < 4.0
+
+
+@pytest.mark.shared_data
+def test_real_ct_stent_npz():
+    p = SHARED / "ct_stent_imageio" / "stent.npz"
+    if not p.exists():
+        pytest.skip(f"shared data not present at {p}")
+    v = read_volume(p, spacing_um=1.0)
+    assert v.shape == (256, 128, 128) and v.data.dtype == np.int16
+
+
+# --- user errors -----------------------------------------------------------------------
+def test_missing_file_did_you_mean(tmp_path, vol):
+    np.save(tmp_path / "scan_01.npy", vol)
+    with pytest.raises(VoxelomeError, match="Did you mean 'scan_01.npy'"):
+        read_volume(tmp_path / "scan_1.npy", spacing_um=1)
+
+
+def test_unknown_suffix_and_plain_folder(tmp_path):
+    (tmp_path / "v.mrc").write_bytes(b"\0" * 10)
+    with pytest.raises(VoxelomeError, match=r"Supported:.*\.nii"):
+        read_volume(tmp_path / "v.mrc")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(VoxelomeError, match="not a zarr store"):
+        read_volume(tmp_path / "folder")
+
+
+def test_not_3d(tmp_path):
+    np.save(tmp_path / "img.npy", np.zeros((10, 12)))
+    with pytest.raises(VoxelomeError, match="3 axes"):
+        read_volume(tmp_path / "img.npy", spacing_um=1)
