@@ -242,3 +242,5 @@ def evaluate(run: Path = typer.Argument(..., help="Run folder or train --out fol
 
 def main():  # pragma: no cover - entry point
     sys.exit(app())
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -14,7 +14,7 @@ import zarr
 
 from voxelome.constants import CHECKPOINT_FILE
 from voxelome.errors import VoxelomeError
-from voxelome.infer.blocks import all_done, run_blockwise
+from voxelome.infer.blocks import DONE_DIR, all_done, run_blockwise
 from voxelome.infer.sliding_window import patch_grid_inference, sliding_window_inference
 from voxelome.io.omezarr import build_pyramid, create_ome_zarr
 from voxelome.io.volume import Volume
@@ -115,7 +115,8 @@ def _check_same_job(out_path, identity: dict, overwrite: bool) -> None:
         previous = dict(zarr.open_group(str(out_path), mode="r").attrs.get("voxelome", {}))
     except Exception:  # noqa: BLE001 - not a zarr group: create_ome_zarr reports it
         return
-    if previous and previous != identity:
+    started = (out_path / DONE_DIR).exists()
+    if (previous or started) and previous != identity:
         if not overwrite:
             raise VoxelomeError(
                 f"{out_path} holds a prediction of another model or volume ({previous}); it cannot be resumed "

@@ -154,7 +154,9 @@ class DenseCropSampler:
         xs, grids, ys = [], [], []
         for anchor in rng.choice(train, size=batch_size):
             x, spots, grid = self.crop_for(self.centre_idx[anchor], rng, train, augment, axes)
-            xs.append(x)
+            if augment:  # scanner gain/offset drift: the model must not rely on absolute intensity
+                x = x * rng.uniform(0.85, 1.15) + rng.uniform(-0.08, 0.08)
+            xs.append(x.astype(np.float32))
             grids.append(grid)
             ys.append(torch.from_numpy(self.targets.proportions[spots]))
         return torch.from_numpy(np.stack(xs))[:, None], grids, ys

@@ -29,6 +29,9 @@ from voxelome.train.spots import IntensityScaler, SpotTargets
 
 log = logging.getLogger(__name__)
 
+#: Fields that may differ when resuming: extending a run, or moving it to another device.
+RESUMABLE_CHANGES = frozenset({"epochs", "patience", "device", "num_threads", "inference_batch"})
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -176,8 +179,9 @@ def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_d
     last_path = run_dir / LAST_CHECKPOINT_FILE
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
-        if state["config"] != config.to_dict():
-            raise_config_mismatch(last_path, state["config"], config.to_dict())
+        old, new = ({k: v for k, v in d.items() if k not in RESUMABLE_CHANGES} for d in (state["config"], config.to_dict()))
+        if old != new:
+            raise_config_mismatch(last_path, old, new)
         model.load_state_dict(state["model_state"])
         opt.load_state_dict(state["optimizer_state"])
         start_epoch, best_val, bad_epochs = state["epoch"] + 1, state["best_val"], state["bad_epochs"]

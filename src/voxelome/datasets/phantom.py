@@ -1,0 +1,494 @@
+"""A seeded micro-CT-like lung phantom with ground-truth 3D niche proportions.
+
+The phantom is the project's embedded benchmark: a lung lobe made of alveolar foam, a
+branching airway tree, vessel trees and dense infection foci with an immune rim, imaged
+with scanner-like blur, noise and intensity drift. Every niche signature is a smooth
+function of *local structure* at the 50–300 µm scale (distances to airway walls and vessels,
+position relative to a focus, septal thickening), and the same latent fields shape the
+image, so a 3D CNN with ~100–300 µm of context can recover them while smoothed intensity
+alone cannot (several niches share a mean intensity and differ only by texture or context).
+
+Coordinates follow the project conventions: volumes ``(z, y, x)``, points ``(x, y, z)`` µm,
+voxel ``(0, 0, 0)`` centred at the world origin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from voxelome.errors import VoxelomeError, did_you_mean
+from voxelome.io.volume import Volume
+
+#: All niche signatures the phantom defines, in channel order; ``n_signatures`` keeps the first n.
+SIGNATURE_NAMES = ("alveolar", "airway", "vascular", "consolidation", "immune_infiltrate", "interstitial")
+
+_BIG_UM = 1.0e4  # "far away" for capped distance fields (µm)
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Parameters of :func:`make_lung_phantom`; lengths in µm, intensities in [0, 1]."""
+
+    seed: int = 0  #: seed of every random step; same seed → bit-identical phantom
+    shape: tuple[int, int, int] = (112, 352, 352)  #: (z, y, x) voxels; the default axial section holds > 1,000 spots
+    spacing_um: float = 10.0  #: isotropic voxel size (µm)
+    n_signatures: int = 6  #: number of niche signatures (5 or 6, first of SIGNATURE_NAMES)
+    n_genes: int = 240  #: genes in the expression model (≥ 20)
+    lobe_fill: float = 0.94  #: lobe semi-axes as a fraction of the half xy extent
+    alveolus_um: float = 90.0  #: mean alveolar air-space size of the foam
+    septum_um: float = 10.0  #: normal alveolar wall thickness
+    n_airway_generations: int = 4  #: branching generations of the airway tree (1 = trunk only)
+    airway_radius_um: float = 130.0  #: lumen radius of the airway trunk (tapers ×0.78 per generation)
+    n_vessel_trees: int = 2  #: independent vessel trees
+    n_vessel_generations: int = 4  #: branching generations of each vessel tree
+    vessel_radius_um: float = 80.0  #: radius of a vessel trunk (tapers ×0.8 per generation)
+    n_foci: int = 3  #: dense infection foci (consolidation) with an immune rim
+    focus_radius_um: tuple[float, float] = (200.0, 300.0)  #: range of focus radii
+    immune_rim_um: float = 150.0  #: distance outside the focus surface where the immune infiltrate peaks
+    immune_rim_width_um: float = 90.0  #: 1/e half-width of the immune rim
+    interstitial_fraction: float = 0.18  #: share of the lobe with thickened septa (interstitial niche)
+    interstitial_scale_um: float = 120.0  #: correlation length of the interstitial patches
+    airway_decay_um: float = 90.0  #: decay length of the airway score outside the airway wall
+    vessel_decay_um: float = 70.0  #: decay length of the vascular score outside the vessel
+    alveolar_score: float = 0.45  #: constant score of the default (alveolar) niche
+    temperature: float = 0.2  #: softmax temperature turning scores into proportions (lower = purer)
+    blur_sigma_um: float = 8.0  #: Gaussian point-spread sigma of the scanner
+    noise_sd: float = 0.05  #: additive Gaussian noise (intensity units)
+    drift: float = 0.1  #: amplitude of the slow multiplicative intensity drift along z and x
+
+    def __post_init__(self):
+        _validate(self)
+
+
+def _bad(name, value, allowed, fix):
+    raise VoxelomeError(f"PhantomConfig.{name}={value!r} is invalid: {allowed}. {fix}")
+
+
+def _validate(c: PhantomConfig) -> None:
+    """Raise :class:`VoxelomeError` naming the parameter, its value and a fix."""
+    shape = tuple(c.shape) if np.ndim(c.shape) == 1 else None
+    if shape is None or len(shape) != 3 or not all(isinstance(s, (int, np.integer)) for s in shape):
+        _bad("shape", c.shape, "must be three integers (z, y, x)", "E.g. shape=(112, 352, 352).")
+    if shape[0] < 16 or shape[1] < 32 or shape[2] < 32:
+        _bad("shape", c.shape, "needs at least 16 z slices and 32 voxels along y and x",
+             "Use e.g. shape=(48, 160, 160) for a small test phantom.")
+    for name in ("spacing_um", "alveolus_um", "septum_um", "airway_radius_um", "vessel_radius_um",
+                 "immune_rim_um", "immune_rim_width_um", "interstitial_scale_um", "airway_decay_um",
+                 "vessel_decay_um", "temperature"):
+        v = getattr(c, name)
+        if not (isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(v) and v > 0):
+            _bad(name, v, "must be a finite number > 0", f"E.g. {name}={getattr(PhantomConfig, name)!r}.")
+    for name in ("blur_sigma_um", "noise_sd", "drift", "alveolar_score"):
+        v = getattr(c, name)
+        if not (isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(v) and v >= 0):
+            _bad(name, v, "must be a finite number ≥ 0", f"E.g. {name}={getattr(PhantomConfig, name)!r}.")
+    if not 5 <= c.n_signatures <= len(SIGNATURE_NAMES):
+        _bad("n_signatures", c.n_signatures, f"must be between 5 and {len(SIGNATURE_NAMES)}",
+             f"The phantom defines {list(SIGNATURE_NAMES)}; n_signatures keeps the first n.")
+    if c.n_genes < 20:
+        _bad("n_genes", c.n_genes, "must be ≥ 20", "Use the default n_genes=240.")
+    for name in ("n_airway_generations", "n_vessel_generations"):
+        if not 1 <= getattr(c, name) <= 7:
+            _bad(name, getattr(c, name), "must be between 1 and 7", f"E.g. {name}=4.")
+    for name in ("n_vessel_trees", "n_foci"):
+        if not 0 <= getattr(c, name) <= 10:
+            _bad(name, getattr(c, name), "must be between 0 and 10", f"E.g. {name}=2.")
+    lo_hi = np.asarray(c.focus_radius_um, dtype=float)
+    if lo_hi.shape != (2,) or not np.all(np.isfinite(lo_hi)) or not 0 < lo_hi[0] <= lo_hi[1]:
+        _bad("focus_radius_um", c.focus_radius_um, "must be (min, max) with 0 < min ≤ max",
+             "E.g. focus_radius_um=(200.0, 300.0).")
+    if not 0.3 <= c.lobe_fill <= 1.0:
+        _bad("lobe_fill", c.lobe_fill, "must be in [0.3, 1.0]", "E.g. lobe_fill=0.94.")
+    if not 0 < c.interstitial_fraction < 0.6:
+        _bad("interstitial_fraction", c.interstitial_fraction, "must be in (0, 0.6)", "E.g. 0.18.")
+
+
+# --- small numerical helpers ----------------------------------------------------------
+def _upsample(a: np.ndarray, shape, factor: float) -> np.ndarray:
+    """Separable linear interpolation: output index ``i`` reads input position ``i / factor``."""
+    a = a.astype(np.float32, copy=False)
+    for ax, n in enumerate(shape):
+        pos = np.minimum(np.arange(n) / factor, a.shape[ax] - 1)
+        i0 = np.floor(pos).astype(np.intp)
+        i1 = np.minimum(i0 + 1, a.shape[ax] - 1)
+        w = (pos - i0).astype(np.float32).reshape([-1 if k == ax else 1 for k in range(a.ndim)])
+        a = np.take(a, i0, axis=ax) * (1 - w) + np.take(a, i1, axis=ax) * w
+    return a
+
+
+def _smooth_noise(rng, shape, spacing_um, corr_um) -> np.ndarray:
+    """Unit-variance Gaussian random field ``(z, y, x)`` of correlation ``corr_um``, built coarse then upsampled."""
+    factor = int(np.clip(corr_um / spacing_um / 1.5, 1, 4))  # coarse grid still resolves the correlation
+    cshape = tuple(int(np.ceil(n / factor)) + 1 for n in shape)
+    f = ndimage.gaussian_filter(rng.standard_normal(cshape, dtype=np.float32), corr_um / (spacing_um * factor))
+    f = (f - f.mean()) / (f.std() + 1e-12)
+    return _upsample(f, shape, factor), f
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _axis_um(n, sp, ax, ndim=3):
+    return (np.arange(n, dtype=np.float32) * sp).reshape([-1 if k == ax else 1 for k in range(ndim)])
+
+
+# --- geometry -------------------------------------------------------------------------
+class _Lobe:
+    """Rounded superellipse lobe through the whole z range, with a wobbly, z-varying outline."""
+
+    def __init__(self, cfg: PhantomConfig, rng):
+        z, y, x = (np.asarray(cfg.shape) - 1) * cfg.spacing_um
+        self.ext = np.array([x, y, z])
+        self.centre = self.ext / 2
+        self.axes = cfg.lobe_fill * self.ext[:2] / 2
+        self.a = rng.uniform(0, 0.025, 4)
+        self.phi = rng.uniform(0, 2 * np.pi, 4)
+        self.b = rng.uniform(0, 0.02, 4)
+        self.psi = rng.uniform(0, 2 * np.pi, 4)
+
+    def margin(self, x, y, z):
+        """Normalised depth inside the lobe (> 0 inside, ≈ µm / semi-axis); broadcasts."""
+        X = (x - self.centre[0]) / self.axes[0]
+        Y = (y - self.centre[1]) / self.axes[1]
+        zn = (z - self.centre[2]) / max(self.centre[2], 1e-6)
+        theta = np.arctan2(Y, X)
+        r = (np.abs(X) ** 4 + np.abs(Y) ** 4) ** 0.25
+        k = np.arange(2, 6).reshape((-1,) + (1,) * np.ndim(theta))
+        h = np.sum(self.a.reshape(k.shape) * np.cos(k * theta + self.phi.reshape(k.shape)), axis=0)
+        g = np.sum(self.b.reshape(k.shape) * np.cos(k * theta + self.psi.reshape(k.shape)), axis=0)
+        return (1 + h + g * zn - 0.04 * zn**2) - r
+
+
+def _grow_tree(rng, lobe, root, direction, length, radius, n_gen, taper, zlim, piece_um=150.0):
+    """Segments ``(a_xyz, b_xyz, r_a, r_b)`` (µm) of a branching tube tree grown inside the lobe.
+
+    Branches are split into ~150 µm pieces with a small random bend each (curved tubes) and
+    run mostly in xy so that axial sections cut them at shallow angles.
+    """
+    segs, stack = [], [(np.asarray(root, float), np.asarray(direction, float), length, radius, 0)]
+    while stack:
+        p, d, L, r, g = stack.pop()
+        n_piece = max(1, int(np.ceil(L / piece_um)))
+        r_end, alive = r * taper, True
+        for k in range(n_piece):
+            d = d + rng.normal(0, 0.12, 3) * (1, 1, 0.5)
+            d[2] = np.clip(d[2], -0.3, 0.3)
+            d = d / np.linalg.norm(d)
+            q = p + d * L / n_piece
+            if not zlim[0] <= q[2] <= zlim[1]:  # reflect off the z limits to stay in the volume
+                d[2] = -d[2]
+                q = p + d * L / n_piece
+            if lobe.margin(q[0], q[1], q[2]) < 0.06:
+                alive = False
+                break
+            segs.append((p, q, r + (r_end - r) * k / n_piece, r + (r_end - r) * (k + 1) / n_piece))
+            p = q
+        if alive and g + 1 < n_gen:
+            for sign in (-1.0, 1.0):
+                a = sign * np.deg2rad(rng.uniform(25, 45))
+                c, s = np.cos(a), np.sin(a)
+                d2 = np.array([c * d[0] - s * d[1], s * d[0] + c * d[1], d[2] + rng.normal(0, 0.15)])
+                stack.append((p, d2 / np.linalg.norm(d2), L * rng.uniform(0.65, 0.85), r_end, g + 1))
+    return segs
+
+
+def _render_tubes(segs, shape, sp, wall_fn=None):
+    """Signed distances (µm) to the union of tapered capsules, near the tubes only.
+
+    Returns ``s_out`` (to the outer surface, < 0 inside) and, with ``wall_fn(r_lumen) → wall µm``,
+    ``s_in`` (to the lumen surface); both ``(z, y, x)`` float32, capped at +1e4 far away.
+    """
+    s_out = np.full(shape, _BIG_UM, np.float32)
+    s_in = np.full(shape, _BIG_UM, np.float32) if wall_fn else None
+    for a, b, ra, rb in segs:
+        wa, wb = (wall_fn(ra), wall_fn(rb)) if wall_fn else (0.0, 0.0)
+        reach = max(ra + wa, rb + wb) + 3 * sp
+        lo = np.maximum(np.floor((np.minimum(a, b) - reach) / sp).astype(int)[::-1], 0)
+        hi = np.minimum(np.ceil((np.maximum(a, b) + reach) / sp).astype(int)[::-1] + 1, shape)
+        if np.any(hi <= lo):
+            continue
+        zz, yy, xx = (np.arange(lo[i], hi[i], dtype=np.float32).reshape([-1 if k == i else 1 for k in range(3)]) * sp
+                      for i in range(3))
+        ab = (b - a).astype(np.float32)
+        px, py, pz = xx - a[0], yy - a[1], zz - a[2]
+        t = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) / max(float(ab @ ab), 1e-9), 0, 1)
+        d = np.sqrt((px - t * ab[0]) ** 2 + (py - t * ab[1]) ** 2 + (pz - t * ab[2]) ** 2)
+        r_in = ra + t * (rb - ra)
+        blk = tuple(slice(l, h) for l, h in zip(lo, hi))
+        np.minimum(s_out[blk], d - r_in - (wa + t * (wb - wa)), out=s_out[blk])
+        if wall_fn:
+            np.minimum(s_in[blk], d - r_in, out=s_in[blk])
+    return s_out, s_in
+
+
+def _distance_outside(s_out, shape, sp):
+    """Distance (µm) outside a tube union, from a half-resolution EDT (smooth fields need no more)."""
+    mask = s_out[::2, ::2, ::2] < 0
+    if not mask.any():
+        return np.full(shape, _BIG_UM, np.float32)
+    d = ndimage.distance_transform_edt(~mask).astype(np.float32) * (2 * sp)
+    d = _upsample(np.maximum(d - sp, 0), shape, 2.0)  # −sp: from the mask voxel centre to its surface
+    d[s_out < 0] = 0.0
+    return d
+
+
+def _place_foci(rng, cfg, lobe):
+    """Focus centres (µm xyz) and radii, inside the lobe, near mid-depth, not overlapping their rims."""
+    foci, rim = [], cfg.immune_rim_um + cfg.immune_rim_width_um
+    for _ in range(cfg.n_foci):
+        for attempt in range(200):
+            r = rng.uniform(*cfg.focus_radius_um)
+            c = np.array([rng.uniform(0, lobe.ext[0]), rng.uniform(0, lobe.ext[1]),
+                          lobe.centre[2] + rng.uniform(-0.12, 0.12) * lobe.ext[2]])
+            far = all(np.linalg.norm(c - c2) > (r + r2 + (2 * rim if attempt < 150 else 0)) for c2, r2 in foci)
+            if lobe.margin(*c) > (r + rim) / lobe.axes.min() and far:
+                foci.append((c, r))
+                break
+    return foci
+
+
+def _focus_distance(foci, shape, sp, wobble):
+    """Approximate signed distance (µm, < 0 inside) to the union of irregular spherical foci."""
+    sd = np.full(shape, _BIG_UM, np.float32)
+    for c, r in foci:
+        reach = 1.6 * r + 800.0
+        lo = np.maximum(np.floor((c - reach) / sp).astype(int)[::-1], 0)
+        hi = np.minimum(np.ceil((c + reach) / sp).astype(int)[::-1] + 1, shape)
+        blk = tuple(slice(l, h) for l, h in zip(lo, hi))
+        zz, yy, xx = (np.arange(lo[i], hi[i], dtype=np.float32).reshape([-1 if k == i else 1 for k in range(3)]) * sp
+                      for i in range(3))
+        dist = np.sqrt((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2)
+        np.minimum(sd[blk], dist - r * (1 + 0.18 * wobble[blk]), out=sd[blk])
+    return sd
+
+
+# --- fields → image and truth ---------------------------------------------------------
+def _render_image(cfg, rng, tissue, depth_um, fields) -> np.ndarray:
+    """CT-like intensities ``(z, y, x)`` float32 from the structure fields, then scanner effects.
+
+    Niches that share a mean intensity differ by texture: interstitial = smoothly thickened
+    septa; immune rim = thickened septa *plus* clustered bright cells; consolidation ≈ vessel
+    density but blob-shaped with residual air pockets.
+    """
+    shape, sp = cfg.shape, cfg.spacing_um
+    sig_f = cfg.alveolus_um / (4.44 * sp)  # zero-crossing spacing of smoothed noise ≈ 4.44 σ
+    foam = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sig_f)
+    foam /= foam[::3, ::3, ::3].std() + 1e-12
+    cells = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 1.0)
+    cells = cells > 1.2 * cells[::3, ::3, ::3].std()  # ~12 % of voxels, clusters of 2–3 voxels (20–30 µm)
+    w0 = (cfg.septum_um / sp) / (2.0 * np.sqrt(2.0) * sig_f)  # |∇foam| ≈ 1/(√2 σ) → wall of septum_um
+    thick = 1.0 + 1.8 * fields["interstitial"] + 1.4 * fields["immune"]
+    img = np.exp(-((foam / (w0 * thick)) ** 2))  # septa: the zero set of the foam field
+    img *= 0.58
+    img += 0.04
+    img += fields["immune"] * (0.08 + 0.32 * cells)  # infiltrating cells partly fill the air spaces
+    con = fields["consolidation"]
+    flooded = 0.62 + 0.1 * np.exp(-((foam / 0.5) ** 2)) - 0.5 * (foam > 1.9)  # residual air pockets
+    img += con * (flooded - img)
+    del flooded, cells
+    vf = np.clip(0.5 - fields["vessel_sd"] / sp, 0, 1)  # antialiased (partial-volume) tube edges
+    img += vf * (0.66 - img)
+    wf = np.clip(0.5 - fields["airway_sd_out"] / sp, 0, 1)
+    img += wf * (0.8 - img)
+    lf = np.clip(0.5 - fields["airway_sd_in"] / sp, 0, 1)
+    img += lf * (0.03 - img)
+    del vf, wf, lf, foam
+    np.maximum(img, 0.7 * np.clip(1 - depth_um / 15.0, 0, 1), out=img)  # pleura: ~15 µm bright shell
+    img[~tissue] = 0.02
+    if cfg.blur_sigma_um > 0:
+        img = ndimage.gaussian_filter(img, cfg.blur_sigma_um / sp)
+    # slow multiplicative drift (beam hardening / source decay) along z and x
+    z = np.linspace(0, 1, shape[0], dtype=np.float32)
+    x = np.linspace(-0.5, 0.5, shape[2], dtype=np.float32)
+    ph = rng.uniform(0, 2 * np.pi, 2)
+    img *= (1 + cfg.drift * np.sin(2 * np.pi * 0.7 * z + ph[0]))[:, None, None]
+    img *= (1 + cfg.drift * (0.8 * x + 0.3 * np.sin(2 * np.pi * x + ph[1])))[None, None, :]
+    img += cfg.noise_sd * rng.standard_normal(shape, dtype=np.float32)
+    return img
+
+
+def _truth(cfg, tissue, fields) -> np.ndarray:
+    """Proportions ``(c, z, y, x)`` = softmax(scores / temperature) in tissue, 0 outside."""
+    scores = {
+        "alveolar": lambda: np.full(cfg.shape, cfg.alveolar_score, np.float32),
+        "airway": lambda: np.exp(-fields["airway_dist"] / cfg.airway_decay_um),
+        "vascular": lambda: np.exp(-fields["vessel_dist"] / cfg.vessel_decay_um),
+        "consolidation": lambda: fields["consolidation"],
+        "immune_infiltrate": lambda: fields["immune"],
+        "interstitial": lambda: fields["interstitial"],
+    }
+    names = SIGNATURE_NAMES[: cfg.n_signatures]
+    truth = np.empty((len(names),) + tuple(cfg.shape), np.float32)
+    for k, name in enumerate(names):
+        truth[k] = scores[name]()
+    truth *= 1.0 / cfg.temperature
+    truth -= truth.max(axis=0)
+    np.exp(truth, out=truth)
+    truth /= truth.sum(axis=0)
+    truth *= tissue
+    return truth
+
+
+@dataclass
+class LungPhantom:
+    """A synthetic lung volume with ground-truth niche proportions.
+
+    Attributes
+    ----------
+    config : PhantomConfig
+        The parameters it was generated from.
+    volume : Volume
+        CT-like intensities, float32, ``(z, y, x)``, numpy-backed, spacing ``config.spacing_um``.
+    truth : ndarray, shape (c, z, y, x), float32
+        Ground-truth proportions: non-negative, summing to 1 over ``c`` at every tissue voxel, 0 outside.
+    tissue : ndarray, shape (z, y, x), bool
+        Inside the organ (alveolar and airway air spaces count as tissue; outside air does not).
+    signature_names : list of str
+        Names of the ``c`` channels of ``truth``.
+    gene_names : list of str
+        Names of the ``n_genes`` genes.
+    loadings : ndarray, shape (c, n_genes)
+        Mean expression profile per signature; non-negative, rows sum to 1.
+    """
+
+    config: PhantomConfig
+    volume: Volume
+    truth: np.ndarray
+    tissue: np.ndarray
+    signature_names: list[str]
+    gene_names: list[str]
+    loadings: np.ndarray
+    structures: dict = field(default_factory=dict, repr=False)  #: geometry (airway/vessel segments, foci) in µm
+
+    def truth_volume(self, i) -> Volume:
+        """Ground-truth proportion of signature ``i`` (index or name) as a :class:`Volume`."""
+        if isinstance(i, str):
+            if i not in self.signature_names:
+                raise VoxelomeError(f"signature {i!r} is not one of {self.signature_names}."
+                                    f"{did_you_mean(i, self.signature_names)}")
+            i = self.signature_names.index(i)
+        if not -len(self.signature_names) <= int(i) < len(self.signature_names):
+            raise VoxelomeError(f"signature index {i} is out of range 0 … {len(self.signature_names) - 1}.")
+        return Volume.from_array(self.truth[int(i)], self.volume.spacing_um, self.volume.origin_um,
+                                 name=self.signature_names[int(i)])
+
+    def cut_section(self, placement=None, *, seed: int = 0, spot_diameter_um: float = 55.0,
+                    spot_pitch_um: float = 100.0, thickness_um: float = 10.0,
+                    mean_library_size: float = 3000.0, **kwargs):
+        """Simulate a Visium section on ``placement``; see :func:`voxelome.datasets.visium.cut_section`."""
+        from voxelome.datasets.visium import cut_section
+
+        return cut_section(self, placement, seed=seed, spot_diameter_um=spot_diameter_um,
+                           spot_pitch_um=spot_pitch_um, thickness_um=thickness_um,
+                           mean_library_size=mean_library_size, **kwargs)
+
+
+PRESETS = {
+    "default": PhantomConfig(),
+    #: ~1/8 of the default volume: fast enough for unit tests and smoke runs
+    "small": PhantomConfig(shape=(48, 176, 176)),
+}
+
+
+def make_lung_phantom(config: PhantomConfig | str | None = None, **overrides) -> LungPhantom:
+    """Generate the lung phantom.
+
+    Parameters
+    ----------
+    config : PhantomConfig or str, optional
+        Parameters, or a preset name (``"default"``, ``"small"``). Default: ``PhantomConfig()``.
+    **overrides
+        Fields of :class:`PhantomConfig` to replace, e.g. ``seed=3, shape=(48, 176, 176)``.
+
+    Returns
+    -------
+    LungPhantom
+        Volume ``(z, y, x)`` float32 in ~[0, 1], truth ``(c, z, y, x)``, tissue mask, expression model.
+
+    Notes
+    -----
+    Bit-identical for the same config. The image and geometry do not depend on
+    ``n_signatures`` or ``n_genes`` (independent random streams), so phantoms that differ
+    only in those share the same volume. Default size: ~10 s and < 1.5 GB on 2 CPU cores.
+    """
+    from voxelome.datasets.visium import make_expression_model
+
+    if config is None:
+        config = PhantomConfig()
+    elif isinstance(config, str):
+        if config not in PRESETS:
+            raise VoxelomeError(f"preset {config!r} is not one of {sorted(PRESETS)}.{did_you_mean(config, PRESETS)}")
+        config = PRESETS[config]
+    elif not isinstance(config, PhantomConfig):
+        raise VoxelomeError(f"config must be a PhantomConfig or a preset name, got {type(config).__name__}.")
+    names = [f.name for f in dataclasses.fields(PhantomConfig)]
+    for key in overrides:
+        if key not in names:
+            raise VoxelomeError(f"make_lung_phantom got unknown parameter {key!r}.{did_you_mean(key, names)}")
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    cfg, shape, sp = config, tuple(int(s) for s in config.shape), float(config.spacing_um)
+    geo_rng, img_rng, expr_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(3))
+
+    # organ outline; depth_um ≈ distance inside the pleura (the margin is in semi-axis units)
+    lobe = _Lobe(cfg, geo_rng)
+    margin = lobe.margin(_axis_um(shape[2], sp, 2), _axis_um(shape[1], sp, 1), _axis_um(shape[0], sp, 0))
+    tissue = margin > 0
+    depth_um = (margin * float(lobe.axes.min())).astype(np.float32)
+    del margin
+
+    # airway tree from a hilum on the lobe edge, vessel trees from other sides
+    zlim = (0.15 * lobe.ext[2], 0.85 * lobe.ext[2])
+    phi0 = geo_rng.uniform(0, 2 * np.pi)
+    trunk_len = 0.55 * float(lobe.axes.min())
+
+    def root(phi):
+        direction = np.array([np.cos(phi), np.sin(phi), 0.0])
+        p = lobe.centre.copy()
+        while lobe.margin(*(p + 20 * direction)) > 0.08:  # walk out to just inside the pleura
+            p += 20 * direction
+        return p, -direction
+
+    p, d = root(phi0)
+    airway = _grow_tree(geo_rng, lobe, p, d, trunk_len, cfg.airway_radius_um, cfg.n_airway_generations, 0.78, zlim)
+    vessels = []
+    for k in range(cfg.n_vessel_trees):
+        p, d = root(phi0 + 2 * np.pi * (k + 1) / (cfg.n_vessel_trees + 1) + geo_rng.uniform(-0.3, 0.3))
+        vessels += _grow_tree(geo_rng, lobe, p, d, trunk_len, cfg.vessel_radius_um, cfg.n_vessel_generations, 0.8, zlim)
+    foci = _place_foci(geo_rng, cfg, lobe)
+    wobble, _ = _smooth_noise(geo_rng, shape, sp, 80.0)
+    f_int, f_int_coarse = _smooth_noise(geo_rng, shape, sp, cfg.interstitial_scale_um)
+
+    fields = {}
+    fields["airway_sd_out"], fields["airway_sd_in"] = _render_tubes(
+        airway, shape, sp, wall_fn=lambda r: 0.25 * r + 10.0)
+    fields["vessel_sd"], _ = _render_tubes(vessels, shape, sp)
+    sd_f = _focus_distance(foci, shape, sp, wobble)
+    del wobble
+    fields["consolidation"] = _sigmoid(-sd_f / 30.0)
+    fields["immune"] = np.exp(-(((sd_f - cfg.immune_rim_um) / cfg.immune_rim_width_um) ** 2))
+    del sd_f
+    # interstitial patches: threshold chosen so that ≈ interstitial_fraction of the field is above it
+    thr = float(np.quantile(f_int_coarse, 1 - cfg.interstitial_fraction))
+    fields["interstitial"] = _sigmoid((f_int - thr) / 0.25)
+    del f_int
+
+    image = _render_image(cfg, img_rng, tissue, depth_um, fields)
+    del depth_um
+    fields["airway_dist"] = _distance_outside(fields.pop("airway_sd_out"), shape, sp)
+    del fields["airway_sd_in"]
+    fields["vessel_dist"] = _distance_outside(fields.pop("vessel_sd"), shape, sp)
+    truth = _truth(cfg, tissue, fields)
+    del fields
+
+    gene_names, loadings = make_expression_model(cfg.n_signatures, cfg.n_genes, expr_rng)
+    volume = Volume.from_array(image, (sp, sp, sp), name=f"lung phantom seed {cfg.seed}")
+    structures = {"airway_segments": airway, "vessel_segments": vessels,
+                  "foci": [(c.tolist(), float(r)) for c, r in foci]}
+    return LungPhantom(cfg, volume, truth, tissue, list(SIGNATURE_NAMES[: cfg.n_signatures]),
+                       gene_names, loadings, structures)
