@@ -56,10 +56,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs-dense", type=int, default=60)
     ap.add_argument("--epochs-xpression", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--xpression-cells", type=int, default=3000, help="held-out output cells scored for xpression")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     phantom = make_lung_phantom(seed=args.seed)
     placement = axial_placement(phantom)

@@ -132,7 +132,7 @@ def signatures(section: Path = typer.Argument(..., help="Section: Visium outs/ f
     model = fit_signatures(adata, SignatureConfig(method=method, n_signatures=n_signatures, n_genes=n_genes, seed=seed))
     project_signatures(model, adata)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model_path = model.save(out.with_suffix("").with_name(out.stem + "_signatures"))
+    model_path = model.save(out.with_name(out.stem + "_signatures.npz"))
     atomic_write_h5ad(adata, out)
     typer.echo(f"{model.n_signatures} signatures on {adata.n_obs} spots × {len(model.genes)} genes → {out} (model: {model_path})")
 
@@ -151,6 +151,7 @@ def train(volume: Path = typer.Option(..., help="Scan: TIFF, OME-Zarr, NIfTI, NP
           landmarks: Optional[Path] = typer.Option(None, help="CSV of ≥ 3 landmark pairs: px_x,px_y,x_um,y_um,z_um."),
           config: Optional[Path] = typer.Option(None, help="YAML file of config fields."),
           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+          signatures_model: Optional[Path] = typer.Option(None, help="The .npz `voxelome signatures` saved; copied into the run so `predict --genes` can map genes."),
           no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of resuming run/last.pt."),
           predict: bool = typer.Option(False, help="Also predict the whole volume into out/prediction.ome.zarr.")):
     """Train an image → signature model on one placed section."""
@@ -168,6 +169,14 @@ def train(volume: Path = typer.Option(..., help="Scan: TIFF, OME-Zarr, NIfTI, NP
         preset = base["model"]
     cfg = make_config(preset, **{k: v for k, v in base.items() if k != "model"})
     key = "signatures" if "signatures" in adata.obsm else None
+    if signatures_model is not None:
+        import shutil
+
+        from voxelome.signatures import SignatureModel
+
+        SignatureModel.load(signatures_model)  # fail early on a bad file
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(signatures_model, out / "signatures.npz")
     result = run_pipeline(vol, adata, placement, out, train_config=cfg, signatures_key=key, predict=predict,
                           resume=not no_resume)
     typer.echo(json.dumps(result.metrics["held_out_spots"], indent=1))
@@ -195,6 +204,9 @@ def predict(run: Path = typer.Argument(..., help="Run folder (holding checkpoint
         from voxelome.genes import write_gene_volume
         from voxelome.signatures import SignatureModel
 
+        if not (run.parent / "signatures.npz").exists():
+            raise VoxelomeError(f"--genes needs the signature model in {run.parent / 'signatures.npz'}; train with "
+                                "--signatures-model (or let train fit the signatures from counts).")
         sig = SignatureModel.load(run.parent / "signatures.npz")
         names = None if genes == "all" else [g.strip() for g in genes.split(",")]
         gene_out = out.with_name(out.name.replace(".ome.zarr", "") + "_genes.ome.zarr")

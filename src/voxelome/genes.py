@@ -29,15 +29,12 @@ def write_gene_volume(signature_path, model: SignatureModel, out_path, *, genes=
     genes = list(genes or model.genes)
     import zarr
 
-    level0 = zarr.open_group(str(signature_path), mode="r")["0"]
+    group = zarr.open_group(str(signature_path), mode="r")
+    level0 = group["0"]
     translation = np.zeros(3)
-    try:
-        ms = zarr.open_group(str(signature_path), mode="r").attrs["multiscales"][0]["datasets"][0]
-        for t in ms.get("coordinateTransformations", []):
-            if t.get("type") == "translation":
-                translation = np.asarray(t["translation"][-3:], float)
-    except (KeyError, IndexError):
-        pass
+    for t in group.attrs["multiscales"][0]["datasets"][0].get("coordinateTransformations", []):
+        if t.get("type") == "translation":
+            translation = np.asarray(t["translation"][-3:], float)
     chunks = tuple(level0.chunks[1:])
     out = create_ome_zarr(out_path, (len(genes), *props.shape[1:]), chunks_czyx=(min(len(genes), 16), *chunks),
                           dtype="float32", spacing_um_zyx=spacing, origin_um_zyx=tuple(translation), channel_names=genes)

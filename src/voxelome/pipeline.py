@@ -14,6 +14,7 @@ import numpy as np
 
 from voxelome.constants import (HELD_OUT_KEY, METRICS_FILE, PREDICTED_SIGNATURES_KEY, REPORT_FILE,
                                 SIGNATURES_FILE, SIGNATURES_KEY, SPATIAL_KEY)
+from voxelome.errors import VoxelomeError
 from voxelome.evaluate.metrics import kl_divergence_rows, pearson_per_column, summarise
 from voxelome.infer.predict import TrainedModel, predict_volume
 from voxelome.io.atomic import atomic_write_h5ad, atomic_write_json
@@ -90,9 +91,10 @@ def run_pipeline(volume: Volume, section, placement: SectionPlacement, out_dir, 
     section = place_section(section.copy(), placement, volume)
     if signatures_key is not None:
         section.obsm[SIGNATURES_KEY] = np.asarray(section.obsm[signatures_key], dtype=np.float32)
-        names = section.uns.get("voxelome", {}).get("signature_names")
-        section.uns[SIGNATURES_KEY] = {"names": list(names or [f"S{i}" for i in range(section.obsm[SIGNATURES_KEY].shape[1])]),
-                                       "method": f"given ({signatures_key})"}
+        k = section.obsm[SIGNATURES_KEY].shape[1]
+        names = dict(section.uns.get(SIGNATURES_KEY, {})).get("names") or \
+            section.uns.get("voxelome", {}).get("signature_names") or [f"S{i}" for i in range(k)]
+        section.uns[SIGNATURES_KEY] = {"names": list(names), "method": f"given ({signatures_key})"}
     else:
         sig_model = fit_signatures(section, signature_config or SignatureConfig())
         sig_model.save(out_dir / SIGNATURES_FILE)
@@ -131,7 +133,7 @@ def load_prediction_for_figure(path, max_voxels: int = 16_000_000):
     while True:
         try:
             arr, spacing, names = read_ome_zarr(path, level=level)
-        except Exception:  # noqa: BLE001 - no such level: use the last one that opened
+        except VoxelomeError:  # no such level: use the last one that opened
             arr, spacing, names = read_ome_zarr(path, level=max(level - 1, 0))
             break
         if np.prod(arr.shape[1:]) <= max_voxels:

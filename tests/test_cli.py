@@ -1,0 +1,215 @@
+"""The command line: help, user errors as one-line messages (exit 2), and each verb end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from voxelome.cli import app
+from voxelome.io import read_section, validate_section, write_h5ad
+from voxelome.io.omezarr import read_ome_zarr
+
+VERBS = ("demo", "signatures", "train", "predict", "evaluate")
+TINY_SETS = ["--set", "epochs=1", "--set", "steps_per_epoch=2", "--set", "batch_size=2", "--set", "width=8",
+             "--set", "window_um=[320,320,320]", "--set", "crop_um=[160,480,480]"]
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def _write_section(raw_section, path, keep_truth_names: bool):
+    sec = raw_section.copy()
+    del sec.obsm["spatial_3d"]
+    if not keep_truth_names:  # what a real section has: no ground-truth signature names
+        del sec.uns["voxelome"]["signature_names"]
+    validate_section(sec)
+    return write_h5ad(sec, path)
+
+
+@pytest.fixture(scope="module")
+def section_h5ad(raw_section, tmp_path_factory):
+    """The phantom section's counts as a validated .h5ad (no signatures yet), like a real section."""
+    return _write_section(raw_section, tmp_path_factory.mktemp("section") / "section.h5ad", keep_truth_names=False)
+
+
+# --- help -------------------------------------------------------------------------------
+def test_help_lists_every_verb():
+    result = invoke("--help")
+    assert result.exit_code == 0, result.output
+    for verb in VERBS:
+        assert verb in result.output
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_each_verb_has_help(verb):
+    result = invoke(verb, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and verb in result.output
+
+
+def test_train_help_documents_config_fields():
+    result = invoke("train", "--help")
+    assert "--set" in result.output and "epochs" in result.output
+
+
+def test_installed_entry_point_runs():
+    exe = Path(sys.executable).with_name("voxelome")
+    exe = exe if exe.exists() else shutil.which("voxelome")
+    assert exe, "the `voxelome` console script is not installed next to the interpreter"
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for verb in VERBS:
+        assert verb in proc.stdout
+
+
+# --- user errors ------------------------------------------------------------------------
+def _no_traceback(result):
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_train_unknown_config_key_exits_2_with_did_you_mean(volume_file, section_h5ad, tmp_path):
+    result = invoke("train", "--volume", volume_file, "--section", section_h5ad, "--out", tmp_path / "o",
+                    "--slice-index", 16, "--set", "epoch=3")
+    assert result.exit_code == 2, result.output
+    assert "did you mean 'epochs'" in result.output.lower()
+    _no_traceback(result)
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_bad_set_syntax_exits_2(volume_file, section_h5ad, tmp_path):
+    result = invoke("train", "--volume", volume_file, "--section", section_h5ad, "--out", tmp_path / "o",
+                    "--slice-index", 16, "--set", "epochs")
+    assert result.exit_code == 2 and "key=value" in result.output
+    _no_traceback(result)
+
+
+def test_missing_volume_file_exits_2_with_clear_message(section_h5ad, tmp_path):
+    missing = tmp_path / "no_such_scan.npz"
+    result = invoke("train", "--volume", missing, "--section", section_h5ad, "--out", tmp_path / "o",
+                    "--slice-index", 16)
+    assert result.exit_code == 2, result.output
+    assert "no such volume file" in result.output and "no_such_scan.npz" in result.output
+    _no_traceback(result)
+
+
+def test_predict_without_a_run_exits_2(volume_file, tmp_path):
+    result = invoke("predict", tmp_path, "--volume", volume_file, "--out", tmp_path / "p.ome.zarr")
+    assert result.exit_code == 2 and "no checkpoint.pt" in result.output
+    _no_traceback(result)
+
+
+def test_train_needs_exactly_one_placement(volume_file, section_h5ad, tmp_path):
+    result = invoke("train", "--volume", volume_file, "--section", section_h5ad, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "exactly one of --slice-index" in result.output
+    _no_traceback(result)
+
+
+def test_slice_index_outside_volume_exits_2(volume_file, section_h5ad, tmp_path):
+    result = invoke("train", "--volume", volume_file, "--section", section_h5ad, "--out", tmp_path / "o",
+                    "--slice-index", 99)
+    assert result.exit_code == 2 and "valid: 0 … 31" in result.output
+    _no_traceback(result)
+
+
+# --- the verbs end to end ---------------------------------------------------------------
+def test_signatures_train_predict_evaluate(volume_file, section_h5ad, tmp_path):
+    sig_out = tmp_path / "sig" / "section_sig.h5ad"
+    result = invoke("signatures", section_h5ad, "--out", sig_out, "--n-signatures", 5, "--n-genes", 80)
+    assert result.exit_code == 0, result.output
+    sig = ad.read_h5ad(sig_out)
+    props = np.asarray(sig.obsm["signatures"])
+    assert props.shape == (sig.n_obs, 5)
+    np.testing.assert_allclose(props.sum(1), 1.0, atol=1e-6)
+    assert props.min() >= -1e-9
+    assert read_section(sig_out).n_obs == sig.n_obs  # still a valid section for the next verb
+
+    out = tmp_path / "train_out"
+    result = invoke("train", "--volume", volume_file, "--section", sig_out, "--out", out, "--slice-index", 16,
+                    *TINY_SETS)
+    assert result.exit_code == 0, result.output
+    for name in ("run/checkpoint.pt", "run/config.yaml", "run/history.json", "section.h5ad", "metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_trained"] == 1 and metrics["held_out_spots"]["n_spots"] > 0
+    trained = ad.read_h5ad(out / "section.h5ad")
+    assert trained.obsm["signatures_pred"].shape == (trained.n_obs, 5)
+    np.testing.assert_allclose(trained.obsm["spatial_3d"][:, 2], 160.0)  # slice 16 of 10 µm voxels
+
+    pred = tmp_path / "pred.ome.zarr"
+    result = invoke("predict", out, "--volume", volume_file, "--out", pred, "--chunks", "8,24,24")
+    assert result.exit_code == 0, result.output
+    data, spacing, names = read_ome_zarr(pred)
+    assert data.shape == (5, 16, 72, 72) and spacing == (20.0, 20.0, 20.0) and len(names) == 5
+    np.testing.assert_allclose(np.asarray(data).sum(0), 1.0, atol=1e-4)
+
+    ev = tmp_path / "eval"
+    result = invoke("evaluate", out, "--volume", volume_file, "--section", out / "section.h5ad", "--out", ev)
+    assert result.exit_code == 0, result.output
+    scores = json.loads((ev / "metrics.json").read_text())["spots"]
+    assert (ev / "section_overlay.png").stat().st_size > 0
+    # evaluate scores the held-out spots, with the same model: the numbers train reported.
+    assert scores["n_spots"] == metrics["held_out_spots"]["n_spots"]
+    assert scores["mean"] == pytest.approx(metrics["held_out_spots"]["mean"], abs=1e-5)
+
+
+def test_demo_quick(tmp_path):
+    out = tmp_path / "demo"
+    result = invoke("demo", "--quick", "--out", out)
+    assert result.exit_code == 0, result.output
+    for name in ("report.html", "metrics.json", "metrics_phantom.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    data, _, _ = read_ome_zarr(out / "prediction.ome.zarr")
+    assert data.ndim == 4
+    phantom_metrics = json.loads((out / "metrics_phantom.json").read_text())
+    assert np.isfinite(phantom_metrics["volume_held_out_r"]["model"]["mean"])
+    html = (out / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64" in html
+
+
+@pytest.mark.xfail(reason="pipeline.run_pipeline: `names or [...]` on uns['voxelome']['signature_names'] read back "
+                          "from .h5ad as a numpy array raises 'truth value of an array is ambiguous' (raw traceback, "
+                          "exit 1); it also prefers those names over uns['signatures']['names'] that "
+                          "`voxelome signatures` wrote", strict=True)
+def test_train_on_a_phantom_section_h5ad_with_signature_names(volume_file, raw_section, tmp_path):
+    # A phantom section saved to .h5ad keeps uns['voxelome']['signature_names'] (the truth's names).
+    path = _write_section(raw_section, tmp_path / "phantom_section.h5ad", keep_truth_names=True)
+    sig_out = tmp_path / "sig.h5ad"
+    assert invoke("signatures", path, "--out", sig_out, "--n-signatures", 5, "--n-genes", 80).exit_code == 0
+    out = tmp_path / "train_out"
+    result = invoke("train", "--volume", volume_file, "--section", sig_out, "--out", out, "--slice-index", 16,
+                    *TINY_SETS)
+    assert result.exit_code == 0, result.output
+    from voxelome.infer.predict import TrainedModel
+
+    # the 5 fitted signatures keep the names `voxelome signatures` gave them, not the phantom's 6 truth names
+    assert TrainedModel.load(out / "run").names == [f"S{i}" for i in range(5)]
+
+
+@pytest.mark.xfail(reason="`voxelome predict --genes` loads RUN/../signatures.npz, which `voxelome train` only "
+                          "writes when it fits signatures itself; after `voxelome signatures` (which saves its model "
+                          "as '<out>_signatures' without .npz) → `voxelome train` there is no way to reach it",
+                   strict=True)
+def test_gene_maps_after_signatures_then_train(volume_file, section_h5ad, tmp_path):
+    sig_out = tmp_path / "sig.h5ad"
+    assert invoke("signatures", section_h5ad, "--out", sig_out, "--n-signatures", 5, "--n-genes", 80).exit_code == 0
+    out = tmp_path / "train_out"
+    assert invoke("train", "--volume", volume_file, "--section", sig_out, "--out", out, "--slice-index", 16,
+                  *TINY_SETS).exit_code == 0
+    pred = tmp_path / "pred.ome.zarr"
+    result = invoke("predict", out, "--volume", volume_file, "--out", pred, "--chunks", "8,24,24", "--genes", "all")
+    assert result.exit_code == 0, result.output
+    genes, _, names = read_ome_zarr(tmp_path / "pred_genes.ome.zarr")
+    assert genes.shape[0] == len(names) == 80
