@@ -102,11 +102,12 @@ def demo(out: Path = typer.Option(Path("voxelome-demo"), help="Output folder."),
          preset: str = typer.Option("dense", help="Model preset: dense or xpression."),
          seed: int = typer.Option(0, help="Seed of the phantom and of training."),
          quick: bool = typer.Option(False, help="A smaller phantom and shorter training (for tests)."),
-         oblique: bool = typer.Option(False, help="Cut the training section at an oblique plane.")):
+         oblique: bool = typer.Option(False, help="Cut the training section at an oblique plane."),
+         epochs: Optional[int] = typer.Option(None, help="Training epochs (default 20: a few minutes on 2 cores).")):
     """Run the whole pipeline on the synthetic lung phantom and write a report."""
     from voxelome.demo import run_demo
 
-    report = run_demo(out, preset=preset, seed=seed, quick=quick, oblique=oblique)
+    report = run_demo(out, preset=preset, seed=seed, quick=quick, oblique=oblique, epochs=epochs)
     typer.echo(f"report: {report.resolve()}")
 
 

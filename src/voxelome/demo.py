@@ -30,6 +30,8 @@ from voxelome.signatures import SignatureConfig, SignatureModel
 from voxelome.train.config import make_config
 
 QUICK_TRAIN = dict(epochs=4, steps_per_epoch=4, batch_size=4, patience=4, window_um=(320.0, 640.0, 640.0))
+#: The demo's training budget: a few minutes on 2 CPU cores. The benchmark trains longer (BENCHMARKS.md).
+DEMO_EPOCHS = 20
 
 
 def second_placement(phantom, seed: int, depth_offset_um: float = -250.0) -> SectionPlacement:
@@ -45,7 +47,7 @@ def matched_spot_r(pred: np.ndarray, truth: np.ndarray, order: np.ndarray, names
 
 
 def run_demo(out, *, preset: str = "dense", seed: int = 0, quick: bool = False, oblique: bool = False,
-             progress: bool = True) -> Path:
+             epochs: int | None = None, progress: bool = True) -> Path:
     """Run the demo; returns the report path.
 
     Parameters
@@ -54,6 +56,8 @@ def run_demo(out, *, preset: str = "dense", seed: int = 0, quick: bool = False, 
         Output folder.
     preset : str
         ``dense`` or ``xpression``.
+    epochs : int, optional
+        Training epochs (default :data:`DEMO_EPOCHS`; early stopping may end sooner).
     quick : bool
         Small phantom and a few training steps (smoke tests; metrics are not meaningful).
     oblique : bool
@@ -64,7 +68,10 @@ def run_demo(out, *, preset: str = "dense", seed: int = 0, quick: bool = False, 
     phantom = make_lung_phantom("small" if quick else "default", seed=seed)
     placement = oblique_placement(phantom, seed=seed) if oblique else axial_placement(phantom)
     section = phantom.cut_section(placement, seed=seed)
-    train_cfg = make_config(preset, seed=seed, **(QUICK_TRAIN if quick else {}))
+    budget = QUICK_TRAIN if quick else {"epochs": DEMO_EPOCHS}
+    if epochs is not None:
+        budget = {**budget, "epochs": epochs}
+    train_cfg = make_config(preset, seed=seed, **budget)
     sig_cfg = SignatureConfig(n_signatures=phantom.config.n_signatures, seed=seed)
     result = run_pipeline(phantom.volume, section, placement, out, train_config=train_cfg, signature_config=sig_cfg,
                           progress=progress)

@@ -105,9 +105,10 @@ class DenseCropSampler:
         self.centre_idx = volume.xyz_to_index(targets.centres_xyz_um)
         self.margin = np.asarray(margin_um) / np.asarray(volume.spacing_um)
 
-    def _spots_in(self, start: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    def _spots_in(self, start: np.ndarray, candidates: np.ndarray, margin=None) -> np.ndarray:
+        margin = self.margin if margin is None else margin
         rel = self.foot_idx[candidates] - start
-        ok = np.all((rel >= self.margin) & (rel <= self.crop_shape - 1 - self.margin), axis=(1, 2))
+        ok = np.all((rel >= margin) & (rel <= self.crop_shape - 1 - margin), axis=(1, 2))
         return candidates[ok]
 
     def _grid(self, rel_idx: np.ndarray, crop_shape=None) -> torch.Tensor:
@@ -128,7 +129,8 @@ class DenseCropSampler:
         jitter = rng.uniform(-0.25, 0.25, 3) * self.crop_shape if rng is not None else np.zeros(3)
         jitter[0] = 0.0 if rng is None else jitter[0] * 0.2
         start = np.round(centre_idx + jitter - self.crop_shape / 2).astype(int)
-        spots = self._spots_in(start, candidates)
+        # Evaluation keeps only spots well inside the crop, so each sees its full context.
+        spots = self._spots_in(start, candidates, None if rng is not None else self.crop_shape * 0.2)
         x = self.region.crop(start, self.crop_shape)
         rel = self.foot_idx[spots] - start
         if augment and rng is not None:
