@@ -29,6 +29,8 @@ class TrainConfig:
     """Crops per step (dense) or patches per step (xpression)."""
     lr: float = 3e-3
     """Adam learning rate (X-Pression used 1e-4)."""
+    lr_schedule: str = "cosine"
+    """``cosine`` (decay to 5 % of ``lr`` over ``epochs``) or ``constant`` (X-Pression used a constant rate)."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     patience: int = 8
@@ -78,6 +80,7 @@ class TrainConfig:
     def __post_init__(self):
         check_choice("model", self.model, MODELS)
         check_choice("blend", self.blend, ("gaussian", "constant"))
+        check_choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         for name in ("epochs", "steps_per_epoch", "batch_size", "width", "inference_batch"):
             if int(getattr(self, name)) < 1:
                 raise VoxelomeError(f"{name}={getattr(self, name)!r} must be ≥ 1.")
@@ -98,7 +101,7 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "dense": TrainConfig(),
     # The published recipe: Adam 1e-4, patch CNN, early stopping, rare-signature oversampling.
-    "xpression": TrainConfig(model="xpression", lr=1e-4, weight_decay=0.0, batch_size=32, epochs=60,
+    "xpression": TrainConfig(model="xpression", lr=1e-4, lr_schedule="constant", weight_decay=0.0, batch_size=32, epochs=60,
                              steps_per_epoch=20, patience=10),
 }
 

@@ -109,6 +109,14 @@ class SpotPredictor:
         return out
 
 
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """Learning rate of an epoch: constant, or a cosine decay to 5 % of ``lr`` at the last epoch."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    floor = 0.05
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * epoch / max(config.epochs - 1, 1))))
+
+
 def draw_batch(sampler, rng, config: TrainConfig, isotropic: bool):
     if isinstance(sampler, DenseCropSampler):
         return sampler.batch(rng, config.batch_size, config.augment, rotate_3d=config.rotate_3d and isotropic)
@@ -196,6 +204,8 @@ def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_d
         if stopped_early:
             break
         t0 = time.perf_counter()
+        for group in opt.param_groups:  # a function of the epoch alone, so resuming needs no scheduler state
+            group["lr"] = learning_rate(config, epoch)
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100_003 + epoch)
         model.train()
