@@ -92,8 +92,11 @@ def run_pipeline(volume: Volume, section, placement: SectionPlacement, out_dir, 
     if signatures_key is not None:
         section.obsm[SIGNATURES_KEY] = np.asarray(section.obsm[signatures_key], dtype=np.float32)
         k = section.obsm[SIGNATURES_KEY].shape[1]
-        names = dict(section.uns.get(SIGNATURES_KEY, {})).get("names") or \
-            section.uns.get("voxelome", {}).get("signature_names") or [f"S{i}" for i in range(k)]
+        names = dict(section.uns.get(SIGNATURES_KEY, {})).get("names")
+        if names is None or len(names) != k:
+            names = section.uns.get("voxelome", {}).get("signature_names")
+        if names is None or len(names) != k:
+            names = [f"S{i}" for i in range(k)]
         section.uns[SIGNATURES_KEY] = {"names": list(names), "method": f"given ({signatures_key})"}
     else:
         sig_model = fit_signatures(section, signature_config or SignatureConfig())

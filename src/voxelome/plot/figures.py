@@ -107,7 +107,8 @@ def section_overlay(spatial_px, measured, predicted, names, path, *, spot_size: 
     unit = "px"
     if pixel_size_um is not None:
         xy, unit = xy * float(pixel_size_um), "µm"
-    use = ho if ho is not None and ho.sum() >= 2 else np.ones(n, dtype=bool)
+    on_held = ho is not None and ho.sum() >= 2
+    use = ho if on_held else np.ones(n, dtype=bool)
     r = pearson_per_column(pred[use], meas[use])
     k = min(meas.shape[1], max_columns)
     s = spot_size if spot_size is not None else float(np.clip(0.8 * (2.3 * 72) ** 2 / max(n, 1), 0.5, 150))
@@ -122,12 +123,12 @@ def section_overlay(spatial_px, measured, predicted, names, path, *, spot_size: 
                                 linewidths=0, rasterized=True)
                 if ho is not None and ho.any():
                     ax.scatter(xy[ho, 0], xy[ho, 1], c=data[ho, j], s=s, cmap=cmap, vmin=vmin, vmax=vmax,
-                               edgecolors="black", linewidths=0.5)
+                               edgecolors="black", linewidths=0.4, rasterized=True)
                 ax.set_aspect("equal")
                 if row == 0:
                     ax.set_title(f"{names[j]}\nmeasured")
                 else:
-                    where = "held-out" if use.sum() < n else "all spots"
+                    where = "held-out" if on_held else "all spots"
                     ax.set_title(f"{names[j]}\npredicted, {_fmt_r(r[j])} ({where})")
                     ax.set_xlabel(f"x ({unit})")
                 if j == 0:
@@ -212,9 +213,10 @@ def orthogonal_views(ct_zyx, pred_czyx, names, spacing_um_zyx, path, *, pred_spa
     ct = [np.asarray(ct_zyx[sl(f, idx)], dtype=np.float32) for _, f, _, _ in _VIEWS]
     pr = [np.asarray(pred_czyx[(slice(None),) + sl(f, pidx)], dtype=np.float32) for _, f, _, _ in _VIEWS]
     glo, ghi = _limits(*ct, q=(0.5, 99.5))
+    grey = ListedColormap(matplotlib.colormaps["gray"](np.linspace(0.0, 0.8, 256)))  # dimmed: overlays stay visible
     cols = _colours(c)
     m = min(c, max_signatures)
-    size = (shape - 0.5) * sp  # physical size per axis (µm)
+    size = shape * sp  # physical size per axis (µm)
     widths = [size[2], size[2], size[1]]
     inch_per_um = 9.6 / sum(widths)
     row_h = float(np.clip(inch_per_um * max(size[1], size[0]), 1.4, 4.5)) + 0.55
@@ -224,12 +226,12 @@ def orthogonal_views(ct_zyx, pred_czyx, names, spacing_um_zyx, path, *, pred_spa
         for row in range(m + 1):
             for v, (view, fixed, ra, ca) in enumerate(_VIEWS):
                 ax = fig.add_subplot(gs[row, v])
-                ax.imshow(ct[v], cmap="gray", vmin=glo, vmax=ghi, extent=_extent(shape, sp, org, ra, ca),
+                ax.imshow(ct[v], cmap=grey, vmin=glo, vmax=ghi, extent=_extent(shape, sp, org, ra, ca),
                           interpolation="nearest", origin="upper")
                 pext = _extent(pshape, psp, porg, ra, ca)
                 if row == 0:
                     p = pr[v]
-                    ok = np.all(np.isfinite(p), axis=0) & (np.nansum(p, axis=0) > 0)
+                    ok = np.isfinite(p).any(axis=0) & (np.nansum(p, axis=0) > 0)  # NaN channels ignored
                     dom = np.ma.masked_array(np.argmax(np.nan_to_num(p, nan=-np.inf), axis=0), ~ok)
                     ax.imshow(dom, cmap=ListedColormap(cols), vmin=-0.5, vmax=c - 0.5, alpha=0.6,
                               extent=pext, interpolation="nearest", origin="upper")
@@ -237,8 +239,7 @@ def orthogonal_views(ct_zyx, pred_czyx, names, spacing_um_zyx, path, *, pred_spa
                 else:
                     ch = row - 1
                     cm = LinearSegmentedColormap.from_list(
-                        f"a{ch}", [to_rgba(cols[ch], 0.0), to_rgba(cols[ch], 0.9)])
-                    cm.set_bad((0, 0, 0, 0))
+                        f"a{ch}", [to_rgba(cols[ch], 0.0), to_rgba(cols[ch], 0.9)]).with_extremes(bad=(0, 0, 0, 0))
                     vmax = _limits(*(q[ch] for q in pr), q=(0.0, 99.5))[1]
                     im = ax.imshow(pr[v][ch], cmap=cm, vmin=0.0, vmax=max(vmax, 1e-6), extent=pext,
                                    interpolation="nearest", origin="upper")
@@ -335,7 +336,7 @@ def scatter_pred_vs_true(pred, true, names, path, *, max_panels: int = 16, hexbi
     names = _names(names, pred.shape[1])
     r = pearson_per_column(pred, true)
     k = min(pred.shape[1], max_panels)
-    ncol = min(4, k)
+    ncol = min(4, math.ceil(math.sqrt(k)))
     nrow = math.ceil(k / ncol)
     with matplotlib.rc_context(_RC):
         fig = Figure(figsize=(3.1 * ncol, 3.0 * nrow + 0.3), layout="constrained")
