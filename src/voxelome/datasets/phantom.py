@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import expit
 
 from voxelome.errors import VoxelomeError, did_you_mean
 from voxelome.io.volume import Volume
@@ -47,7 +48,8 @@ class PhantomConfig:
     n_vessel_generations: int = 4  #: branching generations of each vessel tree
     vessel_radius_um: float = 80.0  #: radius of a vessel trunk (tapers ×0.8 per generation)
     n_foci: int = 3  #: dense infection foci (consolidation) with an immune rim
-    focus_radius_um: tuple[float, float] = (200.0, 300.0)  #: range of focus radii
+    focus_radius_um: tuple[float, float] = (220.0, 300.0)  #: range of focus radii in xy
+    focus_elongation: float = 1.5  #: z semi-axis / xy radius of a focus (so most axial planes cut one)
     immune_rim_um: float = 150.0  #: distance outside the focus surface where the immune infiltrate peaks
     immune_rim_width_um: float = 90.0  #: 1/e half-width of the immune rim
     interstitial_fraction: float = 0.18  #: share of the lobe with thickened septa (interstitial niche)
@@ -62,49 +64,53 @@ class PhantomConfig:
 
     def __post_init__(self):
         _validate(self)
+        # canonical tuples, so configs read back from YAML (lists) compare and hash equal
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "focus_radius_um", tuple(float(r) for r in self.focus_radius_um))
 
 
-def _bad(name, value, allowed, fix):
-    raise VoxelomeError(f"PhantomConfig.{name}={value!r} is invalid: {allowed}. {fix}")
+_POSITIVE = ("spacing_um", "alveolus_um", "septum_um", "airway_radius_um", "vessel_radius_um", "focus_elongation",
+             "immune_rim_um", "immune_rim_width_um", "interstitial_scale_um", "airway_decay_um", "vessel_decay_um",
+             "temperature")
+_NON_NEGATIVE = ("blur_sigma_um", "noise_sd", "drift", "alveolar_score")
+_INT_RANGES = {"seed": (0, 2**63 - 1), "n_signatures": (5, len(SIGNATURE_NAMES)), "n_genes": (20, 10**6),
+               "n_airway_generations": (1, 7), "n_vessel_generations": (1, 7), "n_vessel_trees": (0, 10),
+               "n_foci": (0, 10)}
+_RANGES = {"lobe_fill": (0.3, 1.0), "interstitial_fraction": (0.01, 0.6)}
 
 
 def _validate(c: PhantomConfig) -> None:
-    """Raise :class:`VoxelomeError` naming the parameter, its value and a fix."""
-    shape = tuple(c.shape) if np.ndim(c.shape) == 1 else None
-    if shape is None or len(shape) != 3 or not all(isinstance(s, (int, np.integer)) for s in shape):
-        _bad("shape", c.shape, "must be three integers (z, y, x)", "E.g. shape=(112, 352, 352).")
+    """Raise :class:`VoxelomeError` naming the parameter, its bad value, what is allowed and a fix."""
+    def bad(name, allowed, fix=None):
+        fix = fix or f"E.g. the default {name}={getattr(PhantomConfig, name)!r}."
+        raise VoxelomeError(f"PhantomConfig.{name}={getattr(c, name)!r} is invalid: {allowed}. {fix}")
+
+    def is_num(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+
+    shape = c.shape
+    if (np.ndim(shape) != 1 or len(shape) != 3
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape)):
+        bad("shape", "it must be three integers (z, y, x)")
     if shape[0] < 16 or shape[1] < 32 or shape[2] < 32:
-        _bad("shape", c.shape, "needs at least 16 z slices and 32 voxels along y and x",
-             "Use e.g. shape=(48, 160, 160) for a small test phantom.")
-    for name in ("spacing_um", "alveolus_um", "septum_um", "airway_radius_um", "vessel_radius_um",
-                 "immune_rim_um", "immune_rim_width_um", "interstitial_scale_um", "airway_decay_um",
-                 "vessel_decay_um", "temperature"):
+        bad("shape", "it needs ≥ 16 z slices and ≥ 32 voxels along y and x",
+            "Use e.g. shape=(48, 176, 176) (the 'small' preset) for a quick phantom.")
+    for name in _POSITIVE + _NON_NEGATIVE:
         v = getattr(c, name)
-        if not (isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(v) and v > 0):
-            _bad(name, v, "must be a finite number > 0", f"E.g. {name}={getattr(PhantomConfig, name)!r}.")
-    for name in ("blur_sigma_um", "noise_sd", "drift", "alveolar_score"):
+        if not is_num(v) or v < 0 or (v == 0 and name in _POSITIVE):
+            bad(name, "it must be a finite number " + ("> 0" if name in _POSITIVE else "≥ 0"))
+    for name, (lo, hi) in _INT_RANGES.items():
         v = getattr(c, name)
-        if not (isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(v) and v >= 0):
-            _bad(name, v, "must be a finite number ≥ 0", f"E.g. {name}={getattr(PhantomConfig, name)!r}.")
-    if not 5 <= c.n_signatures <= len(SIGNATURE_NAMES):
-        _bad("n_signatures", c.n_signatures, f"must be between 5 and {len(SIGNATURE_NAMES)}",
-             f"The phantom defines {list(SIGNATURE_NAMES)}; n_signatures keeps the first n.")
-    if c.n_genes < 20:
-        _bad("n_genes", c.n_genes, "must be ≥ 20", "Use the default n_genes=240.")
-    for name in ("n_airway_generations", "n_vessel_generations"):
-        if not 1 <= getattr(c, name) <= 7:
-            _bad(name, getattr(c, name), "must be between 1 and 7", f"E.g. {name}=4.")
-    for name in ("n_vessel_trees", "n_foci"):
-        if not 0 <= getattr(c, name) <= 10:
-            _bad(name, getattr(c, name), "must be between 0 and 10", f"E.g. {name}=2.")
-    lo_hi = np.asarray(c.focus_radius_um, dtype=float)
-    if lo_hi.shape != (2,) or not np.all(np.isfinite(lo_hi)) or not 0 < lo_hi[0] <= lo_hi[1]:
-        _bad("focus_radius_um", c.focus_radius_um, "must be (min, max) with 0 < min ≤ max",
-             "E.g. focus_radius_um=(200.0, 300.0).")
-    if not 0.3 <= c.lobe_fill <= 1.0:
-        _bad("lobe_fill", c.lobe_fill, "must be in [0.3, 1.0]", "E.g. lobe_fill=0.94.")
-    if not 0 < c.interstitial_fraction < 0.6:
-        _bad("interstitial_fraction", c.interstitial_fraction, "must be in (0, 0.6)", "E.g. 0.18.")
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= hi:
+            extra = f" The phantom defines {list(SIGNATURE_NAMES)} and keeps the first n." if name == "n_signatures" else ""
+            bad(name, f"it must be an integer in [{lo}, {hi}]", f"E.g. the default {name}="
+                f"{getattr(PhantomConfig, name)!r}.{extra}")
+    for name, (lo, hi) in _RANGES.items():
+        if not is_num(getattr(c, name)) or not lo <= getattr(c, name) <= hi:
+            bad(name, f"it must be in [{lo}, {hi}]")
+    r = c.focus_radius_um
+    if np.ndim(r) != 1 or len(r) != 2 or not all(is_num(v) for v in r) or not 0 < r[0] <= r[1]:
+        bad("focus_radius_um", "it must be (min, max) µm with 0 < min ≤ max")
 
 
 # --- small numerical helpers ----------------------------------------------------------
@@ -120,8 +126,8 @@ def _upsample(a: np.ndarray, shape, factor: float) -> np.ndarray:
     return a
 
 
-def _smooth_noise(rng, shape, spacing_um, corr_um) -> np.ndarray:
-    """Unit-variance Gaussian random field ``(z, y, x)`` of correlation ``corr_um``, built coarse then upsampled."""
+def _smooth_noise(rng, shape, spacing_um, corr_um) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-variance Gaussian random field ``(z, y, x)`` of correlation ``corr_um``: (full-size, coarse grid)."""
     factor = int(np.clip(corr_um / spacing_um / 1.5, 1, 4))  # coarse grid still resolves the correlation
     cshape = tuple(int(np.ceil(n / factor)) + 1 for n in shape)
     f = ndimage.gaussian_filter(rng.standard_normal(cshape, dtype=np.float32), corr_um / (spacing_um * factor))
@@ -129,12 +135,18 @@ def _smooth_noise(rng, shape, spacing_um, corr_um) -> np.ndarray:
     return _upsample(f, shape, factor), f
 
 
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+def _axis_um(n, sp, ax, start=0):
+    """World coordinates (µm) of voxels ``start … n-1`` along axis ``ax`` of a (z, y, x) grid, broadcastable."""
+    return (np.arange(start, n, dtype=np.float32) * sp).reshape([-1 if k == ax else 1 for k in range(3)])
 
 
-def _axis_um(n, sp, ax, ndim=3):
-    return (np.arange(n, dtype=np.float32) * sp).reshape([-1 if k == ax else 1 for k in range(ndim)])
+def _block(lo_xyz, hi_xyz, shape, sp):
+    """Voxel slices ``(z, y, x)`` of the µm box ``[lo, hi]`` clipped to the volume, and its coordinate axes."""
+    lo = np.maximum(np.floor(np.asarray(lo_xyz) / sp).astype(int)[::-1], 0)
+    hi = np.minimum(np.ceil(np.asarray(hi_xyz) / sp).astype(int)[::-1] + 1, shape)
+    if np.any(hi <= lo):
+        return None, (None, None, None)
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), tuple(_axis_um(hi[i], sp, i, lo[i]) for i in range(3))
 
 
 # --- geometry -------------------------------------------------------------------------
@@ -153,15 +165,16 @@ class _Lobe:
 
     def margin(self, x, y, z):
         """Normalised depth inside the lobe (> 0 inside, ≈ µm / semi-axis); broadcasts."""
-        X = (x - self.centre[0]) / self.axes[0]
-        Y = (y - self.centre[1]) / self.axes[1]
-        zn = (z - self.centre[2]) / max(self.centre[2], 1e-6)
+        cx, cy, cz = (float(v) for v in self.centre)  # python floats keep float32 grids in float32
+        X = (x - cx) / float(self.axes[0])
+        Y = (y - cy) / float(self.axes[1])
+        zn = (z - cz) / max(cz, 1e-6)
         theta = np.arctan2(Y, X)
         r = (np.abs(X) ** 4 + np.abs(Y) ** 4) ** 0.25
-        k = np.arange(2, 6).reshape((-1,) + (1,) * np.ndim(theta))
+        k = np.arange(2, 6, dtype=np.float32).reshape((-1,) + (1,) * np.ndim(theta))
         h = np.sum(self.a.reshape(k.shape) * np.cos(k * theta + self.phi.reshape(k.shape)), axis=0)
         g = np.sum(self.b.reshape(k.shape) * np.cos(k * theta + self.psi.reshape(k.shape)), axis=0)
-        return (1 + h + g * zn - 0.04 * zn**2) - r
+        return ((1 + h + g * zn - 0.04 * zn**2) - r).astype(np.float32, copy=False)
 
 
 def _grow_tree(rng, lobe, root, direction, length, radius, n_gen, taper, zlim, piece_um=150.0):
@@ -176,7 +189,7 @@ def _grow_tree(rng, lobe, root, direction, length, radius, n_gen, taper, zlim, p
         n_piece = max(1, int(np.ceil(L / piece_um)))
         r_end, alive = r * taper, True
         for k in range(n_piece):
-            d = d + rng.normal(0, 0.12, 3) * (1, 1, 0.5)
+            d = d + rng.normal(0, 0.12, 3) * (1, 1, 0.3)
             d[2] = np.clip(d[2], -0.3, 0.3)
             d = d / np.linalg.norm(d)
             q = p + d * L / n_piece
@@ -189,10 +202,11 @@ def _grow_tree(rng, lobe, root, direction, length, radius, n_gen, taper, zlim, p
             segs.append((p, q, r + (r_end - r) * k / n_piece, r + (r_end - r) * (k + 1) / n_piece))
             p = q
         if alive and g + 1 < n_gen:
+            up = rng.choice([-1.0, 1.0])  # one child climbs, the other dives: the tree fans out in z
             for sign in (-1.0, 1.0):
                 a = sign * np.deg2rad(rng.uniform(25, 45))
                 c, s = np.cos(a), np.sin(a)
-                d2 = np.array([c * d[0] - s * d[1], s * d[0] + c * d[1], d[2] + rng.normal(0, 0.15)])
+                d2 = np.array([c * d[0] - s * d[1], s * d[0] + c * d[1], sign * up * rng.uniform(0.08, 0.22)])
                 stack.append((p, d2 / np.linalg.norm(d2), L * rng.uniform(0.65, 0.85), r_end, g + 1))
     return segs
 
@@ -206,20 +220,17 @@ def _render_tubes(segs, shape, sp, wall_fn=None):
     s_out = np.full(shape, _BIG_UM, np.float32)
     s_in = np.full(shape, _BIG_UM, np.float32) if wall_fn else None
     for a, b, ra, rb in segs:
+        a, b, ra, rb = a.astype(np.float32), b.astype(np.float32), float(ra), float(rb)  # float32 maths
         wa, wb = (wall_fn(ra), wall_fn(rb)) if wall_fn else (0.0, 0.0)
         reach = max(ra + wa, rb + wb) + 3 * sp
-        lo = np.maximum(np.floor((np.minimum(a, b) - reach) / sp).astype(int)[::-1], 0)
-        hi = np.minimum(np.ceil((np.maximum(a, b) + reach) / sp).astype(int)[::-1] + 1, shape)
-        if np.any(hi <= lo):
+        blk, (zz, yy, xx) = _block(np.minimum(a, b) - reach, np.maximum(a, b) + reach, shape, sp)
+        if blk is None:
             continue
-        zz, yy, xx = (np.arange(lo[i], hi[i], dtype=np.float32).reshape([-1 if k == i else 1 for k in range(3)]) * sp
-                      for i in range(3))
         ab = (b - a).astype(np.float32)
         px, py, pz = xx - a[0], yy - a[1], zz - a[2]
         t = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) / max(float(ab @ ab), 1e-9), 0, 1)
         d = np.sqrt((px - t * ab[0]) ** 2 + (py - t * ab[1]) ** 2 + (pz - t * ab[2]) ** 2)
         r_in = ra + t * (rb - ra)
-        blk = tuple(slice(l, h) for l, h in zip(lo, hi))
         np.minimum(s_out[blk], d - r_in - (wa + t * (wb - wa)), out=s_out[blk])
         if wall_fn:
             np.minimum(s_in[blk], d - r_in, out=s_in[blk])
@@ -252,17 +263,17 @@ def _place_foci(rng, cfg, lobe):
     return foci
 
 
-def _focus_distance(foci, shape, sp, wobble):
+def _focus_distance(foci, shape, sp, wobble, elong):
     """Approximate signed distance (µm, < 0 inside) to the union of irregular spherical foci."""
     sd = np.full(shape, _BIG_UM, np.float32)
     for c, r in foci:
-        reach = 1.6 * r + 800.0
-        lo = np.maximum(np.floor((c - reach) / sp).astype(int)[::-1], 0)
-        hi = np.minimum(np.ceil((c + reach) / sp).astype(int)[::-1] + 1, shape)
-        blk = tuple(slice(l, h) for l, h in zip(lo, hi))
-        zz, yy, xx = (np.arange(lo[i], hi[i], dtype=np.float32).reshape([-1 if k == i else 1 for k in range(3)]) * sp
-                      for i in range(3))
-        dist = np.sqrt((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2)
+        c, r = c.astype(np.float32), float(r)
+        reach = 1.6 * r * elong + 800.0
+        blk, (zz, yy, xx) = _block(c - reach, c + reach, shape, sp)
+        if blk is None:
+            continue
+        # z-elongated ellipsoid: z is shrunk by `elong`, so the rim is up to `elong`× thicker at the z poles
+        dist = np.sqrt((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + ((zz - c[2]) / elong) ** 2)
         np.minimum(sd[blk], dist - r * (1 + 0.18 * wobble[blk]), out=sd[blk])
     return sd
 
@@ -280,15 +291,16 @@ def _render_image(cfg, rng, tissue, depth_um, fields) -> np.ndarray:
     foam = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sig_f)
     foam /= foam[::3, ::3, ::3].std() + 1e-12
     cells = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 1.0)
-    cells = cells > 1.2 * cells[::3, ::3, ::3].std()  # ~12 % of voxels, clusters of 2–3 voxels (20–30 µm)
-    w0 = (cfg.septum_um / sp) / (2.0 * np.sqrt(2.0) * sig_f)  # |∇foam| ≈ 1/(√2 σ) → wall of septum_um
-    thick = 1.0 + 1.8 * fields["interstitial"] + 1.4 * fields["immune"]
+    # ~12 % of voxels in clusters of 2–3 voxels (20–30 µm): immune cell aggregates
+    cells = (cells > 1.2 * cells[::3, ::3, ::3].std()).astype(np.float32)
+    w0 = float((cfg.septum_um / sp) / (2.0 * np.sqrt(2.0) * sig_f))  # |∇foam| ≈ 1/(√2 σ) → wall of septum_um
+    thick = 1.0 + 2.5 * fields["interstitial"] + 1.4 * fields["immune"]
     img = np.exp(-((foam / (w0 * thick)) ** 2))  # septa: the zero set of the foam field
     img *= 0.58
     img += 0.04
     img += fields["immune"] * (0.08 + 0.32 * cells)  # infiltrating cells partly fill the air spaces
-    con = fields["consolidation"]
-    flooded = 0.62 + 0.1 * np.exp(-((foam / 0.5) ** 2)) - 0.5 * (foam > 1.9)  # residual air pockets
+    con = fields["consolidation"]  # flooded alveoli, dense like vessels, with residual air pockets
+    flooded = 0.62 + 0.1 * np.exp(-((foam / 0.5) ** 2)) - np.where(foam > 1.9, np.float32(0.5), np.float32(0))
     img += con * (flooded - img)
     del flooded, cells
     vf = np.clip(0.5 - fields["vessel_sd"] / sp, 0, 1)  # antialiased (partial-volume) tube edges
@@ -449,7 +461,7 @@ def make_lung_phantom(config: PhantomConfig | str | None = None, **overrides) ->
 
     def root(phi):
         direction = np.array([np.cos(phi), np.sin(phi), 0.0])
-        p = lobe.centre.copy()
+        p = lobe.centre + np.array([0.0, 0.0, geo_rng.uniform(-0.1, 0.1) * lobe.ext[2]])
         while lobe.margin(*(p + 20 * direction)) > 0.08:  # walk out to just inside the pleura
             p += 20 * direction
         return p, -direction
@@ -468,14 +480,14 @@ def make_lung_phantom(config: PhantomConfig | str | None = None, **overrides) ->
     fields["airway_sd_out"], fields["airway_sd_in"] = _render_tubes(
         airway, shape, sp, wall_fn=lambda r: 0.25 * r + 10.0)
     fields["vessel_sd"], _ = _render_tubes(vessels, shape, sp)
-    sd_f = _focus_distance(foci, shape, sp, wobble)
+    sd_f = _focus_distance(foci, shape, sp, wobble, cfg.focus_elongation)
     del wobble
-    fields["consolidation"] = _sigmoid(-sd_f / 30.0)
+    fields["consolidation"] = expit(-sd_f / 30.0)
     fields["immune"] = np.exp(-(((sd_f - cfg.immune_rim_um) / cfg.immune_rim_width_um) ** 2))
     del sd_f
     # interstitial patches: threshold chosen so that ≈ interstitial_fraction of the field is above it
     thr = float(np.quantile(f_int_coarse, 1 - cfg.interstitial_fraction))
-    fields["interstitial"] = _sigmoid((f_int - thr) / 0.25)
+    fields["interstitial"] = expit((f_int - thr) / np.float32(0.25))
     del f_int
 
     image = _render_image(cfg, img_rng, tissue, depth_um, fields)

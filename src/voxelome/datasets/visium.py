@@ -59,7 +59,8 @@ def make_expression_model(n_signatures: int, n_genes: int, rng) -> tuple[list[st
     n_mark = max(2, int(0.3 * n_genes) // n_signatures)
     genes: list[str] = []
     for name in names:  # marker blocks first, named markers at the head of each block
-        genes += (_MARKERS[name] + [f"{name}_marker_{k:02d}" for k in range(n_mark)])[:n_mark]
+        named = _MARKERS[name][:n_mark]
+        genes += named + [f"{name}_marker_{k:02d}" for k in range(len(named), n_mark)]
     genes += [f"gene_{k:04d}" for k in range(n_genes - len(genes))]
     log_bg = rng.normal(0.0, 1.0, n_genes)
     logl = log_bg[None, :] + rng.normal(0.0, 0.3, (n_signatures, n_genes))
@@ -194,6 +195,9 @@ def cut_section(phantom: "LungPhantom", placement: SectionPlacement | None = Non
     # cheap prefilter: centres must lie inside the volume before sampling whole footprints
     ok = vol.contains(xyz, margin_voxels=0.0)
     px, rows, cols, xyz = px[ok], rows[ok], cols[ok], xyz[ok]
+    if len(xyz) == 0:
+        raise VoxelomeError("the section holds no spot inside the volume; check the placement "
+                            "(does the plane cross the volume?).")
 
     def footprint_mean(volume, centres):
         return sample_footprints(volume, centres, u, v, spot_diameter_um, step,
@@ -205,8 +209,10 @@ def cut_section(phantom: "LungPhantom", placement: SectionPlacement | None = Non
     px, rows, cols, xyz, frac = px[ok], rows[ok], cols[ok], xyz[ok], frac[ok]
     n, c = len(xyz), len(phantom.signature_names)
     if n == 0:
-        raise VoxelomeError("the section holds no spot with its footprint inside the volume and "
-                            f"≥ {min_tissue_fraction:.0%} in tissue; check the placement (plane outside the volume?).")
+        raise VoxelomeError(
+            "the section holds no spot whose footprint (disk × thickness) lies between the volume's edge voxel "
+            f"centres and ≥ {min_tissue_fraction:.0%} in tissue; check the placement (a plane at the first or last "
+            "slice needs thickness_um=0) or lower min_tissue_fraction.")
     sig = np.column_stack([footprint_mean(phantom.truth_volume(k), xyz) for k in range(c)]).astype(np.float64)
     sig /= frac[:, None]  # truth is 0 outside tissue: mean over the tissue part of the footprint
     sig /= sig.sum(axis=1, keepdims=True)

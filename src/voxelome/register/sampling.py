@@ -84,6 +84,9 @@ def sample_footprints(volume: Volume, centres_xyz_um, u, v, diameter_um: float, 
     ndarray, shape (n,)
         Footprint means (NaN where any sample falls outside the volume).
     """
+    centres_xyz_um = np.asarray(centres_xyz_um, dtype=float).reshape(-1, 3)
+    if len(centres_xyz_um) == 0:
+        return np.zeros(0, np.float32)
     off = disk_offsets(diameter_um, step_um)
     pts = centres_xyz_um[:, None, :] + off[None, :, 0, None] * u + off[None, :, 1, None] * v
     if thickness_um > 0 and normal is not None:

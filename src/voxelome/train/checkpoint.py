@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import voxelome
@@ -13,10 +14,24 @@ from voxelome.errors import VoxelomeError
 FORMAT = "voxelome.checkpoint/1"
 
 
-def save_checkpoint(path, *, model_state: dict, config: dict, meta: dict, **extra) -> None:
+def _plain(obj):
+    """Numpy scalars/arrays → Python numbers/lists, so ``weights_only=True`` can load the file."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    return obj
+
+
+def save_checkpoint(path, *, model_state: dict, config: dict, meta: dict, optimizer_state: dict | None = None,
+                    **extra) -> None:
     """Write a checkpoint atomically (temp file + rename, so a kill never leaves half a file)."""
-    payload = {"format": FORMAT, "voxelome_version": voxelome.__version__, "config": config, "meta": meta,
-               "model_state": model_state, **extra}
+    payload = {"format": FORMAT, "voxelome_version": voxelome.__version__, "config": _plain(config),
+               "meta": _plain(meta), "model_state": model_state, **_plain(extra)}
+    if optimizer_state is not None:
+        payload["optimizer_state"] = optimizer_state
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)

@@ -114,7 +114,7 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     if config.lr_schedule == "constant":
         return config.lr
     floor = 0.05
-    return config.lr * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * epoch / max(config.epochs - 1, 1))))
+    return float(config.lr * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * epoch / max(config.epochs - 1, 1)))))
 
 
 def draw_batch(sampler, rng, config: TrainConfig, isotropic: bool):
