@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
-import torch
-
-# The suite budget assumes 2 CPU cores; keep torch (and BLAS in subprocesses) on 2 threads.
-torch.set_num_threads(2)
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Must be set before torch loads its OpenMP runtime. With the default busy-waiting policy, 2 torch
+# threads on a machine where another process holds a core run 10-100x slower (measured: a tiny
+# whole-volume prediction 0.7 s → 68 s); PASSIVE makes idle threads sleep instead of spin.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", "2")  # inherited by the CLI subprocesses
 os.environ.setdefault("MKL_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The suite budget assumes 2 CPU cores.
+torch.set_num_threads(2)
 
 from voxelome.datasets import axial_placement, make_lung_phantom  # noqa: E402
 from voxelome.register import place_section  # noqa: E402

@@ -125,7 +125,7 @@ def test_slice_index_outside_volume_exits_2(volume_file, section_h5ad, tmp_path)
 
 
 # --- the verbs end to end ---------------------------------------------------------------
-def test_signatures_train_predict_evaluate(volume_file, section_h5ad, tmp_path):
+def test_signatures_verb_writes_proportions(section_h5ad, tmp_path):
     sig_out = tmp_path / "sig" / "section_sig.h5ad"
     result = invoke("signatures", section_h5ad, "--out", sig_out, "--n-signatures", 5, "--n-genes", 80)
     assert result.exit_code == 0, result.output
@@ -133,36 +133,80 @@ def test_signatures_train_predict_evaluate(volume_file, section_h5ad, tmp_path):
     props = np.asarray(sig.obsm["signatures"])
     assert props.shape == (sig.n_obs, 5)
     np.testing.assert_allclose(props.sum(1), 1.0, atol=1e-6)
-    assert props.min() >= -1e-9
+    assert props.min() >= -1e-9 and props.std(0).min() > 0.01  # five distinct, varying signatures
     assert read_section(sig_out).n_obs == sig.n_obs  # still a valid section for the next verb
+    from voxelome.signatures import SignatureModel
 
+    model = SignatureModel.load(tmp_path / "sig" / "section_sig_signatures.npz")
+    assert model.n_signatures == 5 and len(model.genes) == 80
+
+
+def test_train_predict_evaluate(volume_file, section_h5ad, tmp_path):
+    # train on counts: it fits the signatures itself (6 archetypes) and keeps the model for gene maps
     out = tmp_path / "train_out"
-    result = invoke("train", "--volume", volume_file, "--section", sig_out, "--out", out, "--slice-index", 16,
+    result = invoke("train", "--volume", volume_file, "--section", section_h5ad, "--out", out, "--slice-index", 16,
                     *TINY_SETS)
     assert result.exit_code == 0, result.output
-    for name in ("run/checkpoint.pt", "run/config.yaml", "run/history.json", "section.h5ad", "metrics.json"):
+    for name in ("run/checkpoint.pt", "run/config.yaml", "run/history.json", "section.h5ad", "metrics.json",
+                 "signatures.npz"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_trained"] == 1 and metrics["held_out_spots"]["n_spots"] > 0
     trained = ad.read_h5ad(out / "section.h5ad")
-    assert trained.obsm["signatures_pred"].shape == (trained.n_obs, 5)
+    assert trained.obsm["signatures_pred"].shape == (trained.n_obs, 6)
     np.testing.assert_allclose(trained.obsm["spatial_3d"][:, 2], 160.0)  # slice 16 of 10 µm voxels
 
     pred = tmp_path / "pred.ome.zarr"
-    result = invoke("predict", out, "--volume", volume_file, "--out", pred, "--chunks", "8,24,24")
+    result = invoke("predict", out, "--volume", volume_file, "--out", pred, "--chunks", "8,24,24",
+                    "--genes", "SFTPC,PECAM1")
     assert result.exit_code == 0, result.output
     data, spacing, names = read_ome_zarr(pred)
-    assert data.shape == (5, 16, 72, 72) and spacing == (20.0, 20.0, 20.0) and len(names) == 5
+    assert data.shape == (6, 16, 72, 72) and spacing == (20.0, 20.0, 20.0) and len(names) == 6
     np.testing.assert_allclose(np.asarray(data).sum(0), 1.0, atol=1e-4)
+    genes, gene_spacing, gene_names = read_ome_zarr(tmp_path / "pred_genes.ome.zarr")
+    assert gene_names == ["SFTPC", "PECAM1"] and genes.shape == (2, 16, 72, 72) and gene_spacing == spacing
 
     ev = tmp_path / "eval"
     result = invoke("evaluate", out, "--volume", volume_file, "--section", out / "section.h5ad", "--out", ev)
     assert result.exit_code == 0, result.output
     scores = json.loads((ev / "metrics.json").read_text())["spots"]
     assert (ev / "section_overlay.png").stat().st_size > 0
-    # evaluate scores the held-out spots, with the same model: the numbers train reported.
+    # evaluate scores the held-out spots with the same model: the numbers train reported.
     assert scores["n_spots"] == metrics["held_out_spots"]["n_spots"]
     assert scores["mean"] == pytest.approx(metrics["held_out_spots"]["mean"], abs=1e-5)
+
+
+def test_signatures_then_train_then_gene_maps(volume_file, section_h5ad, tmp_path):
+    """The documented chain: `voxelome signatures` → `voxelome train --signatures-model` → `predict --genes`."""
+    sig_out = tmp_path / "sig.h5ad"
+    assert invoke("signatures", section_h5ad, "--out", sig_out, "--n-signatures", 5, "--n-genes", 80).exit_code == 0
+    out = tmp_path / "train_out"
+    result = invoke("train", "--volume", volume_file, "--section", sig_out, "--out", out, "--slice-index", 16,
+                    "--signatures-model", tmp_path / "sig_signatures.npz", *TINY_SETS)
+    assert result.exit_code == 0, result.output
+    from voxelome.infer.predict import TrainedModel
+
+    # the 5 given signatures keep the names `voxelome signatures` gave them
+    assert TrainedModel.load(out / "run").names == [f"S{i}" for i in range(5)]
+    pred = tmp_path / "pred.ome.zarr"
+    result = invoke("predict", out, "--volume", volume_file, "--out", pred, "--chunks", "8,24,24", "--genes", "all")
+    assert result.exit_code == 0, result.output
+    genes, _, names = read_ome_zarr(tmp_path / "pred_genes.ome.zarr")
+    assert genes.shape[0] == len(names) == 80
+
+
+def test_train_on_a_phantom_section_h5ad_with_truth_names(volume_file, raw_section, tmp_path):
+    # A phantom section saved to .h5ad keeps uns['voxelome']['signature_names'] (h5ad reads it back as an array).
+    path = _write_section(raw_section, tmp_path / "phantom_section.h5ad", keep_truth_names=True)
+    sig_out = tmp_path / "sig.h5ad"
+    assert invoke("signatures", path, "--out", sig_out, "--n-signatures", 5, "--n-genes", 80).exit_code == 0
+    result = invoke("train", "--volume", volume_file, "--section", sig_out, "--out", tmp_path / "o",
+                    "--slice-index", 16, *TINY_SETS)
+    assert result.exit_code == 0, result.output
+    from voxelome.infer.predict import TrainedModel
+
+    # 5 fitted signatures: not the phantom's 6 truth names
+    assert TrainedModel.load(tmp_path / "o" / "run").names == [f"S{i}" for i in range(5)]
 
 
 def test_demo_quick(tmp_path):
@@ -178,38 +222,3 @@ def test_demo_quick(tmp_path):
     html = (out / "report.html").read_text()
     assert "<img" in html and "data:image/png;base64" in html
 
-
-@pytest.mark.xfail(reason="pipeline.run_pipeline: `names or [...]` on uns['voxelome']['signature_names'] read back "
-                          "from .h5ad as a numpy array raises 'truth value of an array is ambiguous' (raw traceback, "
-                          "exit 1); it also prefers those names over uns['signatures']['names'] that "
-                          "`voxelome signatures` wrote", strict=True)
-def test_train_on_a_phantom_section_h5ad_with_signature_names(volume_file, raw_section, tmp_path):
-    # A phantom section saved to .h5ad keeps uns['voxelome']['signature_names'] (the truth's names).
-    path = _write_section(raw_section, tmp_path / "phantom_section.h5ad", keep_truth_names=True)
-    sig_out = tmp_path / "sig.h5ad"
-    assert invoke("signatures", path, "--out", sig_out, "--n-signatures", 5, "--n-genes", 80).exit_code == 0
-    out = tmp_path / "train_out"
-    result = invoke("train", "--volume", volume_file, "--section", sig_out, "--out", out, "--slice-index", 16,
-                    *TINY_SETS)
-    assert result.exit_code == 0, result.output
-    from voxelome.infer.predict import TrainedModel
-
-    # the 5 fitted signatures keep the names `voxelome signatures` gave them, not the phantom's 6 truth names
-    assert TrainedModel.load(out / "run").names == [f"S{i}" for i in range(5)]
-
-
-@pytest.mark.xfail(reason="`voxelome predict --genes` loads RUN/../signatures.npz, which `voxelome train` only "
-                          "writes when it fits signatures itself; after `voxelome signatures` (which saves its model "
-                          "as '<out>_signatures' without .npz) → `voxelome train` there is no way to reach it",
-                   strict=True)
-def test_gene_maps_after_signatures_then_train(volume_file, section_h5ad, tmp_path):
-    sig_out = tmp_path / "sig.h5ad"
-    assert invoke("signatures", section_h5ad, "--out", sig_out, "--n-signatures", 5, "--n-genes", 80).exit_code == 0
-    out = tmp_path / "train_out"
-    assert invoke("train", "--volume", volume_file, "--section", sig_out, "--out", out, "--slice-index", 16,
-                  *TINY_SETS).exit_code == 0
-    pred = tmp_path / "pred.ome.zarr"
-    result = invoke("predict", out, "--volume", volume_file, "--out", pred, "--chunks", "8,24,24", "--genes", "all")
-    assert result.exit_code == 0, result.output
-    genes, _, names = read_ome_zarr(tmp_path / "pred_genes.ome.zarr")
-    assert genes.shape[0] == len(names) == 80

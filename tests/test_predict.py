@@ -74,27 +74,6 @@ def test_prediction_is_ngff_with_micrometre_scale(trained_run, phantom, tmp_path
     np.testing.assert_array_equal(np.asarray(read_ome_zarr(out)[0]), values)
 
 
-def test_prediction_matches_the_model_on_the_section_plane(trained_run, phantom, targets, tmp_path):
-    """The volume map averaged over spot footprints ≈ the per-spot prediction (same network, same geometry)."""
-    from voxelome.register.sampling import sample_footprints
-
-    model = TrainedModel.load(trained_run)
-    out = tmp_path / "pred.ome.zarr"
-    predict_volume(model, phantom.volume, out, progress=False)
-    data, spacing, _ = read_ome_zarr(out)
-    _, _, origin = model.output_geometry(phantom.volume)
-    pred = model.spot_predictor()
-    spots = pred.predict(pred.sampler(phantom.volume, targets), np.arange(len(targets.proportions)))
-    maps = [Volume.from_array(np.asarray(data[c]), spacing, origin) for c in range(data.shape[0])]
-    sampled = np.column_stack([sample_footprints(m, targets.centres_xyz_um, targets.u, targets.v, 55.0, 5.0)
-                               for m in maps])
-    ok = np.isfinite(sampled).all(1)
-    assert ok.mean() > 0.9
-    # Windows differ from training crops (zero padding, blending), so agree in correlation, not exactly.
-    r = [np.corrcoef(sampled[ok, c], spots[ok, c])[0, 1] for c in range(data.shape[0])]
-    assert np.nanmean(r) > 0.8, r
-
-
 def _predict_cmd(run, volume_file, out):
     return [sys.executable, "-m", "voxelome.cli", "predict", str(run), "--volume", str(volume_file),
             "--out", str(out), "--chunks", "8,8,8"]

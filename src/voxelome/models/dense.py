@@ -12,13 +12,15 @@ back to the output stride with a skip connection → 1×1×1 head → softmax ov
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 
 def _norm(ch: int) -> nn.Module:
-    return nn.GroupNorm(min(8, ch), ch)
+    return nn.GroupNorm(math.gcd(8, ch), ch)  # a group count that divides any width
 
 
 class _ResBlock(nn.Module):

@@ -104,7 +104,8 @@ class SectionPlacement:
         if not (np.all(np.isfinite(src)) and np.all(np.isfinite(dst))):
             raise VoxelomeError("landmarks contain NaN or infinite values; remove those pairs.")
         design = np.column_stack([src, np.ones(len(src))])
-        if np.linalg.matrix_rank(design - design.mean(0) * [1, 1, 0], tol=1e-6) < 2:
+        centred = src - src.mean(0)
+        if np.linalg.matrix_rank(centred, tol=1e-6 * max(float(np.abs(centred).max()), 1.0)) < 2:
             raise VoxelomeError("section landmarks are collinear; pick ≥ 3 points that span the section.")
         sol, *_ = np.linalg.lstsq(design, dst, rcond=None)
         residual = float(np.sqrt(np.mean(np.sum((design @ sol - dst) ** 2, axis=1))))

@@ -187,7 +187,8 @@ def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_d
     last_path = run_dir / LAST_CHECKPOINT_FILE
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
-        old, new = ({k: v for k, v in d.items() if k not in RESUMABLE_CHANGES} for d in (state["config"], config.to_dict()))
+        free = RESUMABLE_CHANGES - ({"epochs"} if config.lr_schedule == "cosine" else set())  # cosine spans `epochs`
+        old, new = ({k: v for k, v in d.items() if k not in free} for d in (state["config"], config.to_dict()))
         if old != new:
             raise_config_mismatch(last_path, old, new)
         model.load_state_dict(state["model_state"])
@@ -239,7 +240,9 @@ def raise_config_mismatch(path, old: dict, new: dict):
     from voxelome.errors import VoxelomeError
 
     diff = {k: (old.get(k), new.get(k)) for k in new if old.get(k) != new.get(k)}
+    why = " (with lr_schedule='cosine' the schedule spans `epochs`, so a run cannot be extended)" \
+        if "epochs" in diff and new.get("lr_schedule") == "cosine" else ""
     raise VoxelomeError(
-        f"{path} was written with a different config ({diff}); resume with the same settings, "
+        f"{path} was written with a different config ({diff}){why}; resume with the same settings, "
         "or start a new run folder (or pass resume=False / --no-resume)."
     )
