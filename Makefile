@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # A pinned CPU build of torch first: a loose spec would pull several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning slows torch 10-100x.
+export OMP_WAIT_POLICY ?= PASSIVE
 DEMO_OUT ?= voxelome-demo
 
 .PHONY: demo test venv install install-test clean
