@@ -11,14 +11,9 @@ from voxelome.io.atomic import (
     atomic_write_text,
 )
 from voxelome.io.omezarr import build_pyramid, create_ome_zarr, read_ome_zarr, write_volume_ome_zarr
-from voxelome.io.sections import (
-    read_h5ad_section,
-    read_legacy_st,
-    read_section,
-    read_visium,
-    validate_section,
-    write_h5ad,
-)
+from voxelome.io.legacy_st import read_legacy_st
+from voxelome.io.sections import read_h5ad_section, read_section, validate_section, write_h5ad
+from voxelome.io.visium import read_visium
 from voxelome.io.volume import Volume
 from voxelome.io.volumes import read_volume
 
