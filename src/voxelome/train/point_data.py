@@ -1,0 +1,214 @@
+"""Training points for a field: 3D coordinates, section codes and expression, streamed from sparse counts.
+
+:class:`PointData` is the one validating constructor between an AnnData stack and the field trainer.
+Counts stay a CSR matrix (only the chosen genes' columns are kept, itself a sparse operation); a
+batch of rows is gathered into a dense ``(batch, g)`` tensor by :meth:`PointData.rows`, a vectorised
+CSR row gather that runs on CPU or GPU tensors. The whole matrix is never densified, so a stack of
+10^8 cells × 10^3 genes costs its non-zeros, not ``n × g``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from voxelome import constants as C
+from voxelome.errors import VoxelomeError, did_you_mean
+
+DEFAULT_SECTION_KEY = "section"
+
+
+@dataclass
+class PointData:
+    """Points of a registered stack, ready for the field trainer.
+
+    Attributes
+    ----------
+    xyz_um : ndarray, shape (n, 3), float64
+        Point (spot/cell) centres in µm ``(x, y, z)``.
+    section : ndarray, shape (n,), int64
+        Section code of each point (index into ``section_names``).
+    section_names : list of str
+        Section labels in code order.
+    genes : list of str, length g
+        Names of the modelled variables (genes, or signatures).
+    values : csr_matrix or ndarray, shape (n, g)
+        Observations of the modelled variables (counts, or normalised values).
+    library : ndarray, shape (n,), float64
+        Library size of each point: the row sum over **all** genes of the counts matrix (1 when the
+        values are not counts).
+    is_counts : bool
+        Whether ``values`` are non-negative integer counts.
+    """
+
+    xyz_um: np.ndarray
+    section: np.ndarray
+    section_names: list
+    genes: list
+    values: sp.csr_matrix | np.ndarray
+    library: np.ndarray
+    is_counts: bool
+
+    def __len__(self) -> int:
+        return len(self.xyz_um)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @classmethod
+    def from_anndata(cls, adata, *, genes=None, obsm_key: str | None = None, layer: str | None = None,
+                     section_key: str = DEFAULT_SECTION_KEY, min_sections: int = 2) -> "PointData":
+        """Validate a stack and extract the chosen variables.
+
+        Parameters
+        ----------
+        adata : AnnData
+            All sections concatenated: ``obsm['spatial_3d']`` ``(n, 3)`` µm and ``obs[section_key]``.
+        genes : list of str, optional
+            Genes to model (default: all ``var_names``); ignored with ``obsm_key``.
+        obsm_key : str, optional
+            Model the columns of ``adata.obsm[obsm_key]`` (e.g. ``'signatures'``) instead of genes;
+            names from ``adata.uns['voxelome']['signature_names']`` when present.
+        layer : str, optional
+            Counts layer (default ``layers['counts']`` if present, else ``X``).
+        section_key : str
+            ``obs`` column naming each point's section.
+        min_sections : int
+            Refuse stacks with fewer sections (a field *between* sections needs ≥ 2).
+        """
+        if C.SPATIAL_3D_KEY not in adata.obsm:
+            raise VoxelomeError(
+                f"the stack has no obsm[{C.SPATIAL_3D_KEY!r}] (point centres in µm, (x, y, z)); place each section "
+                "first (voxelome.register.place_section) and concatenate them, or set adata.obsm['spatial_3d'].")
+        xyz = np.asarray(adata.obsm[C.SPATIAL_3D_KEY], dtype=np.float64)
+        if xyz.ndim != 2 or xyz.shape[1] != 3:
+            raise VoxelomeError(f"obsm['spatial_3d'] has shape {xyz.shape}; expected (n_points, 3) µm (x, y, z).")
+        bad = ~np.isfinite(xyz).all(axis=1)
+        if bad.any():
+            raise VoxelomeError(f"obsm['spatial_3d'] has {int(bad.sum())} points with NaN/inf coordinates (first: "
+                                f"{adata.obs_names[np.argmax(bad)]!r}); drop them (adata = adata[finite_mask]).")
+        if section_key not in adata.obs:
+            raise VoxelomeError(f"obs[{section_key!r}] is missing; it must name each point's section "
+                                f"(columns: {list(adata.obs.columns)[:8]}).{did_you_mean(section_key, adata.obs.columns)}"
+                                " Pass section_key=... or add the column when concatenating (anndata.concat(label=...)).")
+        codes, names = _codes(adata.obs[section_key])
+        if len(names) < min_sections:
+            raise VoxelomeError(f"the stack has {len(names)} section(s) in obs[{section_key!r}]; a field needs "
+                                f"≥ {min_sections} sections. Concatenate the serial sections into one AnnData.")
+        if obsm_key is not None:
+            return cls._from_obsm(adata, obsm_key, xyz, codes, names)
+        counts = _counts_matrix(adata, layer)
+        var = list(map(str, adata.var_names))
+        if genes is None:
+            idx = np.arange(len(var))
+        else:
+            genes = [genes] if isinstance(genes, str) else list(genes)
+            lookup = {g: i for i, g in enumerate(var)}
+            missing = [g for g in genes if g not in lookup]
+            if len(missing) == len(genes):
+                raise VoxelomeError(f"none of the {len(genes)} requested genes is in the stack's var_names (e.g. "
+                                    f"{genes[0]!r}).{did_you_mean(genes[0], var)} Check the identifiers "
+                                    "(symbols vs Ensembl IDs).")
+            if missing:
+                raise VoxelomeError(f"genes {missing[:5]} are not in the stack's var_names."
+                                    f"{did_you_mean(missing[0], var)} Drop them or fix their names.")
+            idx = np.asarray([lookup[g] for g in genes])
+        is_counts = _looks_like_counts(counts)
+        library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+        values = counts[:, idx] if sp.issparse(counts) else np.ascontiguousarray(counts[:, idx], dtype=np.float32)
+        if is_counts and (library <= 0).any():
+            raise VoxelomeError(f"{int((library <= 0).sum())} points have no counts at all; drop empty spots/cells "
+                                "(adata = adata[adata.X.sum(1) > 0]).")
+        return cls(xyz, codes, names, [var[i] for i in idx], values, library if is_counts else np.ones(len(xyz)),
+                   is_counts)
+
+    @classmethod
+    def _from_obsm(cls, adata, key, xyz, codes, names):
+        if key not in adata.obsm:
+            raise VoxelomeError(f"obsm[{key!r}] is missing (have {list(adata.obsm)}).{did_you_mean(key, adata.obsm)}")
+        vals = np.asarray(adata.obsm[key], dtype=np.float32)
+        if vals.ndim != 2 or not np.isfinite(vals).all():
+            raise VoxelomeError(f"obsm[{key!r}] must be a finite (n_points, k) array; got shape {vals.shape}.")
+        uns = adata.uns.get(C.UNS_KEY, {}) if hasattr(adata, "uns") else {}
+        cand = list(uns.get("signature_names", [])) if isinstance(uns, dict) else []
+        var = cand if len(cand) == vals.shape[1] else [f"{key}_{i}" for i in range(vals.shape[1])]
+        return cls(xyz, codes, names, var, vals, np.ones(len(xyz)), False)
+
+    # --- batches ----------------------------------------------------------------------
+    def rows(self, idx) -> np.ndarray:
+        """Dense float32 values ``(len(idx), g)`` of rows ``idx`` (only those rows are densified)."""
+        idx = np.asarray(idx)
+        if sp.issparse(self.values):
+            return self.values[idx].toarray().astype(np.float32, copy=False)
+        return np.asarray(self.values[idx], dtype=np.float32)
+
+    def to_tensors(self, device) -> "TensorRows":
+        """The values as device tensors for vectorised row gathers (CSR stays CSR)."""
+        return TensorRows.from_values(self.values, device)
+
+
+class TensorRows:
+    """Row gathers from a CSR (or dense) matrix held as torch tensors on any device."""
+
+    def __init__(self, n_cols: int, *, indptr=None, indices=None, data=None, dense=None):
+        self.n_cols, self.indptr, self.indices, self.data, self.dense = n_cols, indptr, indices, data, dense
+
+    @classmethod
+    def from_values(cls, values, device) -> "TensorRows":
+        if sp.issparse(values):
+            m = values.tocsr()
+            m.sort_indices()
+            return cls(m.shape[1], indptr=torch.from_numpy(m.indptr.astype(np.int64)).to(device),
+                       indices=torch.from_numpy(m.indices.astype(np.int64)).to(device),
+                       data=torch.from_numpy(m.data.astype(np.float32)).to(device))
+        return cls(values.shape[1], dense=torch.from_numpy(np.asarray(values, np.float32)).to(device))
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dense ``(len(idx), n_cols)`` float32 rows ``idx`` (a 1-D int64 tensor on the same device)."""
+        if self.dense is not None:
+            return self.dense[idx]
+        start = self.indptr[idx]
+        lens = self.indptr[idx + 1] - start
+        row = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), lens)
+        first = torch.cumsum(lens, 0) - lens
+        pos = start[row] + torch.arange(len(row), device=idx.device) - first[row]
+        out = torch.zeros(len(idx), self.n_cols, device=idx.device)
+        out[row, self.indices[pos]] = self.data[pos]
+        return out
+
+
+def _codes(column) -> tuple[np.ndarray, list]:
+    import pandas as pd
+
+    cat = pd.Categorical(column)
+    if (cat.codes < 0).any():
+        raise VoxelomeError("some points have no section label (NaN in the section column); label every point.")
+    return cat.codes.astype(np.int64), [str(c) for c in cat.categories]
+
+
+def _counts_matrix(adata, layer):
+    if layer is not None:
+        if layer not in adata.layers:
+            raise VoxelomeError(f"layers[{layer!r}] is missing (have {list(adata.layers)}).{did_you_mean(layer, adata.layers)}")
+        m = adata.layers[layer]
+    else:
+        m = adata.layers[C.COUNTS_LAYER] if C.COUNTS_LAYER in adata.layers else adata.X
+    if m is None:
+        raise VoxelomeError("the stack has no expression matrix (X is None); store counts in X or layers['counts'].")
+    if sp.issparse(m):
+        return m.tocsr() if not sp.isspmatrix_csr(m) else m
+    if hasattr(m, "to_memory"):  # backed / lazy arrays
+        m = m.to_memory()
+    return np.asarray(m)
+
+
+def _looks_like_counts(m) -> bool:
+    """Non-negative integers, judged on (up to) the first million stored values."""
+    vals = m.data[:1_000_000] if sp.issparse(m) else np.asarray(m).ravel()[:1_000_000]
+    if vals.size and np.nanmin(vals) < 0:
+        return False
+    return bool(np.all(np.mod(vals, 1) == 0))
