@@ -12,7 +12,7 @@ from voxelome.constants import SPATIAL_KEY, UNS_KEY
 from voxelome.errors import VoxelomeError, did_you_mean
 from voxelome.io.sections import (LEGACY_ST_PITCH_UM, LEGACY_ST_SPOT_DIAMETER_UM, _anndata, _scverse_spatial,
                                   validate_section)
-from voxelome.io.volumes import missing_path_error
+from voxelome.io.guarded import missing_path_error
 
 
 def infer_pixel_size_from_pitch(array_xy, pixel_xy, pitch_um: float = LEGACY_ST_PITCH_UM) -> tuple[float, float]:

@@ -27,7 +27,7 @@ import numpy as np
 from voxelome.errors import VoxelomeError
 from voxelome.io.atomic import atomic_write_json
 from voxelome.io.volume import DEFAULT_CHUNKS, Volume, _as_triplet
-from voxelome.io.volumes import GuardedArray, missing_path_error, unit_to_um
+from voxelome.io.guarded import GuardedArray, missing_path_error, unit_to_um
 
 __all__ = ["create_ome_zarr", "build_pyramid", "read_ome_zarr", "write_volume_ome_zarr"]
 

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from voxelome.constants import COUNTS_LAYER, PIXEL_SIZE_KEY, SPATIAL_KEY, SPOT_DIAMETER_KEY, UNS_KEY
 from voxelome.errors import VoxelomeError, check_positive, did_you_mean
 from voxelome.io.atomic import atomic_write_h5ad
-from voxelome.io.volumes import missing_path_error
+from voxelome.io.guarded import missing_path_error
 
 __all__ = ["read_section", "read_h5ad_section", "validate_section", "write_h5ad", "VISIUM_SPOT_DIAMETER_UM",
            "LEGACY_ST_SPOT_DIAMETER_UM", "LEGACY_ST_PITCH_UM"]

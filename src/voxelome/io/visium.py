@@ -13,7 +13,7 @@ from voxelome.constants import SPATIAL_KEY
 from voxelome.errors import VoxelomeError
 from voxelome.io.sections import (VISIUM_SPOT_DIAMETER_UM, _POSITION_COLUMNS, _anndata, _scverse_spatial,
                                   validate_section)
-from voxelome.io.volumes import missing_path_error
+from voxelome.io.guarded import missing_path_error
 
 
 def _decode(a) -> np.ndarray:

@@ -9,19 +9,15 @@ naming the file, at open where a cheap check exists and otherwise when the block
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import re
 import warnings
-import xml.etree.ElementTree as ET
 import zipfile
-from functools import partial
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 
 from voxelome.errors import VoxelomeError, did_you_mean
+from voxelome.io.guarded import GuardedArray, corrupt_file_error, missing_path_error, native_chunks
+from voxelome.io.tiff import read_tiff
 from voxelome.io.volume import Volume, _as_triplet
 
 __all__ = ["read_volume", "SUPPORTED_VOLUME_FORMATS"]
@@ -30,88 +26,8 @@ SUPPORTED_VOLUME_FORMATS = (
     ".tif/.tiff (ImageJ, OME-TIFF, BigTIFF)", ".nii/.nii.gz", ".npy", ".npz",
     "OME-Zarr folder (NGFF multiscales)", "zarr array folder (.zarr)",
 )
-#: Length units → µm. Keys are lower-case spellings used by ImageJ, OME-XML, NGFF and NIfTI.
-UNIT_TO_UM = {
-    "micrometer": 1.0, "micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "μm": 1.0,
-    "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3, "centimeter": 1e4, "cm": 1e4,
-    "meter": 1e6, "m": 1e6, "angstrom": 1e-4, "å": 1e-4, "inch": 25400.0,
-}
 _ZARR_MARKERS = (".zattrs", ".zgroup", ".zarray", "zarr.json")
 _NIFTI_CHUNK_BYTES = 64 * 2**20
-
-
-# --- helpers shared by the io modules ------------------------------------------------
-def missing_path_error(path: Path, what: str = "file") -> VoxelomeError:
-    """A :class:`VoxelomeError` for a missing ``path`` with a "did you mean" among its siblings."""
-    parent = path.parent
-    if not parent.is_dir():
-        return VoxelomeError(f"no such {what}: '{path}' (its folder '{parent}' does not exist either). Check the path.")
-    siblings = sorted(p.name for p in parent.iterdir())
-    listing = ", ".join(siblings[:12]) + (", …" if len(siblings) > 12 else "") if siblings else "(empty)"
-    return VoxelomeError(f"no such {what}: '{path}'.{did_you_mean(path.name, siblings)} "
-                         f"The folder '{parent}' holds: {listing}.")
-
-
-def unit_to_um(unit: str | None) -> float | None:
-    """Factor turning a length in ``unit`` into µm, or ``None`` when the unit is unknown/absent."""
-    if unit is None:
-        return None
-    u = str(unit).strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ").lower()
-    return UNIT_TO_UM.get(u)
-
-
-class GuardedArray:
-    """Array-like wrapper that turns any read/decode failure into a :class:`VoxelomeError`.
-
-    dask calls ``__getitem__`` lazily, so a corrupt chunk only surfaces at compute time; the
-    wrapper makes that error name the file and the fix instead of a codec traceback. With an
-    ``opener`` (a picklable callable returning the array) the open handle is dropped on pickling
-    and re-opened on first use, so graphs can travel to dask worker processes.
-    """
-
-    def __init__(self, array, path, what: str = "file", opener=None):
-        self._array, self._path, self._what, self._opener = array, Path(path), what, opener
-        self.shape = tuple(int(s) for s in array.shape)
-        self.dtype = np.dtype(array.dtype)
-        self.ndim = len(self.shape)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        if self._opener is not None:
-            state["_array"] = None  # file handles do not pickle; re-open where it is used
-        return state
-
-    def __getitem__(self, index):
-        try:
-            if self._array is None:
-                self._array = self._opener()
-            return np.asarray(self._array[index])
-        except VoxelomeError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any codec/IO error means a damaged file
-            raise VoxelomeError(
-                f"could not read block {index!r} of {self._what} '{self._path}': {type(exc).__name__}: {exc}. "
-                "The file is corrupt or truncated; re-export or re-download it."
-            ) from exc
-
-    def to_dask(self, chunks) -> da.Array:
-        """Wrap as dask with ``chunks`` (native chunking when the source has one)."""
-        # name=False: a random graph name. Hashing the default way would pickle the wrapped
-        # array, i.e. read the whole file, just to name the graph.
-        return da.from_array(self, chunks=chunks, name=False, meta=np.empty((0,) * self.ndim, self.dtype))
-
-
-def _corrupt(path: Path, what: str, exc: BaseException | str) -> VoxelomeError:
-    detail = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else exc
-    return VoxelomeError(f"'{path}' is not a readable {what}; it looks corrupt or truncated ({detail}). "
-                         "Re-export or re-download the file.")
-
-
-def _native_chunks(array, chunks):
-    if chunks is not None:
-        return chunks
-    native = getattr(array, "chunks", None)
-    return tuple(native) if native is not None else "auto"
 
 
 def _suffix(path: Path) -> str:
@@ -141,135 +57,6 @@ def _resolve_spacing(path: Path, found, spacing_um, source: str):
     return tuple(found)
 
 
-# --- TIFF ------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _tifffile_log():
-    """Capture tifffile's logged warnings (it logs, rather than raises, on many truncations)."""
-    records: list[str] = []
-
-    class _Handler(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    logger, handler = logging.getLogger("tifffile"), _Handler(logging.WARNING)
-    logger.addHandler(handler)
-    propagate, logger.propagate = logger.propagate, False
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-
-
-def _tiff_spacing(tf) -> tuple[list, str]:
-    """Spacing ``[dz, dy, dx]`` in µm (``None`` entries when unknown) from OME-XML or ImageJ/TIFF tags."""
-    if tf.is_ome and tf.ome_metadata:
-        root = ET.fromstring(tf.ome_metadata)
-        pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
-        if pixels is not None:
-            out = []
-            for ax in "ZYX":
-                size = pixels.get(f"PhysicalSize{ax}")
-                factor = unit_to_um(pixels.get(f"PhysicalSize{ax}Unit", "µm"))
-                out.append(float(size) * factor if size is not None and factor else None)
-            if any(v is not None for v in out):
-                return out, "OME-XML PhysicalSize"
-    page = tf.pages.first if hasattr(tf.pages, "first") else tf.pages[0]
-    tags = page.tags
-
-    def _res(name):
-        tag = tags.get(name)
-        if tag is None:
-            return None
-        num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
-        return den / num if num else None  # tag is pixels per unit → size of one pixel
-
-    if tf.is_imagej and tf.imagej_metadata:
-        ij = tf.imagej_metadata
-        factor = unit_to_um(ij.get("unit"))
-        if factor is None:  # no unit (or 'pixel'): ImageJ's defaults are not a calibration
-            return [None, None, None], "ImageJ metadata (no length unit)"
-        dy, dx = _res("YResolution"), _res("XResolution")
-        dz = ij.get("spacing")
-        return [None if v is None else float(v) * factor for v in (dz, dy, dx)], "ImageJ metadata"
-    unit_tag = tags.get("ResolutionUnit")
-    factor = {2: 25400.0, 3: 1e4}.get(int(unit_tag.value) if unit_tag is not None else 1)
-    if factor is None:
-        return [None, None, None], "TIFF tags (no resolution unit)"
-    dy, dx = _res("YResolution"), _res("XResolution")
-    return [None, None if dy is None else dy * factor, None if dx is None else dx * factor], "TIFF resolution tags"
-
-
-def _tiff_truncation(path: Path, tf, series) -> str | None:
-    """Cheap checks that the pixel data the headers promise is really in the file."""
-    size = path.stat().st_size
-    if tf.is_imagej and tf.imagej_metadata:
-        promised = int(tf.imagej_metadata.get("images", 0) or 0)
-        have = int(np.prod([s for s, a in zip(series.shape, series.axes) if a not in "YXS"]))
-        if promised > have:
-            return f"ImageJ header promises {promised} images, only {have} found"
-    if series.dataoffset is not None:
-        if series.dataoffset + series.nbytes > size:
-            return f"pixel data needs {series.dataoffset + series.nbytes} bytes, file has {size}"
-        return None
-    last = series.pages[-1] if len(series.pages) else None
-    offsets = getattr(last, "dataoffsets", None)
-    counts = getattr(last, "databytecounts", None)
-    if offsets and counts and max(o + c for o, c in zip(offsets, counts)) > size:
-        return f"last page data ends beyond the end of the file ({size} bytes)"
-    return None
-
-
-def _tiff_as_zarr(path: Path, store=None):
-    """Level 0 of the first series of a TIFF as a read-only zarr array (pages/tiles are its chunks)."""
-    import tifffile
-    import zarr
-
-    store = store if store is not None else tifffile.TiffFile(path).series[0].aszarr(level=0)
-    return zarr.open_array(store, mode="r")
-
-
-def _read_tiff(path: Path, key):
-    import tifffile
-
-    with _tifffile_log() as log:
-        try:
-            with tifffile.TiffFile(path) as tf:
-                series = tf.series[0]
-                problem = _tiff_truncation(path, tf, series)
-                spacing, source = _tiff_spacing(tf)
-                if not problem:
-                    guarded = GuardedArray(_tiff_as_zarr(path, series.aszarr(level=0)), path, "TIFF",
-                                           opener=partial(_tiff_as_zarr, path))
-                    guarded[(-1,) * guarded.ndim]  # decode the last chunk now: a truncated tail fails at open
-        except VoxelomeError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - tifffile raises many types on bad files
-            raise _corrupt(path, "TIFF", exc) from exc
-    bad_log = [m for m in log if re.search(r"corrupt|invalid|truncat|incomplete", m, re.I)]
-    if problem or bad_log:
-        raise _corrupt(path, "TIFF", problem or "; ".join(bad_log[:2]))
-    native = tuple(guarded._array.chunks)
-    guarded._array = None  # that handle is closed; the first read re-opens the file
-    data = guarded.to_dask(native)
-    axes = series.axes
-    # Drop singleton axes except Y/X; a >1 channel/sample axis needs the user to pick one.
-    for ax in "SCT" + "".join(a for a in axes if a not in "SCTYX"):
-        i = axes.find(ax)
-        if i < 0:
-            continue
-        if data.shape[i] == 1:
-            data, axes = data[(slice(None),) * i + (0,)], axes[:i] + axes[i + 1:]
-        elif ax in "SC":
-            if not isinstance(key, (int, np.integer)) or not 0 <= key < data.shape[i]:
-                raise VoxelomeError(f"'{path}' has {data.shape[i]} channels (axes {series.axes}, shape "
-                                    f"{series.shape}); pick one with key=<channel index 0…{data.shape[i] - 1}>.")
-            data, axes = data[(slice(None),) * i + (int(key),)], axes[:i] + axes[i + 1:]
-    if data.ndim == 3 and axes[-2:] != "YX":
-        raise VoxelomeError(f"'{path}' has axes {series.axes}; expected a z-stack of 2D images (…YX).")
-    return data, spacing, (0.0, 0.0, 0.0), source
-
-
 # --- zarr / OME-Zarr -------------------------------------------------------------------
 def _read_zarr(path: Path, key, chunks):
     import zarr
@@ -279,7 +66,7 @@ def _read_zarr(path: Path, key, chunks):
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as exc:  # noqa: BLE001 - bad JSON, unknown codec, missing metadata
-        raise _corrupt(path, "zarr store (metadata)", exc) from exc
+        raise corrupt_file_error(path, "zarr store (metadata)", exc) from exc
     if isinstance(node, zarr.Group):
         attrs = dict(node.attrs)
         if "multiscales" in attrs or "multiscales" in attrs.get("ome", {}):
@@ -302,7 +89,7 @@ def _read_zarr(path: Path, key, chunks):
         node = node[key]
     guarded = GuardedArray(node, path, "zarr array")
     guarded[(0,) * guarded.ndim]  # decode one chunk now: a broken codec fails at open
-    return guarded.to_dask(_native_chunks(node, chunks)), None, (0.0, 0.0, 0.0), "zarr array (no spacing stored)"
+    return guarded.to_dask(native_chunks(node, chunks)), None, (0.0, 0.0, 0.0), "zarr array (no spacing stored)"
 
 
 # --- NIfTI -----------------------------------------------------------------------------
@@ -315,7 +102,7 @@ def _read_nifti(path: Path, key, chunks, spacing_um):
         zooms = [float(z) for z in img.header.get_zooms()[:3]]
         space_unit = img.header.get_xyzt_units()[0]
     except Exception as exc:  # noqa: BLE001
-        raise _corrupt(path, "NIfTI image", exc) from exc
+        raise corrupt_file_error(path, "NIfTI image", exc) from exc
     if len(shape) == 4 and shape[3] > 1 and not isinstance(key, (int, np.integer)):
         raise VoxelomeError(f"'{path}' is 4D with {shape[3]} volumes; pick one with key=<index>, e.g. key=0.")
     if len(shape) not in (3, 4) or any(s > 1 for s in shape[4:]):
@@ -323,7 +110,7 @@ def _read_nifti(path: Path, key, chunks, spacing_um):
     if not str(path).lower().endswith(".gz") and hasattr(img.dataobj, "offset"):
         need = img.dataobj.offset + int(np.prod(shape)) * img.get_data_dtype().itemsize
         if need > path.stat().st_size:
-            raise _corrupt(path, "NIfTI image", f"data needs {need} bytes, file has {path.stat().st_size}")
+            raise corrupt_file_error(path, "NIfTI image", f"data needs {need} bytes, file has {path.stat().st_size}")
     pick = (int(key) if len(shape) == 4 and shape[3] > 1 else 0,) if len(shape) == 4 else ()
     guarded = GuardedArray(img.dataobj, path, "NIfTI image")
     dtype = guarded[(0, 0, 0) + pick].dtype  # scl_slope/inter may turn ints into floats
@@ -375,7 +162,7 @@ def _read_numpy(path: Path, key, chunks, suffix: str):
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:  # noqa: BLE001
-            raise _corrupt(path, ".npy array", exc) from exc
+            raise corrupt_file_error(path, ".npy array", exc) from exc
         # Wrapped: dask slices plain ndarrays (memmaps included) eagerly at graph construction.
         data = GuardedArray(arr, path, ".npy array").to_dask(chunks or "auto")
         return data, None, (0.0, 0.0, 0.0), ".npy (no spacing stored)"
@@ -396,7 +183,7 @@ def _read_numpy(path: Path, key, chunks, suffix: str):
     except VoxelomeError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise _corrupt(path, ".npz archive", exc) from exc
+        raise corrupt_file_error(path, ".npz archive", exc) from exc
     spacing = meta.get("spacing_um", meta.get("spacing"))
     spacing = list(np.broadcast_to(spacing, (3,))) if spacing is not None else None
     origin = tuple(np.broadcast_to(meta["origin_um"], (3,))) if "origin_um" in meta else (0.0, 0.0, 0.0)
@@ -446,7 +233,7 @@ def read_volume(path, spacing_um=None, *, chunks=None, key=None, name: str | Non
                                 f"Supported volumes: {', '.join(SUPPORTED_VOLUME_FORMATS)}.")
         data, found, origin, source = _read_zarr(path, key, chunks)
     elif suffix == ".tif":
-        data, found, origin, source = _read_tiff(path, key)
+        data, found, origin, source = read_tiff(path, key)
     elif suffix in (".nii", ".nii.gz"):
         data, found, origin, source = _read_nifti(path, key, chunks, spacing_um)
     elif suffix in (".npy", ".npz"):
