@@ -253,6 +253,10 @@ def evaluate(run: Path = typer.Argument(..., help="Run folder or train --out fol
     typer.echo(json.dumps(metrics, indent=1))
 
 
+from voxelome.cli_field import app as _reconstruct_app  # noqa: E402 - the `reconstruct` verbs (neural field)
+app.add_typer(_reconstruct_app, name="reconstruct")
+
+
 def main():  # pragma: no cover - entry point
     sys.exit(app())
 if __name__ == "__main__":  # pragma: no cover

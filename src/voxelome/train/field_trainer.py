@@ -163,6 +163,31 @@ def bounding_box(xyz_um: np.ndarray, margin: float, jitter_um) -> tuple[list[flo
     return (lo - pad).tolist(), (hi + pad).tolist()
 
 
+def suggest_jitter(data: PointData, in_plane: float = 0.5, across: float = 0.75) -> tuple[float, float, float]:
+    """A point-spread jitter (x, y, z) µm from the stack's geometry.
+
+    In-plane: ``in_plane`` × the median distance from a point to its nearest neighbour in the same
+    section (the spot pitch); across: ``across`` × the median z gap between consecutive sections
+    (by their median z), so that the field is trained across the whole gap. The rule was set on the
+    phantom (BENCHMARKS.md), not tuned per dataset.
+    """
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(0)
+    pitch, zs = [], []
+    for code in np.unique(data.section):
+        pts = data.xyz_um[data.section == code]
+        zs.append(float(np.median(pts[:, 2])))
+        if len(pts) > 1:
+            sub = pts[rng.choice(len(pts), min(len(pts), 2000), replace=False)]
+            d, _ = cKDTree(pts[:, :2]).query(sub[:, :2], k=2)
+            pitch.append(float(np.median(d[:, 1])))
+    gaps = np.diff(np.sort(zs))
+    gap = float(np.median(gaps[gaps > 0])) if (gaps > 0).any() else 0.0
+    xy = in_plane * float(np.median(pitch)) if pitch else 0.0
+    return (xy, xy, across * gap)
+
+
 def build_field_model(config: FieldConfig, meta: dict) -> TranscriptomicField:
     """The network of a run from its config and metadata (also used to reload it)."""
     loadings = meta.get("loadings")
@@ -339,4 +364,4 @@ def _check_resume(path, state, config: FieldConfig, meta: dict) -> None:
 
 
 __all__ = ["FIELD_PRESETS", "FieldConfig", "bounding_box", "build_field_model", "field_config_from_dict",
-           "fit_field", "make_field_config"]
+           "fit_field", "make_field_config", "suggest_jitter"]

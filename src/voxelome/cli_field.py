@@ -1,0 +1,193 @@
+"""``voxelome reconstruct``: fit a neural transcriptomic field to serial sections and query it.
+
+    voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B] [--preset cpu] [--jitter auto]
+    voxelome reconstruct volume RUN --out field.ome.zarr --spacing 20 [--bbox x0,y0,z0,x1,y1,z1]
+    voxelome reconstruct section RUN --out plane.npz --origin x,y,z --normal nx,ny,nz --pixel-size 10 --shape 100,100
+    voxelome reconstruct predict RUN --points points.csv --out values.csv
+    voxelome reconstruct denoise RUN --stack STACK.h5ad --out denoised.h5ad
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+import yaml
+
+from voxelome.errors import VoxelomeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Neural transcriptomic field: a continuous 3D expression field fit to serial sections.")
+
+
+def _friendly(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VoxelomeError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _numbers(text: Optional[str], name: str, n: tuple[int, ...]):
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise VoxelomeError(f"--{name}={text!r} must be numbers separated by commas.") from None
+    if len(vals) not in n:
+        raise VoxelomeError(f"--{name}={text!r} must hold {' or '.join(map(str, n))} numbers.")
+    return vals
+
+
+def _genes(text: Optional[str]):
+    return None if not text else [g.strip() for g in text.split(",") if g.strip()]
+
+
+def _sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise VoxelomeError(f"--set {item!r} must look like key=value, e.g. --set iterations=2000.")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+@app.command()
+@_friendly
+def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: obsm['spatial_3d'] (µm) + obs[section-key]."),
+        out: Path = typer.Option(..., help="Run folder (config.yaml, checkpoint.pt, last.pt)."),
+        genes: Optional[str] = typer.Option(None, help="Genes to model, comma-separated (default: all)."),
+        obsm_key: Optional[str] = typer.Option(None, help="Model obsm[KEY] (e.g. signatures) instead of genes."),
+        section_key: str = typer.Option("section", help="obs column naming each point's section."),
+        layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
+        preset: str = typer.Option("cpu", help="paper (NTF: Adam 1e-4, 20k × 8192) or cpu (tuned for a CPU)."),
+        likelihood: Optional[str] = typer.Option(None, help="nb, zinb, poisson or gaussian (default nb; gaussian with --obsm-key)."),
+        jitter: str = typer.Option("auto", help="Coordinate jitter σ µm: 'auto' (from spot pitch and section gap), one number, or x,y,z."),
+        signatures_model: Optional[Path] = typer.Option(None, help="A `voxelome signatures` .npz: low-rank field through its fixed gene loadings."),
+        set_: list[str] = typer.Option([], "--set", help="Override a FieldConfig field, key=value (repeatable)."),
+        no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of resuming last.pt.")):
+    """Fit a field to a registered stack of sections."""
+    import anndata as ad
+
+    from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
+    from voxelome.train.point_data import PointData
+
+    if not stack.exists():
+        raise VoxelomeError(f"stack file {stack} does not exist.")
+    adata = ad.read_h5ad(stack)
+    loadings, gene_list = None, _genes(genes)
+    sig = None
+    if signatures_model is not None:
+        from voxelome.signatures import SignatureModel
+
+        sig = SignatureModel.load(signatures_model)
+        gene_list = [g for g in (gene_list or sig.genes) if g in set(adata.var_names) and g in set(sig.genes)]
+    data = PointData.from_anndata(adata, genes=gene_list, obsm_key=obsm_key, layer=layer, section_key=section_key)
+    overrides = _sets(set_)
+    overrides.setdefault("likelihood", likelihood or ("gaussian" if obsm_key or not data.is_counts else "nb"))
+    if jitter == "auto":
+        overrides.setdefault("jitter_um", suggest_jitter(data))
+    else:
+        overrides.setdefault("jitter_um", tuple(_numbers(jitter, "jitter", (1, 3))))
+    config = make_field_config(preset, **overrides)
+    if sig is not None:
+        lookup = {g: i for i, g in enumerate(sig.genes)}
+        load = np.asarray(sig.loadings)[:, [lookup[g] for g in data.genes]]
+        # signature loadings are log1p(per target_sum); count models need rates, gaussian the log1p values
+        loadings = np.expm1(load) / config.target_sum if config.likelihood != "gaussian" else load
+    run = fit_field(data, config, out, loadings=loadings, resume=not no_resume)
+    typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {len(data.section_names)} sections → {run}")
+
+
+def _load(run: Path):
+    from voxelome.infer.field_export import FittedField
+
+    return FittedField.load(run)
+
+
+@app.command()
+@_friendly
+def volume(run: Path = typer.Argument(..., help="Run folder from `reconstruct fit`."),
+           out: Path = typer.Option(..., help="Output .ome.zarr (c, z, y, x); resumes if interrupted."),
+           spacing: str = typer.Option(..., help="Voxel size µm: one number or dz,dy,dx."),
+           bbox: Optional[str] = typer.Option(None, help="Box x0,y0,z0,x1,y1,z1 µm (default: the field's box)."),
+           genes: Optional[str] = typer.Option(None, help="Channels, comma-separated (default: all)."),
+           chunks: str = typer.Option("16,64,64", help="Output chunk z,y,x in voxels."),
+           overwrite: bool = typer.Option(False, help="Replace an output of another field or grid.")):
+    """Write the field on a voxel grid of any spacing and box (chunked OME-Zarr)."""
+    sp = _numbers(spacing, "spacing", (1, 3))
+    box = _numbers(bbox, "bbox", (6,))
+    ch = [int(c) for c in _numbers(chunks, "chunks", (3,))]
+    stats = _load(run).write_volume(out, sp[0] if len(sp) == 1 else sp, bbox_um=None if box is None else (box[:3], box[3:]),
+                                    genes=_genes(genes), chunks=ch, overwrite=overwrite)
+    typer.echo(json.dumps(stats, indent=1))
+
+
+@app.command()
+@_friendly
+def section(run: Path = typer.Argument(..., help="Run folder from `reconstruct fit`."),
+            out: Path = typer.Option(..., help="Output .npz (values (g, rows, cols), genes, placement matrix)."),
+            origin: str = typer.Option(..., help="Plane origin x,y,z µm (pixel (0, 0))."),
+            normal: str = typer.Option("0,0,1", help="Plane normal x,y,z (oblique allowed)."),
+            pixel_size: float = typer.Option(10.0, help="µm per output pixel."),
+            shape: str = typer.Option(..., help="rows,cols of the output."),
+            genes: Optional[str] = typer.Option(None, help="Genes (default all).")):
+    """A virtual section on any plane."""
+    from voxelome.register.placement import SectionPlacement
+
+    field = _load(run)
+    placement = SectionPlacement.from_origin_normal(_numbers(origin, "origin", (3,)), _numbers(normal, "normal", (3,)),
+                                                    pixel_size)
+    rows, cols = (int(v) for v in _numbers(shape, "shape", (2,)))
+    values = field.virtual_section(placement, (rows, cols), _genes(genes))
+    names = [field.genes[i] for i in field.gene_index(_genes(genes))]
+    np.savez(out, values=values, genes=np.array(names), placement=placement.matrix)
+    typer.echo(f"virtual section {values.shape} → {out}")
+
+
+@app.command()
+@_friendly
+def predict(run: Path = typer.Argument(..., help="Run folder from `reconstruct fit`."),
+            points: Path = typer.Option(..., help="CSV with columns x, y, z (µm)."),
+            out: Path = typer.Option(..., help="Output CSV: x, y, z and one column per gene."),
+            genes: Optional[str] = typer.Option(None, help="Genes (default all).")):
+    """Field values at arbitrary points."""
+    import pandas as pd
+
+    table = pd.read_csv(points)
+    missing = [c for c in "xyz" if c not in table.columns]
+    if missing:
+        raise VoxelomeError(f"{points} lacks columns {missing}; it needs x, y, z in µm.")
+    field = _load(run)
+    names = [field.genes[i] for i in field.gene_index(_genes(genes))]
+    values = field.predict(table[["x", "y", "z"]].to_numpy(float), names)
+    pd.concat([table[["x", "y", "z"]], pd.DataFrame(values, columns=names)], axis=1).to_csv(out, index=False)
+    typer.echo(f"{len(table)} points × {len(names)} genes → {out}")
+
+
+@app.command()
+@_friendly
+def denoise(run: Path = typer.Argument(..., help="Run folder from `reconstruct fit`."),
+            stack: Path = typer.Option(..., help="AnnData .h5ad with obsm['spatial_3d']."),
+            out: Path = typer.Option(..., help="Output .h5ad with obsm['field_denoised']."),
+            section_key: str = typer.Option("section", help="obs column of sections (their batch effects are applied).")):
+    """Denoised field values at the measured spots."""
+    import anndata as ad
+
+    from voxelome.infer.field_export import FIELD_DENOISED_KEY
+    from voxelome.io.atomic import atomic_write_h5ad
+
+    adata = ad.read_h5ad(stack)
+    _load(run).denoise(adata, section_key=section_key)
+    atomic_write_h5ad(adata, out)
+    typer.echo(f"obsm[{FIELD_DENOISED_KEY!r}] {adata.obsm[FIELD_DENOISED_KEY].shape} → {out}")
