@@ -110,7 +110,7 @@ class FittedField:
         idx = torch.from_numpy(self.gene_index(genes)).to(self.device)
         lo, hi = self.box_um
         unit = ((flat - lo) / (hi - lo)).astype(np.float32)
-        sec = None if section is None else np.broadcast_to(np.asarray(section, np.int64), pts.shape[:-1]).ravel()
+        sec = None if section is None else np.broadcast_to(np.asarray(section, np.int64), pts.shape[:-1]).ravel().copy()
         out = np.empty((len(flat), len(idx)), np.float32)
         for i in range(0, len(flat), batch_size):
             x = torch.from_numpy(unit[i:i + batch_size]).to(self.device)

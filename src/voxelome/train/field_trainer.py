@@ -163,7 +163,7 @@ def bounding_box(xyz_um: np.ndarray, margin: float, jitter_um) -> tuple[list[flo
     return (lo - pad).tolist(), (hi + pad).tolist()
 
 
-def suggest_jitter(data: PointData, in_plane: float = 0.5, across: float = 0.75) -> tuple[float, float, float]:
+def suggest_jitter(data: PointData, in_plane: float = 1.0, across: float = 0.75) -> tuple[float, float, float]:
     """A point-spread jitter (x, y, z) µm from the stack's geometry.
 
     In-plane: ``in_plane`` × the median distance from a point to its nearest neighbour in the same
