@@ -105,7 +105,7 @@ def phantom_loso(out: Path, held=("s03", "s06", "s08"), iterations=800):
         data = PointData.from_anndata(tr_a)
         y_tr = log_norm(tr_a.X)
         measured = log_norm(te_a.X)
-        truth = np.log1p(1e4 * np.asarray(te_a.obsm["signatures_true"]) @ loadings.T)
+        truth = np.log1p(1e4 * np.asarray(te_a.obsm["signatures_true"]) @ loadings)
         sec = pd.Categorical(tr_a.obs["section"]).codes
         res = {"held_out": h, "n_train": int((~te).sum()), "n_test": int(te.sum())}
         for target, t in (("measured", measured), ("truth", truth)):
@@ -118,7 +118,7 @@ def phantom_loso(out: Path, held=("s03", "s06", "s08"), iterations=800):
             res[target]["field_nmf8"] = field_scores(f_low, te_a.obsm["spatial_3d"], t)
         res["fit_full"], res["fit_nmf8"] = info_full, info_low
         if h == held[0]:  # denoising on the training spots, against the known truth
-            truth_tr = np.log1p(1e4 * np.asarray(tr_a.obsm["signatures_true"]) @ loadings.T)
+            truth_tr = np.log1p(1e4 * np.asarray(tr_a.obsm["signatures_true"]) @ loadings)
             den = f_full.denoise(tr_a.copy(), key=None)
             res["denoise"] = {"raw": per_gene_scores(y_tr, truth_tr)["mean_r"],
                               "field_full": per_gene_scores(den, truth_tr)["mean_r"],
