@@ -67,13 +67,17 @@ def linear_between_sections(xyz, section, values, query_xyz, *, k: int = 1) -> n
     return out
 
 
-def knn_3d(xyz, values, query_xyz, *, k: int = 10) -> np.ndarray:
-    """Values ``(m, g)``: inverse-distance-weighted mean of the ``k`` nearest training points in 3D."""
+def knn_3d(xyz, values, query_xyz, *, k: int = 10, weights: str = "distance") -> np.ndarray:
+    """Values ``(m, g)``: mean of the ``k`` nearest training points in 3D.
+
+    ``weights="distance"`` (inverse-distance weights, for new points) or ``"uniform"`` (plain mean;
+    use it to smooth the training points themselves, where a point's own distance is 0).
+    """
     tree = cKDTree(np.asarray(xyz, float))
     k = min(k, len(xyz))
     d, idx = tree.query(np.asarray(query_xyz, float), k=k)
     d, idx = d.reshape(len(idx), k), idx.reshape(len(idx), k)
-    w = 1.0 / np.maximum(d, 1e-6)
+    w = 1.0 / np.maximum(d, 1e-6) if weights == "distance" else np.ones_like(d)
     w /= w.sum(1, keepdims=True)
     return np.einsum("mk,mkg->mg", w, np.asarray(values, np.float64)[idx])
 
