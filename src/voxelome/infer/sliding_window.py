@@ -35,18 +35,30 @@ class WindowGrid:
         Input voxels per output voxel.
     overlap : float
         Fraction of a window shared with its neighbour, in [0, 1).
+    margin : tuple of int, optional
+        Context (input voxels, multiples of ``stride``) the windows reach beyond the volume on
+        every side, filled by mirroring the volume. Default: a quarter of the window, so the
+        volume's faces lie inside windows rather than on their least reliable borders.
     """
 
     shape: tuple[int, int, int]
     window: tuple[int, int, int]
     stride: int
     overlap: float
+    margin: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         if any(w % self.stride for w in self.window):
             raise VoxelomeError(f"window={self.window} must be a multiple of the output stride {self.stride}.")
         if not 0 <= self.overlap < 1:
             raise VoxelomeError(f"overlap={self.overlap} must lie in [0, 1).")
+        margin = self.margin
+        if margin is None:
+            margin = tuple(w // 4 // self.stride * self.stride for w in self.window)
+        margin = tuple(int(m) for m in margin)
+        if len(margin) != 3 or any(m < 0 or m % self.stride for m in margin):
+            raise VoxelomeError(f"margin={self.margin} must be three non-negative multiples of the stride {self.stride}.")
+        object.__setattr__(self, "margin", margin)
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
@@ -55,16 +67,18 @@ class WindowGrid:
 
     @property
     def padded_shape(self) -> tuple[int, int, int]:
-        return tuple(max(o * self.stride, w) for o, w in zip(self.out_shape, self.window))
+        """Extent the windows cover, margins included (input voxels)."""
+        return tuple(max(o * self.stride + 2 * m, w) for o, w, m in zip(self.out_shape, self.window, self.margin))
 
     def starts(self, axis: int) -> np.ndarray:
-        """Window starts (input voxels) along ``axis``; the last window ends at the padded edge."""
-        p, w, f = self.padded_shape[axis], self.window[axis], self.stride
+        """Window starts (input voxels, negative inside the low margin) along ``axis``; the first starts
+        at ``-margin``, the last ends at the padded edge."""
+        p, w, f, m = self.padded_shape[axis], self.window[axis], self.stride, self.margin[axis]
         step = max(f, int(w * (1 - self.overlap)) // f * f)
         s = list(range(0, p - w + 1, step))
         if s[-1] != p - w:
             s.append(p - w)
-        return np.asarray(s)
+        return np.asarray(s) - m
 
     def touching(self, out_region: tuple[slice, slice, slice]) -> list[tuple[int, int, int]]:
         """Starts of the windows whose output overlaps ``out_region``, in global order."""
@@ -101,7 +115,7 @@ def sliding_window_inference(source, predictor: Callable[[np.ndarray], np.ndarra
     ----------
     source : array-like, shape (z, y, x)
         Input volume (numpy, dask or zarr); only the windows around ``out_region`` are read,
-        in one read. Outside the volume it is edge-padded.
+        in one read. Outside the volume it is mirrored.
     predictor : callable
         ``(B, 1, *window) float32 → (B, n_channels, *window // stride)``.
     window : tuple of int
@@ -137,8 +151,8 @@ def sliding_window_inference(source, predictor: Callable[[np.ndarray], np.ndarra
     if not starts:
         return num.astype(np.float32)
     weights = blend_weights(tuple(w // stride for w in grid.window), blend)
-    # One read of the input the touching windows need (clipped to the volume; edges padded on crop).
-    lo = np.min(starts, axis=0)
+    # One read of the input the touching windows need (clipped to the volume; mirrored beyond it on crop).
+    lo = np.maximum(np.min(starts, axis=0), 0)
     hi = np.minimum(np.max(starts, axis=0) + np.asarray(grid.window), grid.shape)
     block = np.asarray(source[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
     region = Region(prepare(block) if prepare is not None else block, lo)
@@ -167,7 +181,7 @@ def patch_grid_inference(source, predictor: Callable[[np.ndarray], np.ndarray], 
     """X-Pression's whole-volume prediction: one patch per output cell, no blending.
 
     Output cell ``j`` covers input voxels ``[j·step, (j+1)·step)``; it takes the prediction of the
-    ``patch_shape`` patch centred on the cell's centre voxel (edge-padded at the volume border).
+    ``patch_shape`` patch centred on the cell's centre voxel (mirrored at the volume border).
 
     Parameters
     ----------

@@ -9,6 +9,7 @@ import yaml
 
 from voxelome.constants import CONFIG_SCHEMA_VERSION
 from voxelome.errors import VoxelomeError, check_choice, did_you_mean
+from voxelome.models.dense import NORMS
 
 MODELS = ("dense", "xpression")
 
@@ -52,6 +53,11 @@ class TrainConfig:
     voxels); None keeps the scan's voxels. 16 µm sees 50–300 µm niches cheaply."""
     output_stride: int = 1
     """Dense net: output voxel = this many working voxels (1, 2 or 4)."""
+    norm: str = "batch"
+    """Dense net: feature normalisation, ``batch`` (running statistics at prediction time, so every output voxel
+    depends only on its neighbourhood: windows agree where they overlap), ``layer`` (per voxel, over channels;
+    also local, independent of the batch) or ``group`` (statistics over the whole window: the prediction then
+    depends on the window's content; kept for old runs)."""
     crop_um: tuple[float, float, float] = (320.0, 960.0, 960.0)
     """Dense net: training crop size (z, y, x) in µm, centred near the section."""
     window_um: tuple[float, float, float] = (640.0, 640.0, 640.0)
@@ -80,6 +86,7 @@ class TrainConfig:
     def __post_init__(self):
         check_choice("model", self.model, MODELS)
         check_choice("blend", self.blend, ("gaussian", "constant"))
+        check_choice("norm", self.norm, NORMS)
         check_choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         for name in ("epochs", "steps_per_epoch", "batch_size", "width", "inference_batch"):
             if int(getattr(self, name)) < 1:

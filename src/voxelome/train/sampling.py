@@ -37,7 +37,10 @@ class Region:
     start: np.ndarray
 
     def crop(self, start_zyx, shape_zyx) -> np.ndarray:
-        """Crop in global voxel indices, edge-padded where it leaves the region."""
+        """Crop in global voxel indices, mirrored where it leaves the region.
+
+        Mirroring (not edge replication, which draws streaks) keeps the texture a network sees
+        beyond a volume face like the tissue inside it."""
         lo = np.asarray(start_zyx) - self.start
         hi = lo + np.asarray(shape_zyx)
         lo_c = np.clip(lo, 0, self.array.shape)
@@ -47,7 +50,7 @@ class Region:
         if any(p != (0, 0) for p in pad):
             if block.size == 0:
                 return np.zeros(tuple(shape_zyx), np.float32)
-            block = np.pad(block, pad, mode="edge")
+            block = np.pad(block, pad, mode="symmetric")
         return block
 
 

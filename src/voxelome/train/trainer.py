@@ -65,7 +65,7 @@ def build_model(config: TrainConfig, meta: dict) -> torch.nn.Module:
     k = int(meta["n_signatures"])
     if config.model == "dense":
         return DenseSignatureNet3D(k, width=config.width, input_pool=meta["input_pool"],
-                                   output_stride=config.output_stride)
+                                   output_stride=config.output_stride, norm=config.norm)
     return XPressionCNN(k, patch_shape=tuple(meta["patch_shape"]), dropout=config.dropout)
 
 
