@@ -255,6 +255,8 @@ def evaluate(run: Path = typer.Argument(..., help="Run folder or train --out fol
 
 from voxelome.cli_field import app as _reconstruct_app  # noqa: E402 - the `reconstruct` verbs (neural field)
 app.add_typer(_reconstruct_app, name="reconstruct")
+from voxelome.cli_register import app as _register_app  # noqa: E402 - `register plane` / `register stack`
+app.add_typer(_register_app, name="register")
 
 
 def main():  # pragma: no cover - entry point

@@ -1,0 +1,95 @@
+"""Benchmark: expression-based stacking of serial ST sections vs PASTE (issue 3), in one run.
+
+Datasets: the 4 breast-cancer layers of Ståhl et al. 2016 (PASTE's sample data) and her2st patients
+A, B, C, D (Andersson et al. 2021; sections in their numeric order, B4 absent). For each stack and
+method: accuracy = mean over adjacent pairs of the mean Pearson r (log-normalised shared genes)
+between each spot and its nearest spot on the previous aligned section; time = wall time of the
+alignment (reading excluded). Methods: no alignment (raw coordinates, the trivial baseline),
+PASTE ``pairwise_align`` (alpha 0.1, its default KL cost, numpy backend) + ``stack_slices_pairwise``,
+voxelome ``icp`` (fast path) and ``fgw`` (PASTE-like, POT).
+
+    OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/bench_register_stack.py \
+        --out benchmarks/out/register_stack
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from voxelome.io.legacy_st import read_legacy_st
+from voxelome.register.stack_data import read_st_csv_layer
+from voxelome.register.stack_expression import (adjacent_expression_r, common_genes, log_normalise, section_xy_um,
+                                                stack_sections)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def load_stacks():
+    breast = DATA / "paste_breast_st2016"
+    stacks = {"breast_st2016": [read_st_csv_layer(breast / f"slice{k}.csv.gz", breast / f"slice{k}_coor.csv")
+                                for k in range(1, 5)]}
+    her = DATA / "her2st"
+    for pat in "ABCD":
+        secs = sorted(p.name.split(".")[0] for p in (her / "ST-cnts").glob(f"{pat}*.tsv.gz"))
+        stacks[f"her2st_{pat}"] = [read_legacy_st(her / "ST-cnts" / f"{s}.tsv.gz", her / "ST-spotfiles" / f"{s}_selection.tsv",
+                                                  library_id=s) for s in secs]
+    return stacks
+
+
+def accuracy(adatas, xys):
+    genes = common_genes(adatas)
+    ex = [log_normalise(a[:, genes].X) for a in adatas]
+    return float(np.mean([adjacent_expression_r(xys[k - 1], ex[k - 1], xys[k], ex[k]) for k in range(1, len(adatas))]))
+
+
+def run_paste(adatas):
+    import paste as pst
+
+    slices = []
+    for a in adatas:
+        s = a.copy()
+        s.X = s.X.toarray() if hasattr(s.X, "toarray") else s.X
+        slices.append(s)
+    t0 = time.perf_counter()
+    pis = [pst.pairwise_align(slices[k], slices[k + 1], alpha=0.1, verbose=False) for k in range(len(slices) - 1)]
+    new = pst.stack_slices_pairwise(slices, pis)
+    sec = time.perf_counter() - t0
+    xys = [np.asarray(s.obsm["spatial"], float) * float(a.uns["voxelome"]["pixel_size_um"]) for s, a in zip(new, adatas)]
+    return xys, sec
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/out/register_stack")
+    ap.add_argument("--skip-paste", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    warnings.simplefilter("ignore")
+    stacks = load_stacks()
+    rows = []
+    for name, adatas in stacks.items():
+        row = {"stack": name, "sections": len(adatas), "spots": [a.n_obs for a in adatas]}
+        row["none_r"] = accuracy(adatas, [section_xy_um(x) for x in adatas])
+        for method in ("icp", "fgw"):
+            st = stack_sections(adatas, np.arange(len(adatas)) * 10.0, method=method)
+            xys = [st.obsm["spatial_3d"][(st.obs["section"] == s).to_numpy(), :2] for s in st.uns["voxelome"]["stack"]["sections"]]
+            row[f"{method}_r"] = accuracy(adatas, xys)
+            row[f"{method}_s"] = st.uns["voxelome"]["stack"]["seconds"]
+        if not a.skip_paste:
+            xys, sec = run_paste(adatas)
+            row["paste_r"], row["paste_s"] = accuracy(adatas, xys), sec
+            row["speedup_icp_vs_paste"] = sec / row["icp_s"]
+        rows.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

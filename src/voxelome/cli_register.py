@@ -1,0 +1,129 @@
+"""``voxelome register``: find a section's plane in a volume; stack serial sections into 3D.
+
+    voxelome register plane --volume V --image HE.png --pixel-size 5 --out DIR [--landmarks L.csv]
+    voxelome register stack S1.h5ad S2.h5ad ... --z 0,15,30 --out stack.h5ad [--method icp|fgw]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+
+from voxelome.errors import VoxelomeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Registration: section → volume plane, serial sections → one 3D stack.")
+
+
+def _friendly(fn):
+    from voxelome.cli import _friendly as wrap
+
+    return wrap(fn)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise VoxelomeError(f"section image '{path}' does not exist.")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        return tifffile.imread(path)
+    if path.suffix.lower() == ".npy":
+        return np.load(path)
+    import skimage.io
+
+    return skimage.io.imread(path)
+
+
+def _read_landmarks(path: Path):
+    """CSV with columns px_x, px_y, x_um, y_um, z_um (header optional)."""
+    try:
+        arr = np.genfromtxt(path, delimiter=",", dtype=float)
+    except (OSError, ValueError) as exc:
+        raise VoxelomeError(f"could not read landmarks '{path}': {exc}.") from None
+    arr = arr[~np.isnan(arr).all(1)] if arr.ndim == 2 else arr
+    if arr.ndim != 2 or arr.shape[1] != 5:
+        raise VoxelomeError(f"landmarks '{path}' must have 5 columns: px_x, px_y, x_um, y_um, z_um (one pair per row).")
+    return arr[:, :2], arr[:, 2:]
+
+
+@app.command("plane")
+def plane(volume: Path = typer.Option(..., help="Volume: TIFF, OME-Zarr, zarr, NIfTI or NPY."),
+          image: Path = typer.Option(..., help="Section image: H&E (RGB) or grey, .png/.jpg/.tif/.npy."),
+          pixel_size: float = typer.Option(..., help="µm per section image pixel."),
+          out: Path = typer.Option(..., help="Output folder: plane.json, slice.tif, overlay.png."),
+          spacing_um: Optional[str] = typer.Option(None, help="Volume voxel size z,y,x µm if the file does not say."),
+          landmarks: Optional[Path] = typer.Option(None, help="CSV px_x,px_y,x_um,y_um,z_um (≥ 3 rows) to seed the search."),
+          max_tilt: float = typer.Option(15.0, help="Largest tilt searched about each axis (deg)."),
+          max_rotation: float = typer.Option(180.0, help="Largest in-plane rotation searched either way (deg)."),
+          depth_um: Optional[float] = typer.Option(None, help="± depth searched around the tissue centroid (µm)."),
+          seed: int = typer.Option(0)):
+    """Find the plane of a 2D section image inside a volume (3D affine in µm, resampled slice, overlay, score)."""
+    _friendly(_plane)(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_rotation, depth_um, seed)
+
+
+def _plane(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_rotation, depth_um, seed):
+    import tifffile
+
+    from voxelome.cli import _triplet
+    from voxelome.io import read_volume
+    from voxelome.io.atomic import atomic_write_json
+    from voxelome.register.plane_figure import plane_overlay_figure
+    from voxelome.register.plane_search import PlaneSearchRange, register_plane
+
+    vol = read_volume(volume, _triplet(spacing_um, "spacing-um"))
+    img = _read_image(image)
+    search = PlaneSearchRange(max_tilt_deg=max_tilt, max_rotation_deg=max_rotation, depth_um=depth_um)
+    lm = _read_landmarks(landmarks) if landmarks is not None else None
+    res = register_plane(vol, img, pixel_size, search=search, landmarks=lm, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "plane.json", res.to_dict())
+    tifffile.imwrite(out / "slice.tif", res.slice.astype(np.float32))
+    plane_overlay_figure(res, img, pixel_size, out / "overlay.png")
+    typer.echo(json.dumps({"score": res.score, "tilt_deg": res.tilt_deg, "scale": res.scale,
+                           "seconds": round(res.seconds, 1), "placement": res.placement.to_dict()["matrix"]}))
+
+
+@app.command("stack")
+def stack(sections: List[Path] = typer.Argument(..., help="Sections in cutting order (.h5ad, Visium outs, ...)."),
+          z: str = typer.Option(..., help="Depth of each section in µm, comma-separated, increasing (e.g. 0,15,30)."),
+          out: Path = typer.Option(..., help="Output stack .h5ad (obsm['spatial_3d'] x,y,z µm)."),
+          method: str = typer.Option("icp", help="icp (fast, expression ICP) or fgw (PASTE-like optimal transport)."),
+          images: Optional[str] = typer.Option(None, help="Comma-separated H&E images, one per section: image-based "
+                                                          "stacking (rigid + optional B-spline) instead of expression."),
+          pixel_size_um: Optional[float] = typer.Option(None, help="µm per pixel of the sections, if readers cannot tell."),
+          bspline: bool = typer.Option(False, help="Image stacks: add a B-spline refinement after the rigid fit."),
+          zarr_out: Optional[Path] = typer.Option(None, help="Image stacks: the registered 3D image as OME-Zarr (c,z,y,x)."),
+          seed: int = typer.Option(0)):
+    """Align serial sections into one 3D frame and write one AnnData with per-section transforms."""
+    _friendly(_stack)(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, seed)
+
+
+def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, seed):
+    from voxelome.io import read_section
+    from voxelome.io.sections import write_h5ad
+
+    try:
+        z_um = [float(v) for v in z.split(",")]
+    except ValueError:
+        raise VoxelomeError(f"--z={z!r} must be numbers separated by commas, e.g. 0,15,30.") from None
+    adatas = [read_section(s, pixel_size_um=pixel_size_um) for s in sections]
+    names = [Path(s).name.split(".")[0] for s in sections]
+    if images:
+        from voxelome.register.stack_image import stack_images
+
+        paths = [Path(p) for p in images.split(",")]
+        res = stack_images(paths, z_um, adatas=adatas, names=names, bspline=bspline, zarr_out=zarr_out, seed=seed)
+        st = res.adata
+    else:
+        from voxelome.register.stack_expression import stack_sections
+
+        st = stack_sections(adatas, z_um, names=names, method=method, seed=seed)
+    write_h5ad(st, out)
+    info = st.uns["voxelome"]["stack"]
+    typer.echo(json.dumps({"spots": st.n_obs, "sections": info["sections"], "method": info["method"],
+                           "seconds": round(info["seconds"], 2), "out": str(out)}))

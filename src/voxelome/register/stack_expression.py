@@ -1,0 +1,304 @@
+"""Stack serial ST sections without images into one 3D frame, from their expression (``register stack``).
+
+Two pairwise aligners, each returning the rigid map (rotation + translation, µm) of a section onto
+the previous, already aligned one:
+
+* ``"fgw"`` — optimal transport in the spirit of PASTE (Zeira et al., Nat. Methods 2022): a fused
+  Gromov–Wasserstein coupling (POT, ``ot.gromov.fused_gromov_wasserstein``) between spots, with
+  expression cost = distance of joint PCA embeddings and structure = intra-section spot distances,
+  then a weighted Procrustes fit of the coupling.
+* ``"icp"`` — the fast path: iterative closest point on joint (position, expression-embedding)
+  features from several starting rotations, each step a Kabsch fit of the mutual matches with
+  outliers trimmed (robust to partial overlap). Milliseconds per pair.
+
+:func:`stack_sections` chains the pairwise maps (section 0 is the reference frame) and writes one
+AnnData with ``obsm['spatial_3d']`` (x, y, z µm) and the per-section transforms.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
+
+from voxelome.constants import PIXEL_SIZE_KEY, SPATIAL_3D_KEY, SPATIAL_KEY, UNS_KEY
+from voxelome.errors import VoxelomeError, check_choice
+
+STACK_KEY = "stack"  #: adata.uns['voxelome']['stack']: sections, z, transforms, method
+METHODS = ("icp", "fgw")
+
+
+# --- shared pieces ----------------------------------------------------------------------
+def log_normalise(X) -> np.ndarray:
+    """Counts ``(n, g)`` → ``log1p(1e4 · counts / library size)`` dense float32."""
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    X = X.astype(np.float64)
+    lib = X.sum(1, keepdims=True)
+    return np.log1p(1e4 * X / np.maximum(lib, 1)).astype(np.float32)
+
+
+def joint_embedding(exprs: list[np.ndarray], n_components: int = 20, n_genes: int = 500) -> list[np.ndarray]:
+    """PCA (truncated SVD of the centred data) of all sections together on the ``n_genes`` most variable
+    genes; each block ``(n_i, k)``, scaled so that PC1 has unit standard deviation."""
+    allx = np.vstack(exprs).astype(np.float64)
+    keep = np.argsort(allx.var(0))[::-1][: min(n_genes, allx.shape[1])]
+    x = allx[:, keep] - allx[:, keep].mean(0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    k = int(min(n_components, len(s)))
+    emb = u[:, :k] * s[:k]
+    emb /= emb[:, 0].std() + 1e-12
+    out, i = [], 0
+    for e in exprs:
+        out.append(emb[i:i + len(e)])
+        i += len(e)
+    return out
+
+
+def kabsch(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted rigid fit ``dst ≈ src @ R.T + t`` (2D, no reflection); returns ``(R (2, 2), t (2,))``."""
+    w = np.ones(len(src)) if w is None else np.asarray(w, float)
+    w = w / w.sum()
+    ms, md = w @ src, w @ dst
+    h = (src - ms).T @ ((dst - md) * w[:, None])
+    u, _, vt = np.linalg.svd(h)
+    d = np.sign(np.linalg.det(vt.T @ u.T))
+    r = vt.T @ np.diag([1.0, d]) @ u.T
+    return r, md - ms @ r.T
+
+
+def _rot(theta: float) -> np.ndarray:
+    return np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+
+
+# --- pairwise aligners ------------------------------------------------------------------
+def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, expr_weight: float = 1.0,
+              n_angles: int = 12, n_iter: int = 40, trim: float = 0.8):
+    """Rigid map of ``moving`` onto ``fixed`` by ICP on joint position + expression features.
+
+    Parameters
+    ----------
+    fixed_xy, moving_xy : array, shape (n, 2)
+        Spot centres in µm.
+    fixed_emb, moving_emb : array, shape (n, k)
+        Expression embeddings in a shared space (:func:`joint_embedding`).
+    pitch_um : float
+        Spot spacing; positions are measured in pitches so one pitch weighs like one embedding unit.
+    expr_weight : float
+        Weight of the embedding against position in the matching distance.
+    n_angles : int
+        Starting rotations (evenly spaced); the best final fit wins.
+    trim : float
+        Fraction of the closest matches used in each Kabsch fit (partial overlap, tears).
+
+    Returns
+    -------
+    R : ndarray (2, 2), t : ndarray (2,), cost : float
+        ``aligned = moving_xy @ R.T + t``; cost = mean joint distance of the kept matches.
+    """
+    fx, mx = np.asarray(fixed_xy, float) / pitch_um, np.asarray(moving_xy, float) / pitch_um
+    fe, me = expr_weight * np.asarray(fixed_emb, float), expr_weight * np.asarray(moving_emb, float)
+    tree = cKDTree(np.hstack([fx, fe]))
+    cf, cm = fx.mean(0), mx.mean(0)
+    best = (np.inf, np.eye(2), np.zeros(2))
+    n_keep = max(3, int(trim * len(mx)))
+    for theta in np.linspace(0, 2 * np.pi, n_angles, endpoint=False):
+        r = _rot(theta)
+        t = cf - cm @ r.T
+        prev = np.inf
+        for _ in range(n_iter):
+            cur = mx @ r.T + t
+            d, j = tree.query(np.hstack([cur, me]))
+            keep = np.argsort(d)[:n_keep]
+            r, t = kabsch(mx[keep], fx[j[keep]])
+            cost = float(np.mean(d[keep]))
+            if prev - cost < 1e-6:
+                break
+            prev = cost
+        cur = mx @ r.T + t
+        d, _ = tree.query(np.hstack([cur, me]))
+        cost = float(np.mean(np.sort(d)[:n_keep]))
+        if cost < best[0]:
+            best = (cost, r, t)
+    cost, r, t = best
+    return r, t * pitch_um, cost
+
+
+def align_fgw(fixed_xy, fixed_emb, moving_xy, moving_emb, *, alpha: float = 0.1, seed: int = 0):
+    """Rigid map of ``moving`` onto ``fixed`` from a fused Gromov–Wasserstein coupling (PASTE-like).
+
+    Expression cost: Euclidean distance of embeddings (scaled to max 1); structure: intra-section
+    spot distances (scaled to max 1); uniform spot weights; ``alpha`` weighs structure against
+    expression as in PASTE (0.1). The coupling's weighted Procrustes fit gives the rigid map.
+
+    Returns
+    -------
+    R : ndarray (2, 2), t : ndarray (2,), pi : ndarray (n_fixed, n_moving)
+    """
+    import ot
+
+    fx, mx = np.asarray(fixed_xy, float), np.asarray(moving_xy, float)
+    m = ot.dist(np.asarray(fixed_emb, float), np.asarray(moving_emb, float), metric="euclidean")
+    m /= m.max() + 1e-12
+    da, db = ot.dist(fx, fx, metric="euclidean"), ot.dist(mx, mx, metric="euclidean")
+    da /= da.max() + 1e-12
+    db /= db.max() + 1e-12
+    a, b = np.full(len(fx), 1 / len(fx)), np.full(len(mx), 1 / len(mx))
+    pi = ot.gromov.fused_gromov_wasserstein(m, da, db, a, b, loss_fun="square_loss", alpha=alpha)
+    i, j = np.nonzero(pi > 1e-12)
+    r, t = kabsch(mx[j], fx[i], pi[i, j])
+    return r, t, pi
+
+
+# --- stacks -----------------------------------------------------------------------------
+def section_xy_um(adata) -> np.ndarray:
+    """Spot centres ``(n, 2)`` in µm: ``obsm['spatial']`` (px) × ``uns['voxelome']['pixel_size_um']``."""
+    if SPATIAL_KEY not in adata.obsm:
+        raise VoxelomeError("a section has no obsm['spatial'] (spot centres in pixels); read it with voxelome.io.read_section.")
+    px = (adata.uns.get(UNS_KEY) or {}).get(PIXEL_SIZE_KEY)
+    if px is None:
+        raise VoxelomeError("a section has no uns['voxelome']['pixel_size_um']; read it with voxelome.io.read_section "
+                            "(pixel_size_um=...) so that spots can be placed in µm.")
+    return np.asarray(adata.obsm[SPATIAL_KEY], float) * float(px)
+
+
+def check_stack_inputs(adatas, z_um, names=None):
+    """Validate a stack: ≥ 2 sections, strictly increasing z, names; returns (names, z array)."""
+    if len(adatas) < 2:
+        raise VoxelomeError(f"a stack needs at least 2 sections; got {len(adatas)}. A single section needs no stacking.")
+    z = np.asarray(z_um, dtype=float)
+    if z.shape != (len(adatas),) or not np.all(np.isfinite(z)):
+        raise VoxelomeError(f"z_um must give one finite depth (µm) per section: {len(adatas)} sections, got {list(z_um)!r}.")
+    if np.any(np.diff(z) <= 0):
+        raise VoxelomeError(f"z_um={z.tolist()} is not strictly increasing; list the sections in cutting order with "
+                            "increasing depths (e.g. 0, 15, 30 for 15 µm spacing).")
+    names = [f"section_{k}" for k in range(len(adatas))] if names is None else [str(n) for n in names]
+    if len(set(names)) != len(names) or len(names) != len(adatas):
+        raise VoxelomeError(f"section names must be unique, one per section; got {names}.")
+    return names, z
+
+
+def common_genes(adatas) -> list[str]:
+    """Genes present in every section (order of the first); warns with the count when sets differ."""
+    first = list(map(str, adatas[0].var_names))
+    shared = set(first)
+    for a in adatas[1:]:
+        shared &= set(map(str, a.var_names))
+    genes = [g for g in first if g in shared]
+    sizes = [a.n_vars for a in adatas]
+    if len(genes) < 10:
+        raise VoxelomeError(f"the sections share only {len(genes)} genes (sizes {sizes}); check that they are of the "
+                            "same species/panel and use the same gene identifiers (symbols vs Ensembl ids).")
+    if any(s != len(genes) for s in sizes):
+        warnings.warn(f"gene sets differ between sections ({sizes} genes); using the {len(genes)} genes they share.",
+                      stacklevel=3)
+    return genes
+
+
+def adjacent_overlap(fixed_xy, moving_xy, radius_um: float) -> float:
+    """Fraction of ``moving`` spots with a ``fixed`` spot within ``radius_um``."""
+    d, _ = cKDTree(fixed_xy).query(moving_xy)
+    return float(np.mean(d <= radius_um))
+
+
+def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: float | None = None,
+                   expr_weight: float = 1.0, alpha: float = 0.1, n_components: int = 20, seed: int = 0,
+                   min_overlap: float = 0.3):
+    """Align serial sections (without images) into one 3D frame from their expression.
+
+    Parameters
+    ----------
+    adatas : list of AnnData
+        Sections in cutting order, each with counts, ``obsm['spatial']`` (px) and
+        ``uns['voxelome']['pixel_size_um']``.
+    z_um : sequence of float
+        Depth of each section (µm), strictly increasing (the user gives order and spacing).
+    names : list of str, optional
+        Section names (``obs['section']``).
+    method : {"icp", "fgw"}
+        Fast ICP on expression embeddings, or PASTE-like fused Gromov–Wasserstein (POT).
+    pitch_um : float, optional
+        Spot spacing (µm); default the median nearest-neighbour distance of the first section.
+    expr_weight, alpha : float
+        ICP embedding weight; FGW structure weight (PASTE's alpha).
+    min_overlap : float
+        Warn when fewer than this fraction of a section's aligned spots lie within one pitch of the
+        previous section's spots (sections that do not overlap cannot be aligned).
+
+    Returns
+    -------
+    AnnData
+        All spots, shared genes, ``obs['section']``; ``obsm['spatial_3d']`` (x, y, z) µm in the frame of
+        section 0; ``uns['voxelome']['stack']`` with names, z, method, seconds, n_common_genes and per
+        section ``transform`` (3 × 3, section px → stack µm x, y homogeneous) and ``overlap``.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    check_choice("method", method, METHODS)
+    names, z = check_stack_inputs(adatas, z_um, names)
+    genes = common_genes(adatas)
+    t0 = time.perf_counter()
+    xys = [section_xy_um(a) for a in adatas]
+    exprs = [log_normalise(a[:, genes].X) for a in adatas]
+    embs = joint_embedding(exprs, n_components=n_components)
+    if pitch_um is None:
+        d, _ = cKDTree(xys[0]).query(xys[0], k=2)
+        pitch_um = float(np.median(d[:, 1]))
+    aligned = [xys[0]]
+    rts = [(np.eye(2), np.zeros(2))]
+    overlaps = [1.0]
+    for k in range(1, len(adatas)):
+        if method == "icp":
+            r, t, _ = align_icp(aligned[-1], embs[k - 1], xys[k], embs[k], pitch_um=pitch_um, expr_weight=expr_weight)
+        else:
+            r, t, _ = align_fgw(aligned[-1], embs[k - 1], xys[k], embs[k], alpha=alpha, seed=seed)
+        aligned.append(xys[k] @ r.T + t)
+        rts.append((r, t))
+        overlaps.append(adjacent_overlap(aligned[-2], aligned[-1], pitch_um))
+        if overlaps[-1] < min_overlap:
+            warnings.warn(f"section {names[k]!r} overlaps the previous one little after alignment "
+                          f"({overlaps[-1]:.0%} of its spots within one pitch): check the order and that both are of "
+                          "the same block.", stacklevel=2)
+    seconds = time.perf_counter() - t0
+    transforms = []
+    for a, (r, t) in zip(adatas, rts):
+        px = float(a.uns[UNS_KEY][PIXEL_SIZE_KEY])
+        m = np.eye(3)
+        m[:2, :2], m[:2, 2] = r * px, t
+        transforms.append(m)
+    blocks = []
+    for k, a in enumerate(adatas):
+        b = ad.AnnData(X=sp.csr_matrix(a[:, genes].X), obs=pd.DataFrame(index=[f"{names[k]}:{i}" for i in a.obs_names]),
+                       var=pd.DataFrame(index=pd.Index(genes)))
+        b.obs["section"] = names[k]
+        b.obsm[SPATIAL_KEY] = np.asarray(a.obsm[SPATIAL_KEY], float)
+        b.obsm[SPATIAL_3D_KEY] = np.column_stack([aligned[k], np.full(len(aligned[k]), z[k])])
+        blocks.append(b)
+    out = ad.concat(blocks, merge="first")
+    out.obs["section"] = pd.Categorical(out.obs["section"], categories=names)
+    out.uns[UNS_KEY] = {STACK_KEY: {
+        "sections": names, "z_um": z.tolist(), "method": method, "seconds": seconds, "pitch_um": pitch_um,
+        "n_common_genes": len(genes), "overlap": overlaps,
+        "transforms": [m.tolist() for m in transforms],
+        "transform_doc": "per section: 3x3 homogeneous map of obsm['spatial'] pixels (x, y, 1) to stack µm (x, y, 1); "
+                         "z from z_um"}}
+    return out
+
+
+def apply_stack_transform(transform, spatial_px) -> np.ndarray:
+    """Section pixels ``(n, 2)`` → stack µm ``(n, 2)`` with a stored 3 × 3 transform."""
+    m = np.asarray(transform, float)
+    return np.asarray(spatial_px, float) @ m[:2, :2].T + m[:2, 2]
+
+
+def adjacent_expression_r(xy_a, expr_a, xy_b, expr_b) -> float:
+    """Mean Pearson r between each spot of ``b`` and its nearest spot (in xy) of ``a`` (accuracy of a stack)."""
+    _, j = cKDTree(xy_a).query(xy_b)
+    a, b = expr_a[j], expr_b
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    r = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return float(np.mean(r))
