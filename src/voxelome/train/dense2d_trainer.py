@@ -1,0 +1,210 @@
+"""Train a dense 2D expression model (PixNet, arXiv 2503.01347) on H&E sections with measured spots.
+
+Each step draws tiles around training spots (flips/90° rotations, colour jitter), predicts the dense
+map, sums it over the exact disk of every spot inside the tile and fits the spots' targets with
+``MSE + pearson_weight × (1 − mean per-gene Pearson r)`` — measured spots only. Randomness comes from
+``(seed, epoch)``; the run folder holds ``config.yaml``, ``checkpoint.pt`` (loaded ``weights_only``),
+``metrics.json``; :meth:`TrainedDense2D.load` rebuilds the model from the folder alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from voxelome.constants import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE
+from voxelome.errors import VoxelomeError
+from voxelome.infer.slide import predict_slide
+from voxelome.models.dense2d import DenseExpressionNet2D
+from voxelome.models.spot_aggregation import aggregate_disks
+from voxelome.train.checkpoint import load_checkpoint, save_checkpoint
+from voxelome.train.dense2d_config import Dense2DConfig, dense2d_config_from_dict, dense2d_config_to_yaml
+from voxelome.train.dense2d_data import SlideData, TileSampler
+
+
+def pearson_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``1 − mean_g r_g`` over genes with variance in the batch; ``pred``/``target`` are ``(n, G)``."""
+    pc, tc = pred - pred.mean(0), target - target.mean(0)
+    num = (pc * tc).sum(0)
+    den = torch.sqrt((pc * pc).sum(0) * (tc * tc).sum(0) + eps)
+    ok = (tc * tc).sum(0) > eps
+    if not bool(ok.any()):
+        return pred.sum() * 0.0
+    return 1.0 - (num / den)[ok].mean()
+
+
+def dense2d_loss(pred: torch.Tensor, target: torch.Tensor, pearson_weight: float = 0.5) -> torch.Tensor:
+    """PixNet's loss: MSE + ``pearson_weight`` × Pearson loss, both over the batch's spots."""
+    loss = torch.mean((pred - target) ** 2)
+    if pearson_weight > 0 and len(pred) > 2:
+        loss = loss + pearson_weight * pearson_loss(pred, target)
+    return loss
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_dense2d_model(config: Dense2DConfig, n_genes: int, output_scale=None, *, load_weights: bool = True):
+    """The network a config describes (encoder weights read from ``config.encoder_weights`` if set)."""
+    return DenseExpressionNet2D(n_genes, encoder=config.encoder, output_stride=config.output_stride,
+                                decoder_width=config.decoder_width, width=config.width,
+                                encoder_weights=config.encoder_weights if load_weights else None,
+                                output_scale=output_scale)
+
+
+class TrainedDense2D:
+    """A trained dense 2D model with what is needed to use it: genes, geometry, config.
+
+    Attributes
+    ----------
+    model : DenseExpressionNet2D
+    config : Dense2DConfig
+    genes : list of str
+        Output channel names.
+    input_um : float
+        Working µm per input pixel the model was trained at.
+    """
+
+    def __init__(self, model, config: Dense2DConfig, genes, input_um: float, device="cpu"):
+        self.model, self.config, self.genes = model.eval(), config, [str(g) for g in genes]
+        self.input_um, self.device = float(input_um), torch.device(device)
+
+    @property
+    def stride(self) -> int:
+        return int(self.config.output_stride)
+
+    @property
+    def map_um(self) -> float:
+        """µm per map pixel."""
+        return self.input_um * self.stride
+
+    @classmethod
+    def load(cls, run_dir, device: str | None = None) -> "TrainedDense2D":
+        """Rebuild from a run folder (``checkpoint.pt``, loaded with ``weights_only=True``)."""
+        run_dir = Path(run_dir)
+        path = run_dir / CHECKPOINT_FILE if run_dir.is_dir() else run_dir
+        ck = load_checkpoint(path)
+        if ck.get("meta", {}).get("kind") != "dense2d":
+            raise VoxelomeError(f"{path} is not a dense2d checkpoint (train it with `voxelome dense2d train`).")
+        config = dense2d_config_from_dict(ck["config"])
+        meta = ck["meta"]
+        model = build_dense2d_model(config, len(meta["genes"]), load_weights=False)
+        model.load_state_dict(ck["model_state"])
+        dev = _device(device or config.device)
+        return cls(model.to(dev), config, meta["genes"], meta["input_um"], dev)
+
+    @torch.no_grad()
+    def predictor(self, x: np.ndarray) -> np.ndarray:
+        """``(B, 3, t, t)`` RGB in [0, 1] → ``(B, G, t/s, t/s)`` (the callable :func:`predict_slide` needs)."""
+        self.model.eval()
+        return self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device)).float().cpu().numpy()
+
+    def predict_map(self, image, out_region=None, tile: int | None = None) -> np.ndarray:
+        """Dense map ``(G, ceil(y/s), ceil(x/s))`` of an image at the working resolution (blended tiles)."""
+        return predict_slide(image, self.predictor, tile=tile or self.config.predict_tile_px, stride=self.stride,
+                             n_channels=len(self.genes), overlap=self.config.overlap, blend=self.config.blend,
+                             out_region=out_region)
+
+    def predict_spots(self, slide: SlideData, centres_xy=None, radius_px=None, *, reduce: str = "sum",
+                      return_map: bool = False):
+        """Spot values: the map summed over disks (any centres / radius, in working pixels).
+
+        Only the bounding box of the disks (plus a margin) is predicted. Returns ``(n, G)``
+        (and the map with its output-pixel offset ``(oy, ox)`` when ``return_map``).
+        """
+        c = slide.centres_xy if centres_xy is None else np.asarray(centres_xy, float).reshape(-1, 2)
+        r = np.broadcast_to(np.asarray(slide.radius_px if radius_px is None else radius_px, float), (len(c),))
+        s = self.stride
+        lo = np.floor((c - r[:, None]).min(0) / s).astype(int) - 1
+        hi = np.ceil((c + r[:, None]).max(0) / s).astype(int) + 1
+        region = (slice(max(lo[1], 0), hi[1]), slice(max(lo[0], 0), hi[0]))
+        dense = self.predict_map(slide.image, out_region=region)
+        off = np.array([region[1].start, region[0].start], float)
+        vals = aggregate_disks(dense, c / s - off, r / s, reduce=reduce, check_inside=True)
+        return (vals, dense, (region[0].start, region[1].start)) if return_map else vals
+
+
+def _learning_rate(config: Dense2DConfig, epoch: int) -> float:
+    floor = 0.05
+    return float(config.lr * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * epoch / max(config.epochs - 1, 1)))))
+
+
+def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes, *, progress: bool = False,
+                  log=None) -> TrainedDense2D:
+    """Fit a dense model on the training spots of ``slides`` and write the run folder.
+
+    Parameters
+    ----------
+    slides : list of SlideData
+        Sections at ``config.input_um`` with targets ``(n, G)`` and training masks.
+    config : Dense2DConfig
+    run_dir : path
+        Output folder (created).
+    genes : list of str
+        Names of the ``G`` target channels.
+    progress : bool
+        Print one line per epoch.
+    log : callable, optional
+        Receives the per-epoch record dicts.
+    """
+    if not slides:
+        raise VoxelomeError("no slides to train on.")
+    n_genes = slides[0].targets.shape[1]
+    if len(genes) != n_genes or any(s.targets.shape[1] != n_genes for s in slides):
+        raise VoxelomeError(f"all slides need targets with {len(genes)} columns (one per gene name).")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.num_threads:
+        torch.set_num_threads(int(config.num_threads))
+    torch.manual_seed(config.seed)
+    device = _device(config.device)
+    train_y = np.vstack([s.targets[s.train] for s in slides])
+    stride = config.output_stride
+    radius_out = float(np.median([s.radius_px for s in slides])) / stride
+    scale = np.maximum(train_y.mean(0), 1e-4) / (np.pi * radius_out ** 2)
+    model = build_dense2d_model(config, n_genes, output_scale=scale).to(device)
+    if config.tile_px % model.divisor:
+        raise VoxelomeError(f"tile_px={config.tile_px} must be a multiple of {model.divisor} for encoder "
+                            f"{config.encoder!r}.")
+    margin = max(4.0, config.tile_px / 16)
+    sampler = TileSampler(slides, config.tile_px, stride, margin_px=margin)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    (run_dir / CONFIG_FILE).write_text(dense2d_config_to_yaml(config))
+    history, t0 = [], time.time()
+    for epoch in range(config.epochs):
+        for group in opt.param_groups:
+            group["lr"] = _learning_rate(config, epoch)
+        rng = np.random.default_rng([config.seed, epoch])
+        model.train()
+        losses = []
+        for _ in range(config.steps_per_epoch):
+            x, ws, ys = sampler.batch(rng, config.batch_size, config.augment, config.color_jitter)
+            maps = model(x.to(device))
+            flat = maps.flatten(2)  # (B, G, h·w)
+            pred = torch.cat([w.to(device) @ m.T for w, m in zip(ws, flat)])
+            loss = dense2d_loss(pred, torch.cat(ys).to(device), config.pearson_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        rec = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": _learning_rate(config, epoch),
+               "seconds": round(time.time() - t0, 1)}
+        history.append(rec)
+        if log is not None:
+            log(rec)
+        if progress:
+            print(json.dumps(rec), flush=True)
+    meta = {"kind": "dense2d", "genes": list(map(str, genes)), "input_um": float(np.mean([s.pixel_size_um for s in slides])),
+            "map_um": float(np.mean([s.pixel_size_um for s in slides])) * stride,
+            "map_unit": "target units (e.g. log1p-normalised counts) per map pixel; a region's value is the sum",
+            "n_train_spots": int(len(train_y)), "sections": [s.name for s in slides]}
+    save_checkpoint(run_dir / CHECKPOINT_FILE, model_state=model.state_dict(), config=config.to_dict(), meta=meta)
+    (run_dir / METRICS_FILE).write_text(json.dumps({"history": history}, indent=1))
+    return TrainedDense2D(model, config, genes, meta["input_um"], device)
