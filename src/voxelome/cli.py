@@ -192,14 +192,34 @@ def predict(run: Path = typer.Argument(..., help="Run folder (holding checkpoint
             spacing_um: Optional[str] = typer.Option(None, help="Voxel size µm if the file does not say."),
             chunks: Optional[str] = typer.Option(None, help="Output chunk z,y,x in output voxels."),
             overwrite: bool = typer.Option(False, help="Replace an existing output of another geometry."),
-            genes: Optional[str] = typer.Option(None, help="Also write maps of these genes (comma-separated; 'all' for every signature gene) from the signature loadings.")):
+            genes: Optional[str] = typer.Option(None, help="Also write maps of these genes (comma-separated; 'all' for every signature gene) from the signature loadings."),
+            scheduler: Optional[str] = typer.Option(None, help="Map the blocks over a Dask cluster: 'local' (worker processes on this machine) or a scheduler address, e.g. tcp://10.0.0.5:8786. Default: one process."),
+            workers: Optional[int] = typer.Option(None, help="--scheduler local: number of worker processes (default: one per core)."),
+            threads_per_worker: int = typer.Option(1, help="--scheduler local: blocks run at once per worker."),
+            torch_threads: int = typer.Option(1, help="With --scheduler: torch CPU threads per worker."),
+            device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: the run's config, CUDA when present)."),
+            precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast; GPU fast path)."),
+            compile_mode: Optional[str] = typer.Option(None, "--compile", help="torch.compile mode: default, reduce-overhead (CUDA graphs) or max-autotune."),
+            channels_last: bool = typer.Option(False, help="channels-last-3D activations (GPU fast path).")):
     """Predict the whole volume, chunk by chunk, into a multiscale OME-Zarr."""
-    from voxelome.infer.predict import predict_volume
+    from voxelome.accel import AccelOptions
+    from voxelome.infer.predict import TrainedModel, predict_volume
 
     run = _run_dir(run)
-    vol = _load_volume(volume, spacing_um)
     ch = tuple(int(c) for c in _triplet(chunks, "chunks")) if chunks else None
-    stats = predict_volume(run, vol, out, chunks=ch, overwrite=overwrite)
+    accel = AccelOptions(precision=precision, channels_last=channels_last, compile=compile_mode)
+    if scheduler is not None:
+        from voxelome.infer.distributed import VolumeRef, predict_volume_distributed
+
+        spacing = _triplet(spacing_um, "spacing-um")
+        ref = VolumeRef(str(volume.resolve()), None if spacing is None else tuple(np.broadcast_to(spacing, 3).tolist()))
+        stats = predict_volume_distributed(run, ref, out, scheduler=scheduler, n_workers=workers,
+                                           threads_per_worker=threads_per_worker, chunks=ch, overwrite=overwrite,
+                                           device=device, accel=accel, torch_threads=torch_threads)
+    else:
+        vol = _load_volume(volume, spacing_um)
+        model = run if (device is None and accel.is_default) else TrainedModel.load(run, device=device, accel=accel)
+        stats = predict_volume(model, vol, out, chunks=ch, overwrite=overwrite)
     typer.echo(json.dumps(stats, indent=1))
     if genes:
         from voxelome.genes import write_gene_volume

@@ -3,8 +3,8 @@
 Each output chunk is computed whole (with whatever input halo its function needs), written
 to the zarr store, then marked done with an empty file. A killed run restarted with the same
 command skips marked chunks and recomputes only the rest; a chunk half-written at the kill has
-no marker and is simply redone. The loop is the only scheduler here; a Dask or multi-GPU
-scheduler maps the same :func:`process_block`.
+no marker and is simply redone. The loop here is the serial scheduler; the Dask scheduler
+(:mod:`voxelome.infer.distributed`) maps the same :func:`process_block` over a cluster.
 """
 
 from __future__ import annotations
@@ -30,6 +30,19 @@ def iter_blocks(out_shape_zyx, chunks_zyx) -> Iterator[tuple[tuple[int, int, int
 
 def _marker(store_path: Path, idx) -> Path:
     return Path(store_path) / DONE_DIR / "_".join(str(i) for i in idx)
+
+
+def is_done(store_path, idx) -> bool:
+    """Whether block ``idx`` was written and marked by an earlier (or concurrent) run."""
+    return _marker(store_path, idx).exists()
+
+
+def append_run_record(store_path, record: dict) -> None:
+    """Append one run's record to the audit trail ``<store>/.voxelome_done/runs.jsonl``."""
+    log_path = Path(store_path) / DONE_DIR / "runs.jsonl"
+    log_path.parent.mkdir(exist_ok=True)
+    with open(log_path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
 
 
 def process_block(compute: Callable[[tuple[slice, slice, slice]], np.ndarray], out_array, store_path, idx,
@@ -60,9 +73,8 @@ def run_blockwise(compute: Callable[[tuple[slice, slice, slice]], np.ndarray], o
         process_block(compute, out_array, store_path, idx, region)
         computed.append(list(idx))
     stats = {"blocks": len(blocks), "computed": len(computed), "skipped": len(blocks) - len(todo)}
-    log_path = Path(store_path) / DONE_DIR / "runs.jsonl"
-    with open(log_path, "a") as fh:  # an audit trail of which blocks each (re)run computed
-        fh.write(json.dumps({**stats, "pid": os.getpid(), "computed_blocks": computed}) + "\n")
+    # an audit trail of which blocks each (re)run computed
+    append_run_record(store_path, {**stats, "pid": os.getpid(), "computed_blocks": computed})
     return stats
 
 

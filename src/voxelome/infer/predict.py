@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 
+from voxelome.accel import AccelOptions, autocast, prepare_model, to_device, to_host
 from voxelome.constants import CHECKPOINT_FILE
 from voxelome.errors import VoxelomeError
 from voxelome.infer.blocks import DONE_DIR, all_done, run_blockwise
@@ -33,9 +34,13 @@ class TrainedModel:
     model: torch.nn.Module
     device: torch.device
     fingerprint: str = ""
+    accel: AccelOptions = field(default_factory=AccelOptions)
+    """GPU fast-path options of the forward pass (see :mod:`voxelome.accel`); default plain fp32."""
+    checkpoint: str | None = None
+    """The checkpoint file it was loaded from (cluster workers reload the model from it)."""
 
     @classmethod
-    def load(cls, run_dir, device: str | None = None) -> "TrainedModel":
+    def load(cls, run_dir, device: str | None = None, accel: AccelOptions | None = None) -> "TrainedModel":
         """Load ``run_dir/checkpoint.pt`` (``weights_only=True``; nothing else is needed)."""
         path = Path(run_dir)
         path = path / CHECKPOINT_FILE if path.is_dir() else path
@@ -45,7 +50,11 @@ class TrainedModel:
         model = build_model(config, ckpt["meta"])
         model.load_state_dict(ckpt["model_state"])
         fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        return cls(config, ckpt["meta"], model.to(dev).eval(), dev, fingerprint)
+        loaded = cls(config, ckpt["meta"], model.to(dev).eval(), dev, fingerprint, accel or AccelOptions(),
+                     str(path.resolve()))
+        if not loaded.accel.is_default:
+            loaded._fast = prepare_model(loaded.model, dev, loaded.accel)
+        return loaded
 
     @property
     def names(self) -> list[str]:
@@ -79,9 +88,21 @@ class TrainedModel:
 
     @torch.no_grad()
     def _forward(self, x: np.ndarray) -> np.ndarray:
+        if not self.accel.is_default:
+            return self._forward_fast(x)
         t = torch.from_numpy(x).to(self.device)
         y = self.model(t)
         return (torch.exp(y) if self.config.model == "xpression" else y).float().cpu().numpy()
+
+    @torch.no_grad()
+    def _forward_fast(self, x: np.ndarray) -> np.ndarray:
+        """The forward pass with :attr:`accel` (autocast, channels-last-3D, compiled, pinned copies)."""
+        net = getattr(self, "_fast", None) or prepare_model(self.model, self.device, self.accel)
+        self._fast = net
+        with autocast(self.device, self.accel.precision):
+            y = net(to_device(x, self.device, self.accel))
+        y = y.float()
+        return to_host(torch.exp(y) if self.config.model == "xpression" else y)
 
     def predict_region(self, volume: Volume, out_region) -> np.ndarray:
         """Proportions ``(k, *region)`` for one region of the output grid (the per-block function)."""
@@ -150,6 +171,26 @@ def predict_volume(model: TrainedModel | str | Path, volume: Volume, out_path, *
     """
     if not isinstance(model, TrainedModel):
         model = TrainedModel.load(model)
+    out, shape, spacing, chunks = open_prediction_output(model, volume, out_path, chunks=chunks, overwrite=overwrite)
+    t0 = time.perf_counter()
+    stats = run_blockwise(lambda region: model.predict_region(volume, region), out, out_path, chunks_zyx=chunks,
+                          progress=progress, desc=f"predict {model.config.model}")
+    seconds = time.perf_counter() - t0
+    if pyramid and all_done(out_path, shape, chunks):
+        build_pyramid(out_path)
+    return prediction_stats(out_path, volume, out.shape, spacing, chunks, stats, seconds)
+
+
+def open_prediction_output(model: TrainedModel, volume: Volume, out_path, *, chunks=None, overwrite: bool = False):
+    """Check the job, create (or re-open to resume) the output store; shared by every scheduler.
+
+    Returns
+    -------
+    out : zarr.Array
+        Level 0, ``(k, z, y, x)`` float32, opened for writing.
+    shape, spacing, chunks : tuple
+        Output grid shape, spacing (µm) and chunk shape, (z, y, x).
+    """
     model.check_volume(volume)
     shape, spacing, origin = model.output_geometry(volume)
     chunks = tuple(int(c) for c in (chunks or default_chunks(model)))
@@ -161,14 +202,14 @@ def predict_volume(model: TrainedModel | str | Path, volume: Volume, out_path, *
                           spacing_um_zyx=spacing, origin_um_zyx=origin, channel_names=model.names,
                           overwrite=overwrite)
     zarr.open_group(str(out_path), mode="a").attrs["voxelome"] = identity
-    t0 = time.perf_counter()
-    stats = run_blockwise(lambda region: model.predict_region(volume, region), out, out_path, chunks_zyx=chunks,
-                          progress=progress, desc=f"predict {model.config.model}")
-    seconds = time.perf_counter() - t0
-    if pyramid and all_done(out_path, shape, chunks):
-        build_pyramid(out_path)
-    n_in = int(np.prod(volume.shape))
-    return {"path": str(out_path), "shape_czyx": [k, *shape], "spacing_um_zyx": list(spacing), "chunks": list(chunks),
-            **stats, "seconds": seconds,
-            "input_voxels_per_s": n_in * stats["computed"] / max(stats["blocks"], 1) / max(seconds, 1e-9),
-            "output_voxels_per_s": int(np.prod(shape)) * stats["computed"] / max(stats["blocks"], 1) / max(seconds, 1e-9)}
+    return out, shape, spacing, chunks
+
+
+def prediction_stats(out_path, volume: Volume, shape_czyx, spacing, chunks, stats: dict, seconds: float) -> dict:
+    """The summary :func:`predict_volume` returns (throughputs count only the blocks computed now)."""
+    n_in, n_out = int(np.prod(volume.shape)), int(np.prod(shape_czyx[1:]))
+    frac = stats["computed"] / max(stats["blocks"], 1)
+    return {"path": str(out_path), "shape_czyx": [int(s) for s in shape_czyx], "spacing_um_zyx": list(spacing),
+            "chunks": list(chunks), **stats, "seconds": seconds,
+            "input_voxels_per_s": n_in * frac / max(seconds, 1e-9),
+            "output_voxels_per_s": n_out * frac / max(seconds, 1e-9)}

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from voxelome.constants import CHECKPOINT_FILE, CONFIG_FILE, LAST_CHECKPOINT_FILE
 from voxelome.io.volume import Volume
 from voxelome.models import DenseSignatureNet3D, XPressionCNN
+from voxelome.train import ddp
 from voxelome.train.checkpoint import load_checkpoint, save_checkpoint
 from voxelome.train.config import TrainConfig, config_to_yaml
 from voxelome.train.losses import footprint_means, kl_to_targets
@@ -90,13 +91,20 @@ class SpotPredictor:
         return float(np.max(np.asarray(shape) * np.asarray(self.meta["spacing_um"]))) / 2 + 50.0
 
     @torch.no_grad()
-    def predict(self, sampler, spots: np.ndarray) -> np.ndarray:
-        """Proportions ``(len(spots), k)`` in the order of ``spots``."""
+    def predict(self, sampler, spots: np.ndarray, part: tuple[int, int] = (0, 1)) -> np.ndarray:
+        """Proportions ``(len(spots), k)`` in the order of ``spots``.
+
+        ``part=(i, n)`` computes only batches ``i, i + n, ...`` (rows of the others stay 0), so
+        ``n`` processes can split the work and sum their results (see :mod:`voxelome.train.ddp`).
+        """
         self.model.eval()
         out = np.zeros((len(spots), int(self.meta["n_signatures"])), np.float32)
         pos = {int(s): i for i, s in enumerate(spots)}
+        mine, n_parts = part
         if isinstance(sampler, DenseCropSampler):
-            for x, spot_lists, grids in sampler.cover(np.asarray(spots), batch_size=2):
+            for j, (x, spot_lists, grids) in enumerate(sampler.cover(np.asarray(spots), batch_size=2)):
+                if j % n_parts != mine:
+                    continue
                 probs = self.model(x.to(self.device))
                 for b, (ids, grid) in enumerate(zip(spot_lists, grids)):
                     vals = footprint_means(probs[b], grid.to(self.device)).cpu().numpy()
@@ -104,6 +112,8 @@ class SpotPredictor:
         else:
             bs = self.config.inference_batch
             for i in range(0, len(spots), bs):
+                if (i // bs) % n_parts != mine:
+                    continue
                 x = sampler.patches(spots[i:i + bs])
                 out[i:i + bs] = torch.exp(self.model(x.to(self.device))).cpu().numpy()
         return out
@@ -139,16 +149,21 @@ def _step_loss(model, sampler, batch, device) -> torch.Tensor:
     return kl_to_targets(model(x.to(device)), y.to(device))
 
 
-def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_dir, *, resume: bool = True,
+def train_model(volume: Volume, targets: SpotTargets | None, config: TrainConfig, run_dir, *, resume: bool = True,
                 extra_meta: dict | None = None, progress: bool = True) -> Path:
-    """Train and write a run folder.
+    """Train and write a run folder, on one process or, under ``torchrun``, on several (DDP).
+
+    Launched by ``torchrun --nproc-per-node N``, the N processes train one model together
+    (see :mod:`voxelome.train.ddp`): each step's batch is split across them, gradients and losses
+    are all-reduced, and only rank 0 writes ``run_dir``; ranks > 0 may pass ``targets=None``
+    (rank 0's targets are broadcast).
 
     Parameters
     ----------
     volume : Volume
         The scan (only the region around the spots is read).
-    targets : SpotTargets
-        Placed spots with proportions and the train/validation split.
+    targets : SpotTargets or None
+        Placed spots with proportions and the train/validation split (None only on DDP ranks > 0).
     config : TrainConfig
         Model and optimisation settings.
     run_dir : path
@@ -163,8 +178,25 @@ def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_d
         ``run_dir``.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+    ctx, device = ddp.setup(config.device)
+    try:
+        _train(volume, targets, config, run_dir, resume, extra_meta, progress, ctx, device)
+    except BaseException:
+        ctx.close(wait=False)
+        raise
+    ctx.close()
+    return run_dir
+
+
+def _train(volume, targets, config, run_dir, resume, extra_meta, progress, ctx, device) -> None:
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    targets = ctx.broadcast_object(targets)
+    if targets is None:
+        from voxelome.errors import VoxelomeError
+
+        raise VoxelomeError("train_model needs targets (from targets_from_section).")
+    ddp.check_batch(config.batch_size, ctx)
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     meta = {"n_signatures": targets.n_signatures, "names": list(targets.names),
@@ -176,6 +208,7 @@ def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_d
 
     torch.manual_seed(config.seed)
     model = build_model(config, meta).to(device)
+    net = ddp.wrap(model, ctx, device)  # DDP on several processes, the model itself on one
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     predictor = SpotPredictor(model, config, meta, device)
     sampler = predictor.sampler(volume, targets, region)
@@ -185,8 +218,9 @@ def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_d
     history: list[dict] = []
     start_epoch, best_val, bad_epochs = 0, float("inf"), 0
     last_path = run_dir / LAST_CHECKPOINT_FILE
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path)
+    state = ctx.broadcast_object(load_checkpoint(last_path) if ctx.is_main and resume and last_path.exists()
+                                 else None)  # rank 0's file is the resume point of every rank
+    if state is not None:
         free = RESUMABLE_CHANGES - ({"epochs"} if config.lr_schedule == "cosine" else set())  # cosine spans `epochs`
         old, new = ({k: v for k, v in d.items() if k not in free} for d in (state["config"], config.to_dict()))
         if old != new:
@@ -196,10 +230,11 @@ def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_d
         start_epoch, best_val, bad_epochs = state["epoch"] + 1, state["best_val"], state["bad_epochs"]
         history = list(state["history"])
         log.info("resuming %s at epoch %d", run_dir, start_epoch)
-    (run_dir / CONFIG_FILE).write_text(config_to_yaml(config, {"data": {k: meta[k] for k in ("names", "spacing_um")}}))
+    if ctx.is_main:
+        (run_dir / CONFIG_FILE).write_text(config_to_yaml(config, {"data": {k: meta[k] for k in ("names", "spacing_um")}}))
 
     stopped_early = bad_epochs >= config.patience
-    bar = tqdm(range(start_epoch, config.epochs), desc=f"train {config.model}", disable=not progress,
+    bar = tqdm(range(start_epoch, config.epochs), desc=f"train {config.model}", disable=not (progress and ctx.is_main),
                initial=start_epoch, total=config.epochs)
     for epoch in bar:
         if stopped_early:
@@ -212,12 +247,18 @@ def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_d
         model.train()
         losses = []
         for _ in range(config.steps_per_epoch):
-            loss = _step_loss(model, sampler, draw_batch(sampler, rng, config, isotropic), device)
+            batch = draw_batch(sampler, rng, config, isotropic)  # the same global batch on every rank
+            if ctx.enabled:
+                loss, share = ddp.shard_step_loss(net, batch, device, ctx, isinstance(sampler, DenseCropSampler))
+            else:
+                loss = share = _step_loss(model, sampler, batch, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
-        val_pred = predictor.predict(sampler, val_spots)
+            losses.append(share.detach() if ctx.enabled else float(loss.detach()))
+        if ctx.enabled:
+            losses = [ddp.epoch_mean_loss(losses, ctx)]
+        val_pred = ddp.predict_spots(predictor, sampler, val_spots, ctx)
         val_true = torch.from_numpy(targets.proportions[val_spots])
         val_loss = float(kl_to_targets(torch.log(torch.from_numpy(val_pred) + 1e-6), val_true))
         improved = val_loss < best_val - 1e-5
@@ -226,14 +267,16 @@ def train_model(volume: Volume, targets: SpotTargets, config: TrainConfig, run_d
                         "seconds": time.perf_counter() - t0})
         bar.set_postfix(train=f"{np.mean(losses):.4f}", val=f"{val_loss:.4f}")
         cfg = config.to_dict()
-        if improved:
+        if improved and ctx.is_main:
             save_checkpoint(run_dir / CHECKPOINT_FILE, model_state=model.state_dict(), config=cfg, meta=meta,
                             epoch=epoch, val_loss=val_loss)
-        save_checkpoint(last_path, model_state=model.state_dict(), config=cfg, meta=meta, epoch=epoch,
-                        optimizer_state=opt.state_dict(), best_val=best_val, bad_epochs=bad_epochs, history=history)
+        if ctx.is_main:
+            save_checkpoint(last_path, model_state=model.state_dict(), config=cfg, meta=meta, epoch=epoch,
+                            optimizer_state=opt.state_dict(), best_val=best_val, bad_epochs=bad_epochs,
+                            history=history)
         stopped_early = bad_epochs >= config.patience
-    (run_dir / "history.json").write_text(json.dumps(history, indent=1))
-    return run_dir
+    if ctx.is_main:
+        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
 
 
 def raise_config_mismatch(path, old: dict, new: dict):
