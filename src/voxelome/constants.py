@@ -24,6 +24,13 @@ PLANE_KEY = "plane"
 SIGNATURE_LOADINGS_KEY = "signature_loadings"
 #: ``obs`` column marking the held-out spots (bool).
 HELD_OUT_KEY = "held_out"
+#: Per-spot expression predicted by a dense 2D model (PixNet: the map summed over each spot's disk),
+#: ``obsm`` array ``(n_spots, n_genes)`` in the targets' unit (log1p-normalised counts).
+PREDICTED_EXPRESSION_KEY = "expression_pred"
+#: ``uns[UNS_KEY]`` entry: the gene (column) names of ``obsm[PREDICTED_EXPRESSION_KEY]``.
+PREDICTED_GENES_KEY = "expression_pred_genes"
+#: ``uns[UNS_KEY]`` entry: the disk radius (µm) the per-spot predictions were summed over.
+PREDICTED_RADIUS_KEY = "expression_pred_radius_um"
 
 # --- axes ---------------------------------------------------------------------------
 VOLUME_AXES = ("z", "y", "x")

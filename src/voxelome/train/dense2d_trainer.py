@@ -204,7 +204,58 @@ def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes
     meta = {"kind": "dense2d", "genes": list(map(str, genes)), "input_um": float(np.mean([s.pixel_size_um for s in slides])),
             "map_um": float(np.mean([s.pixel_size_um for s in slides])) * stride,
             "map_unit": "target units (e.g. log1p-normalised counts) per map pixel; a region's value is the sum",
-            "n_train_spots": int(len(train_y)), "sections": [s.name for s in slides]}
+            "n_train_spots": int(len(train_y)), "sections": [s.name for s in slides],
+            "train_mean": train_y.mean(0).tolist()}
     save_checkpoint(run_dir / CHECKPOINT_FILE, model_state=model.state_dict(), config=config.to_dict(), meta=meta)
     (run_dir / METRICS_FILE).write_text(json.dumps({"history": history}, indent=1))
     return TrainedDense2D(model, config, genes, meta["input_um"], device)
+
+
+def expression_scores(pred, true) -> dict:
+    """PixNet's summary of per-gene Pearson r (PCC@M mean, @S median, @F first quartile), MSE and MAE.
+
+    A gene whose prediction is constant (e.g. the training-mean baseline) counts as r = 0; genes constant
+    in ``true`` are not scored. ``pred``, ``true`` are ``(n_spots, n_genes)``.
+    """
+    from voxelome.evaluate.metrics import pearson_per_column
+
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    r = pearson_per_column(pred, true)
+    r = np.where(np.ptp(pred, axis=0) > 0, r, 0.0)[np.ptp(true, axis=0) > 0]
+    if r.size == 0:
+        raise VoxelomeError("no gene varies across these spots; nothing to score.")
+    return {"pcc_mean": float(np.mean(r)), "pcc_median": float(np.median(r)), "pcc_q1": float(np.percentile(r, 25)),
+            "mse": float(np.mean((pred - true) ** 2)), "mae": float(np.mean(np.abs(pred - true))),
+            "n_genes_scored": int(r.size), "n_spots": int(len(true))}
+
+
+def train_dense2d_sections(sections, images, config: Dense2DConfig, run_dir, *, pixel_size_um=None,
+                           progress: bool = False) -> TrainedDense2D:
+    """Select targets on the sections, pair each with its image and train (what ``voxelome train --preset dense2d`` runs).
+
+    Parameters
+    ----------
+    sections : list of AnnData
+        Sections with counts (``targets='genes'``) or ``obsm['signatures']``, spot centres in image pixels.
+    images : list of path or ndarray
+        One H&E image per section.
+    config : Dense2DConfig
+    run_dir : path
+    pixel_size_um : float, optional
+        µm per image pixel when the sections do not record it.
+    """
+    from voxelome.train.dense2d_data import gene_targets, select_target_genes, signature_targets, slide_from_section
+
+    if len(sections) != len(images) or not sections:
+        raise VoxelomeError(f"give one image per section (got {len(sections)} sections and {len(images)} images).")
+    if config.targets == "genes":
+        genes = select_target_genes(sections, config.n_genes, config.gene_selection)
+        targets = [gene_targets(a, genes) for a in sections]
+    else:
+        targets = [signature_targets(a) for a in sections]
+        k = targets[0].shape[1]
+        genes = [f"signature_{i}" for i in range(k)]
+    slides = [slide_from_section(img, a, t, input_um=config.input_um, pixel_size_um=pixel_size_um,
+                                 name=str(next(iter(a.uns.get("spatial", {})), i)))
+              for i, (a, img, t) in enumerate(zip(sections, images, targets))]
+    return train_dense2d(slides, config, run_dir, genes, progress=progress)
