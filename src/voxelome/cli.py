@@ -140,7 +140,8 @@ def signatures(section: Path = typer.Argument(..., help="Section: Visium outs/ f
 
 @app.command()
 @_friendly
-def train(volume: Path = typer.Option(..., help="Scan: TIFF, OME-Zarr, NIfTI, NPY/NPZ."),
+def train(volume: Optional[Path] = typer.Option(None, help="Scan: TIFF, OME-Zarr, NIfTI, NPY/NPZ (every preset but dense2d)."),
+          image: Optional[list[Path]] = typer.Option(None, help="--preset dense2d: the section's H&E image (2D histology, no --volume)."),
           section: Path = typer.Option(..., help="Section .h5ad (with obsm['signatures'] from `voxelome signatures`, or counts to fit them)."),
           out: Path = typer.Option(..., help="Output folder (run/ inside it holds the checkpoint)."),
           preset: str = typer.Option("dense", help="dense or xpression."),
@@ -156,6 +157,13 @@ def train(volume: Path = typer.Option(..., help="Scan: TIFF, OME-Zarr, NIfTI, NP
           no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of resuming run/last.pt."),
           predict: bool = typer.Option(False, help="Also predict the whole volume into out/prediction.ome.zarr.")):
     """Train an image → signature model on one placed section."""
+    if preset.startswith("dense2d"):  # 2D histology → dense expression maps (PixNet), in cli_dense2d.py
+        from voxelome.cli_dense2d import run_train
+
+        typer.echo(f"run: {run_train([section], list(image or []), out, preset=preset, config=config, sets=set_, pixel_size_um=pixel_size_um)}")
+        return
+    if volume is None:
+        raise VoxelomeError("--volume is required (the scan to train on); only --preset dense2d trains on a 2D --image.")
     from voxelome.io import read_section
     from voxelome.pipeline import run_pipeline
     from voxelome.train.config import load_config_file, make_config
@@ -187,7 +195,9 @@ def train(volume: Path = typer.Option(..., help="Scan: TIFF, OME-Zarr, NIfTI, NP
 @app.command()
 @_friendly
 def predict(run: Path = typer.Argument(..., help="Run folder (holding checkpoint.pt) or the train --out folder."),
-            volume: Path = typer.Option(..., help="Scan to predict (same voxel size as in training)."),
+            volume: Optional[Path] = typer.Option(None, help="Scan to predict (same voxel size as in training)."),
+            image: Optional[Path] = typer.Option(None, help="dense2d runs: the H&E image to map (writes a (c, y, x) OME-Zarr)."),
+            pixel_size_um: Optional[float] = typer.Option(None, help="dense2d runs: µm per pixel of --image."),
             out: Path = typer.Option(..., help="Output .ome.zarr (resumes if it exists)."),
             spacing_um: Optional[str] = typer.Option(None, help="Voxel size µm if the file does not say."),
             chunks: Optional[str] = typer.Option(None, help="Output chunk z,y,x in output voxels."),
@@ -202,6 +212,13 @@ def predict(run: Path = typer.Argument(..., help="Run folder (holding checkpoint
             compile_mode: Optional[str] = typer.Option(None, "--compile", help="torch.compile mode: default, reduce-overhead (CUDA graphs) or max-autotune."),
             channels_last: bool = typer.Option(False, help="channels-last-3D activations (GPU fast path).")):
     """Predict the whole volume, chunk by chunk, into a multiscale OME-Zarr."""
+    if image is not None:  # a dense2d run on a 2D image (cli_dense2d.py)
+        from voxelome.cli_dense2d import run_predict
+
+        typer.echo(json.dumps(run_predict(run, image, out, pixel_size_um=pixel_size_um, overwrite=overwrite), indent=1))
+        return
+    if volume is None:
+        raise VoxelomeError("--volume is required (the scan to predict); for a dense2d run pass --image.")
     from voxelome.accel import AccelOptions
     from voxelome.infer.predict import TrainedModel, predict_volume
 
@@ -245,11 +262,19 @@ def _run_dir(path: Path) -> Path:
 @app.command()
 @_friendly
 def evaluate(run: Path = typer.Argument(..., help="Run folder or train --out folder."),
-             volume: Path = typer.Option(..., help="Scan."),
+             volume: Optional[Path] = typer.Option(None, help="Scan."),
+             image: Optional[Path] = typer.Option(None, help="dense2d runs: the section's H&E image (then --section is its counts)."),
              section: Path = typer.Option(..., help="A placed section .h5ad with obsm['signatures'] (e.g. out/section.h5ad, or another section)."),
              out: Path = typer.Option(Path("evaluation"), help="Folder for metrics.json and figures."),
              spacing_um: Optional[str] = typer.Option(None, help="Voxel size µm if the file does not say.")):
     """Score a trained model on a section's spots (held-out spots when it is the training section)."""
+    if image is not None:  # a dense2d run on a 2D section (cli_dense2d.py)
+        from voxelome.cli_dense2d import run_evaluate
+
+        typer.echo(json.dumps(run_evaluate(run, section, image, out), indent=1))
+        return
+    if volume is None:
+        raise VoxelomeError("--volume is required (the scan); for a dense2d run pass --image.")
     import anndata as ad
 
     from voxelome.constants import HELD_OUT_KEY, SIGNATURES_KEY, SPATIAL_KEY
@@ -277,6 +302,8 @@ from voxelome.cli_field import app as _reconstruct_app  # noqa: E402 - the `reco
 app.add_typer(_reconstruct_app, name="reconstruct")
 from voxelome.cli_register import app as _register_app  # noqa: E402 - `register plane` / `register stack`
 app.add_typer(_register_app, name="register")
+from voxelome.cli_dense2d import app as _dense2d_app  # noqa: E402 - dense 2D maps from H&E (PixNet)
+app.add_typer(_dense2d_app, name="dense2d")
 
 
 def main():  # pragma: no cover - entry point
