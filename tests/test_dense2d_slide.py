@@ -90,3 +90,19 @@ def test_bad_tiles_are_refused():
         predict_slide(image, _pointwise(4), tile=30, stride=4, n_channels=3)
     with pytest.raises(VoxelomeError, match="RGB"):
         predict_slide(np.zeros((20, 20, 1), np.uint8), _pointwise(4), tile=16, stride=4, n_channels=3)
+
+
+def test_image_stack_becomes_a_3d_expression_volume(tmp_path):
+    from voxelome.infer.slide import write_stack_map
+    from voxelome.io.omezarr import read_ome_zarr
+
+    stack = np.random.default_rng(3).integers(0, 256, (3, 70, 90, 3), dtype=np.uint8)
+    out = write_stack_map(tmp_path / "stack.ome.zarr", stack, _pointwise(2), tile=32, stride=2,
+                          channel_names=["A", "B", "C"], pixel_size_um=4.0, section_spacing_um=50.0, chunk=24)
+    data, spacing, names = read_ome_zarr(out)
+    assert data.shape == (3, 3, 35, 45) and spacing == (50.0, 8.0, 8.0) and names == ["A", "B", "C"]
+    for z in range(3):
+        np.testing.assert_allclose(np.asarray(data[:, z]), _direct(stack[z], 2), rtol=1e-5, atol=1e-6)
+    with pytest.raises(VoxelomeError, match="RGB sections"):
+        write_stack_map(tmp_path / "bad.ome.zarr", stack[..., 0], _pointwise(2), tile=32, stride=2,
+                        channel_names=["A"], pixel_size_um=4.0, section_spacing_um=50.0)

@@ -244,3 +244,43 @@ def read_slide_map(path, level: int = 0):
     names = [c["label"] for c in attrs.get("omero", {}).get("channels", [])]
     return zarr.open_array(str(path / ds["path"]), mode="r"), (scale[1], scale[2]), names
 
+
+
+def write_stack_map(path, stack, predictor, *, tile: int, stride: int, channel_names, pixel_size_um: float,
+                    section_spacing_um: float, overlap: float = 0.25, blend: str = "gaussian", chunk: int = 256,
+                    batch_size: int = 4, overwrite: bool = False) -> Path:
+    """A registered image stack → 3D expression volume: each section's dense map, slice-wise, into ``(c, z, y, x)``.
+
+    Parameters
+    ----------
+    stack : array-like, shape (z, y, x, 3)
+        Registered RGB sections at the model's working resolution (e.g. the her2st C2–C6 H&E stack after
+        section-to-section registration), section ``k`` at ``z = k · section_spacing_um``.
+    section_spacing_um : float
+        Distance between consecutive sections (µm): the volume's z spacing.
+    Other parameters : see :func:`write_slide_map`.
+
+    Returns
+    -------
+    Path of a multiscale OME-Zarr ``(c, z, y, x)`` in µm (:mod:`voxelome.io.omezarr`), written section by
+    section and block by block.
+    """
+    from voxelome.io.omezarr import build_pyramid, create_ome_zarr
+
+    if getattr(stack, "ndim", 0) != 4 or stack.shape[-1] != 3:
+        raise VoxelomeError(f"stack has shape {getattr(stack, 'shape', None)}; expected (z, y, x, 3) RGB sections.")
+    Z, H, W = (int(s) for s in stack.shape[:3])
+    out = (-(-H // stride), -(-W // stride))
+    names = [str(n) for n in channel_names]
+    arr = create_ome_zarr(path, (len(names), Z, *out), chunks_czyx=(min(len(names), 16), 1, chunk, chunk),
+                          spacing_um_zyx=(float(section_spacing_um), float(pixel_size_um) * stride,
+                                          float(pixel_size_um) * stride), channel_names=names, overwrite=overwrite)
+    for z in range(Z):
+        section = stack[z]
+        for by, bx in product(range(0, out[0], chunk), range(0, out[1], chunk)):
+            region = (slice(by, min(by + chunk, out[0])), slice(bx, min(bx + chunk, out[1])))
+            arr[(slice(None), z, *region)] = predict_slide(section, predictor, tile=tile, stride=stride,
+                                                           n_channels=len(names), overlap=overlap, blend=blend,
+                                                           out_region=region, batch_size=batch_size)
+    build_pyramid(path)
+    return Path(path)
