@@ -26,7 +26,12 @@ import scipy.sparse as sp
 import torch
 
 from voxelome.datasets import axial_placement, make_lung_phantom
-from voxelome.evaluate.field_baselines import knn_3d, linear_between_sections, nearest_section, per_gene_scores
+from voxelome.evaluate.field_baselines import (
+    knn_3d,
+    linear_between_sections,
+    nearest_section,
+    per_gene_scores,
+)
 from voxelome.infer.field_export import FittedField
 from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
 from voxelome.train.point_data import PointData
@@ -42,29 +47,75 @@ def log_norm(X, lib=None):
     return np.log1p(X / lib[:, None] * 1e4)
 
 
-def best(fn, ks, truth):
-    scores = [(per_gene_scores(fn(k), truth), k) for k in ks]
-    s, k = max(scores, key=lambda t: t[0]["mean_r"])
-    return {"r": s["mean_r"], "rmse": s["mean_rmse"], "k": k}
+BASELINE_KS = {"nearest_section": K_SECTION, "linear_interp": K_SECTION, "knn_3d": K_3D}
 
 
-def baselines(train_xyz, train_sec, train_y, query_xyz, truth) -> dict:
-    return {
-        "nearest_section": best(lambda k: nearest_section(train_xyz, train_sec, train_y, query_xyz, k=k), K_SECTION, truth),
-        "linear_interp": best(lambda k: linear_between_sections(train_xyz, train_sec, train_y, query_xyz, k=k),
-                              K_SECTION, truth),
-        "knn_3d": best(lambda k: knn_3d(train_xyz, train_y, query_xyz, k=k), K_3D, truth),
-    }
+def baseline_predict(name, xyz, sec, y, query_xyz, k, weights="distance"):
+    if name == "nearest_section":
+        return nearest_section(xyz, sec, y, query_xyz, k=k)
+    if name == "linear_interp":
+        return linear_between_sections(xyz, sec, y, query_xyz, k=k)
+    return knn_3d(xyz, y, query_xyz, k=k, weights=weights)
 
 
-def fit(data: PointData, run: Path, loadings=None, **overrides):
-    cfg = make_field_config("cpu", jitter_um=suggest_jitter(data), **overrides)
-    t0 = time.perf_counter()
-    fit_field(data, cfg, run, loadings=loadings, resume=False, progress=False)
-    secs = time.perf_counter() - t0
-    return FittedField.load(run), {"fit_s": secs, "train_points_per_s": cfg.iterations * cfg.batch_size / secs,
-                                   "iterations": cfg.iterations, "batch_size": cfg.batch_size,
-                                   "jitter_um": list(cfg.jitter_um), "likelihood": cfg.likelihood}
+def choose_k(name, xyz, sec, y, val_sets) -> tuple[int, float]:
+    """The k of baseline ``name`` with the best mean r over the inner validation sets (never the test data).
+
+    ``val_sets``: list of (boolean mask of the validation rows among the training rows, their targets).
+    """
+    scores = {}
+    for k in BASELINE_KS[name]:
+        rs = [per_gene_scores(baseline_predict(name, xyz[~m], sec[~m], y[~m], xyz[m], k), t)["mean_r"]
+              for m, t in val_sets]
+        scores[k] = float(np.mean(rs))
+    k = max(scores, key=scores.get)
+    return k, scores[k]
+
+
+def baselines(train_xyz, train_sec, train_y, query_xyz, targets: dict, val_sets) -> dict:
+    """Every baseline with its k chosen on ``val_sets`` (inner split), scored on each test target.
+
+    Returns ``{target_name: {baseline: {r, rmse, k, val_r}}}``.
+    """
+    out = {t: {} for t in targets}
+    xyz, sec = np.asarray(train_xyz, float), np.asarray(train_sec)
+    for name in BASELINE_KS:
+        k, val_r = choose_k(name, xyz, sec, train_y, val_sets)
+        pred = baseline_predict(name, xyz, sec, train_y, query_xyz, k)
+        for t, truth in targets.items():
+            s = per_gene_scores(pred, truth)
+            out[t][name] = {"r": s["mean_r"], "rmse": s["mean_rmse"], "k": k, "val_r": val_r}
+    return out
+
+
+class Ensemble:
+    """Fields fitted with different seeds; predictions are their mean (an ensemble over seeds)."""
+
+    def __init__(self, fields):
+        self.fields = fields
+
+    def predict(self, xyz, **kw):
+        return np.mean([f.predict(xyz, **kw) for f in self.fields], axis=0)
+
+    def denoise(self, adata):
+        return np.mean([f.denoise(adata.copy(), key=None) for f in self.fields], axis=0)
+
+
+def fit(data: PointData, run: Path, *, seeds=(0,), loadings=None, jitter_scale=(1.0, 1.0), **overrides):
+    """Fit one field per seed (preset ``cpu`` + overrides; jitter = suggest_jitter × jitter_scale (xy, z))."""
+    j = suggest_jitter(data)
+    jit = (j[0] * jitter_scale[0], j[1] * jitter_scale[0], j[2] * jitter_scale[1])
+    fields, secs = [], 0.0
+    for seed in seeds:
+        cfg = make_field_config("cpu", jitter_um=jit, seed=seed, **overrides)
+        t0 = time.perf_counter()
+        fit_field(data, cfg, run / f"seed{seed}", loadings=loadings, resume=False, progress=False)
+        secs += time.perf_counter() - t0
+        fields.append(FittedField.load(run / f"seed{seed}"))
+    return Ensemble(fields), {"fit_s": secs, "train_points_per_s": len(seeds) * cfg.iterations * cfg.batch_size / secs,
+                              "seeds": list(seeds), "iterations": cfg.iterations, "batch_size": cfg.batch_size,
+                              "jitter_um": list(cfg.jitter_um), "likelihood": cfg.likelihood,
+                              "box_shape": cfg.box_shape, "section_dim": cfg.section_dim}
 
 
 def nmf_loadings(X, k, seed=0):
@@ -76,12 +127,29 @@ def nmf_loadings(X, k, seed=0):
     return H / H.sum(1, keepdims=True)
 
 
-def field_scores(field, query_xyz, truth):
+def pca_loadings(y, k):
+    """Signed gene axes ``(k, g)``: the top principal axes of the training values (for ``low_rank='linear'``)."""
+    _, _, vt = np.linalg.svd(y - y.mean(0), full_matrices=False)
+    return vt[:k]
+
+
+def field_scores(field, query_xyz, targets: dict, value="rate") -> dict:
+    """``{target: {r, rmse}}`` of the field's ``value`` at the query points (plus query speed)."""
     t0 = time.perf_counter()
-    pred = field.predict(query_xyz)
-    q = len(query_xyz) / (time.perf_counter() - t0)
-    s = per_gene_scores(pred, truth)
-    return {"r": s["mean_r"], "rmse": s["mean_rmse"], "query_points_per_s": q}
+    pred = field.predict(query_xyz, value=value)
+    q = len(query_xyz) * len(field.fields) / (time.perf_counter() - t0)
+    out = {}
+    for t, truth in targets.items():
+        s = per_gene_scores(pred, truth)
+        out[t] = {"r": s["mean_r"], "rmse": s["mean_rmse"], "query_points_per_s": q}
+    return out
+
+
+def leave_out(stack, held, val):
+    """Masks (train, test) for a held-out section, and the inner validation mask among the training rows."""
+    sec = stack.obs["section"].to_numpy()
+    te = sec == held
+    return ~te, te, sec[~te] == val
 
 
 # --- phantom ---------------------------------------------------------------------------
@@ -94,43 +162,57 @@ def phantom_stack(ph, z_indices, seed0=0):
     return ad.concat(secs, index_unique="-", merge="same")
 
 
-def phantom_loso(out: Path, held=("s03", "s06", "s08"), iterations=800):
+#: held-out section → inner validation section (among the training sections; never a test section),
+#: where the baselines' k was chosen in-run and the field's settings were tuned (see BENCHMARKS.md).
+PHANTOM_FOLDS = {"s03": "s09", "s06": "s10", "s08": "s01"}
+#: field settings for the phantom (NB counts), chosen on the inner validation section of fold s03.
+PHANTOM_FIELD = {"iterations": 800, "batch_size": 2048}
+
+
+def phantom_loso(out: Path, folds=PHANTOM_FOLDS, seeds=(0, 1, 2), iterations=800):
     ph = make_lung_phantom("small", seed=0, n_genes=60)
     stack = phantom_stack(ph, list(range(2, 47, 4)))  # 12 axial sections 40 µm apart
     loadings = np.asarray(stack.varm["signature_loadings_true"]).T
     rows = []
-    for h in held:
-        te = (stack.obs["section"] == h).to_numpy()
-        tr_a, te_a = stack[~te], stack[te]
+    for h, v in folds.items():
+        tr, te, val = leave_out(stack, h, v)
+        tr_a, te_a = stack[tr], stack[te]
         data = PointData.from_anndata(tr_a)
         y_tr = log_norm(tr_a.X)
-        measured = log_norm(te_a.X)
-        truth = np.log1p(1e4 * np.asarray(te_a.obsm["signatures_true"]) @ loadings)
+        targets = {"measured": log_norm(te_a.X),
+                   "truth": np.log1p(1e4 * np.asarray(te_a.obsm["signatures_true"]) @ loadings)}
         sec = pd.Categorical(tr_a.obs["section"]).codes
-        res = {"held_out": h, "n_train": int((~te).sum()), "n_test": int(te.sum())}
-        for target, t in (("measured", measured), ("truth", truth)):
-            res[target] = baselines(tr_a.obsm["spatial_3d"], sec, y_tr, te_a.obsm["spatial_3d"], t)
-        f_full, info_full = fit(data, out / f"phantom_{h}_full", iterations=iterations, batch_size=2048)
-        f_low, info_low = fit(data, out / f"phantom_{h}_nmf8", loadings=nmf_loadings(tr_a.X, 8),
-                              iterations=iterations, batch_size=2048)
-        for target, t in (("measured", measured), ("truth", truth)):
-            res[target]["field_full"] = field_scores(f_full, te_a.obsm["spatial_3d"], t)
-            res[target]["field_nmf8"] = field_scores(f_low, te_a.obsm["spatial_3d"], t)
+        res = {"held_out": h, "validation": v, "n_train": int(tr.sum()), "n_test": int(te.sum()),
+               **baselines(tr_a.obsm["spatial_3d"], sec, y_tr, te_a.obsm["spatial_3d"], targets,
+                           [(val, y_tr[val])])}
+        cfg = {**PHANTOM_FIELD, "iterations": iterations}
+        f_full, info_full = fit(data, out / f"phantom_{h}_full", seeds=seeds[:1], **cfg)
+        f_low, info_low = fit(data, out / f"phantom_{h}_nmf8", seeds=seeds, loadings=nmf_loadings(tr_a.X, 8), **cfg)
+        q = te_a.obsm["spatial_3d"]
+        for name, f in (("field_full", f_full), ("field_nmf8", f_low)):
+            for value in ("rate", "measured"):
+                for t, sc in field_scores(f, q, targets, value).items():
+                    res[t][f"{name}_{value}"] = sc
         res["fit_full"], res["fit_nmf8"] = info_full, info_low
-        if h == held[0]:  # denoising on the training spots, against the known truth
+        if h == next(iter(folds)):  # denoising on the training spots, against the known truth
             truth_tr = np.log1p(1e4 * np.asarray(tr_a.obsm["signatures_true"]) @ loadings)
-            den = f_full.denoise(tr_a.copy(), key=None)
             res["denoise"] = {"raw": per_gene_scores(y_tr, truth_tr)["mean_r"],
-                              "field_full": per_gene_scores(den, truth_tr)["mean_r"],
-                              "field_nmf8": per_gene_scores(f_low.denoise(tr_a.copy(), key=None), truth_tr)["mean_r"],
-                              "knn_smooth": best(lambda k: knn_3d(tr_a.obsm["spatial_3d"], y_tr, tr_a.obsm["spatial_3d"], k=k,
-                                                                  weights="uniform"), K_3D, truth_tr)}
+                              "field_full": per_gene_scores(f_full.denoise(tr_a), truth_tr)["mean_r"],
+                              "field_nmf8": per_gene_scores(f_low.denoise(tr_a), truth_tr)["mean_r"],
+                              "knn_smooth_oracle_k": knn_smooth_oracle(tr_a.obsm["spatial_3d"], y_tr, truth_tr)}
             t0 = time.perf_counter()
             knn_3d(tr_a.obsm["spatial_3d"], y_tr, te_a.obsm["spatial_3d"], k=16)
             res["knn_query_points_per_s"] = te_a.n_obs / (time.perf_counter() - t0)
         rows.append(res)
         print(json.dumps(res)[:600], flush=True)
     return rows
+
+
+def knn_smooth_oracle(xyz, y, truth):
+    """kNN smoothing (uniform weights) of the training spots with the k best **against the truth** (favours kNN)."""
+    scores = {k: per_gene_scores(knn_3d(xyz, y, xyz, k=k, weights="uniform"), truth) for k in K_3D}
+    k = max(scores, key=lambda k: scores[k]["mean_r"])
+    return {"r": scores[k]["mean_r"], "rmse": scores[k]["mean_rmse"], "k": k}
 
 
 def knn_denoise(held="s03"):
@@ -142,20 +224,22 @@ def knn_denoise(held="s03"):
     y_tr = log_norm(tr_a.X)
     truth_tr = np.log1p(1e4 * np.asarray(tr_a.obsm["signatures_true"]) @ loadings)
     res = {"raw": per_gene_scores(y_tr, truth_tr)["mean_r"],
-           "knn_smooth_uniform": best(lambda k: knn_3d(tr_a.obsm["spatial_3d"], y_tr, tr_a.obsm["spatial_3d"], k=k,
-                                                       weights="uniform"), K_3D, truth_tr)}
+           "knn_smooth_oracle_k": knn_smooth_oracle(tr_a.obsm["spatial_3d"], y_tr, truth_tr)}
     print(json.dumps(res), flush=True)
     return res
 
 
 def phantom_sparse(out: Path, iterations=800, n_eval=20000):
-    """40 axial sections of the small phantom (every 1.2 slices), keep every 10th (4); r vs the volume truth."""
+    """40 axial sections of the small phantom (every 1.2 slices), keep every 10th (4); r vs the volume truth.
+
+    The baselines' k is chosen by holding out each of the two inner kept sections in turn (measured spots).
+    """
     ph = make_lung_phantom("small", seed=1, n_genes=60)
     z_all = np.linspace(3, 44, 40)
     kept = z_all[::10]  # 10 %
     stack = phantom_stack(ph, kept, seed0=100)
     data = PointData.from_anndata(stack)
-    field, info = fit(data, out / "phantom_sparse", iterations=iterations, batch_size=2048)
+    field, info = fit(data, out / "phantom_sparse", **{**PHANTOM_FIELD, "iterations": iterations})
     vol = ph.volume
     rng = np.random.default_rng(0)
     zlo, zhi = int(np.ceil(kept.min())), int(np.floor(kept.max()))
@@ -165,10 +249,13 @@ def phantom_sparse(out: Path, iterations=800, n_eval=20000):
     props = ph.truth[:, pick[:, 0], pick[:, 1], pick[:, 2]].T
     truth = np.log1p(1e4 * (props / np.maximum(props.sum(1, keepdims=True), 1e-9)) @ ph.loadings)
     y = log_norm(stack.X)
-    sec = pd.Categorical(stack.obs["section"]).codes
-    base = baselines(stack.obsm["spatial_3d"], sec, y, xyz, truth)
+    names = stack.obs["section"].to_numpy()
+    sec = pd.Categorical(names).codes
+    val_sets = [(names == s, y[names == s]) for s in ("s01", "s02")]
+    base = baselines(stack.obsm["spatial_3d"], sec, y, xyz, {"truth": truth}, val_sets)["truth"]
     res = {"sections_cut": 40, "sections_kept": len(kept), "kept_z_um": (kept * vol.spacing_um[0]).tolist(),
-           "n_eval_voxels": len(xyz), **base, "field_full": field_scores(field, xyz, truth), "fit": info}
+           "n_eval_voxels": len(xyz), **base, "field_full": field_scores(field, xyz, {"truth": truth})["truth"],
+           "fit": info}
     print(json.dumps(res), flush=True)
     return res
 
@@ -187,25 +274,74 @@ def starmap_stack():
     return a[X.sum(1) > 0].copy()  # 85 of the 4,000 cells have no signal at all
 
 
-def starmap_loso(out: Path, held=("slab2", "slab4", "slab5"), iterations=800):
+#: held-out slab → inner validation slab (a training slab that is never a test slab).
+STARMAP_FOLDS = {"slab2": "slab6", "slab4": "slab1", "slab5": "slab1"}
+#: field settings for STARmap, chosen on the inner validation slab of fold slab2 (``--only tune_starmap``).
+STARMAP_FIELD = {"likelihood": "gaussian", "iterations": 400, "batch_size": 2048, "jitter_scale": (2.0, 4.0),
+                     "box_shape": "cube"}
+#: candidates tried on the inner validation split (the first fold's), in the order they were run.
+STARMAP_GRID = {
+    "preset (box=points, jitter ×1, 800 it)": {"box_shape": "points", "iterations": 800},
+    "cube box": {"iterations": 800},
+    "cube, jitter xy ×2": {"iterations": 800, "jitter_scale": (2.0, 1.0)},
+    "cube, jitter xy ×3": {"iterations": 800, "jitter_scale": (3.0, 1.0)},
+    "cube, jitter xy ×2, 400 it": {"jitter_scale": (2.0, 1.0)},
+    "cube, jitter xy ×2 z ×2, 400 it": {"jitter_scale": (2.0, 2.0)},
+    "cube, jitter xy ×2 z ×4, 400 it": {"jitter_scale": (2.0, 4.0)},
+    "cube, jitter xy ×3 z ×4, 400 it": {"jitter_scale": (3.0, 4.0)},
+    "cube, jitter xy ×2 z ×4, no section effects": {"jitter_scale": (2.0, 4.0), "section_dim": 0},
+    "cube, jitter xy ×2 z ×4, low rank (PCA 8)": {"jitter_scale": (2.0, 4.0), "pca": 8},
+}
+
+
+def starmap_fit(tr_a, run: Path, seeds, **settings):
+    settings = {**STARMAP_FIELD, **settings}
+    k = settings.pop("pca", 0)
+    loadings = None
+    if k:
+        loadings, settings["low_rank"] = pca_loadings(log_norm(tr_a.X), k), "linear"
+    return fit(PointData.from_anndata(tr_a), run, seeds=seeds, loadings=loadings, **settings)
+
+
+def starmap_loso(out: Path, folds=STARMAP_FOLDS, seeds=(0, 1, 2)):
     if not STARMAP.exists():
         return {"skipped": f"{STARMAP} not found"}
     stack = starmap_stack()
     rows = []
-    for h in held:
-        te = (stack.obs["section"] == h).to_numpy()
-        tr_a, te_a = stack[~te], stack[te]
-        data = PointData.from_anndata(tr_a)
+    for h, v in folds.items():
+        tr, te, val = leave_out(stack, h, v)
+        tr_a, te_a = stack[tr], stack[te]
         y_tr, truth = log_norm(tr_a.X), log_norm(te_a.X)
         sec = pd.Categorical(tr_a.obs["section"]).codes
-        res = {"held_out": h, "n_train": int((~te).sum()), "n_test": int(te.sum()),
-               **baselines(tr_a.obsm["spatial_3d"], sec, y_tr, te_a.obsm["spatial_3d"], truth)}
-        f, info = fit(data, out / f"starmap_{h}", likelihood="gaussian", iterations=iterations, batch_size=2048)
-        res["field_gaussian"] = field_scores(f, te_a.obsm["spatial_3d"], truth)
+        res = {"held_out": h, "validation": v, "n_train": int(tr.sum()), "n_test": int(te.sum()),
+               **baselines(tr_a.obsm["spatial_3d"], sec, y_tr, te_a.obsm["spatial_3d"], {"measured": truth},
+                           [(val, y_tr[val])])["measured"]}
+        f, info = starmap_fit(tr_a, out / f"starmap_{h}", seeds)
+        res["field_ensemble"] = field_scores(f, te_a.obsm["spatial_3d"], {"m": truth})["m"]
+        res["field_seeds"] = [per_gene_scores(m.predict(te_a.obsm["spatial_3d"]), truth)["mean_r"] for m in f.fields]
         res["fit"] = info
         rows.append(res)
         print(json.dumps(res), flush=True)
     return rows
+
+
+def tune_starmap(out: Path, fold="slab2"):
+    """Score every STARMAP_GRID candidate on the inner validation slab of ``fold`` (the test slab is left out)."""
+    stack = starmap_stack()
+    val_label = STARMAP_FOLDS[fold]
+    tr, _, val = leave_out(stack, fold, val_label)
+    inner = stack[tr]
+    tr_a, va_a = inner[~val], inner[val]
+    truth = log_norm(va_a.X)
+    y = log_norm(tr_a.X)
+    res = {"fold": fold, "validation": val_label,
+           "knn_3d": {k: per_gene_scores(knn_3d(tr_a.obsm["spatial_3d"], y, va_a.obsm["spatial_3d"], k=k),
+                                         truth)["mean_r"] for k in K_3D}}
+    for name, settings in STARMAP_GRID.items():
+        f, _ = starmap_fit(tr_a, out / "tune" / name.replace(" ", "_").replace(",", ""), (0,), **settings)
+        res[name] = per_gene_scores(f.predict(va_a.obsm["spatial_3d"]), truth)["mean_r"]
+        print(name, res[name], flush=True)
+    return res
 
 
 # --- scale -----------------------------------------------------------------------------
@@ -242,19 +378,22 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/field"))
     ap.add_argument("--only", nargs="*", default=["phantom", "sparse", "starmap", "scale"])
     ap.add_argument("--iterations", type=int, default=800)
+    ap.add_argument("--seeds", type=int, default=3, help="fields per ensemble (seeds 0 … n-1)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                           f"{torch.get_num_threads()} thread(s), no GPU"}
     if "phantom" in args.only:
-        results["phantom_loso"] = phantom_loso(args.out, iterations=args.iterations)
+        results["phantom_loso"] = phantom_loso(args.out, seeds=tuple(range(args.seeds)), iterations=args.iterations)
     if "knn_denoise" in args.only:
         results["knn_denoise"] = knn_denoise()
     if "sparse" in args.only:
         results["phantom_sparse"] = phantom_sparse(args.out, iterations=args.iterations)
     if "starmap" in args.only:
-        results["starmap_loso"] = starmap_loso(args.out, iterations=args.iterations)
+        results["starmap_loso"] = starmap_loso(args.out, seeds=tuple(range(args.seeds)))
+    if "tune_starmap" in args.only:
+        results["tune_starmap"] = tune_starmap(args.out)
     if "scale" in args.only:
         results["scale_1M_x_500"] = scale(args.out)
     name = "results_" + "_".join(args.only) + ".json"

@@ -110,6 +110,21 @@ def test_denoised_spots_beat_raw_counts(fitted, split):
     assert per_gene_scores(den, truth)["mean_r"] > per_gene_scores(log_norm(train), truth)["mean_r"] + 0.1
 
 
+def test_expected_measured_value_predicts_noisy_spots_better(fitted, split):
+    """value='measured' (E[log1p(1e4·Y/L)] under the NB) beats log1p(1e4·rate) in RMSE vs held-out measured spots."""
+    _, test = split
+    field = FittedField.load(fitted)
+    xyz, measured = test.obsm["spatial_3d"], log_norm(test)
+    rate, expected = field.predict(xyz), field.predict(xyz, value="measured")
+    assert (expected <= rate + 1e-5).all()  # Jensen
+    rmse_rate, rmse_exp = (per_gene_scores(p, measured)["mean_rmse"] for p in (rate, expected))
+    assert rmse_exp < rmse_rate - 0.02, (rmse_exp, rmse_rate)
+    own = field.predict(xyz, value="measured", library=np.asarray(test.X).sum(1))  # each spot's own library
+    assert own.shape == expected.shape and not np.allclose(own, expected)
+    with pytest.raises(Exception, match="'rate'"):
+        field.predict(xyz, value="mean")
+
+
 def test_save_load_round_trip(fitted, tmp_path):
     copy = tmp_path / "moved"
     shutil.copytree(fitted, copy)

@@ -48,3 +48,33 @@ def test_log_prob_dispatch_uses_library_and_names():
     torch.testing.assert_close(got, lk.poisson_log_prob(Y, torch.log(MU)))
     with pytest.raises(VoxelomeError, match="Did you mean 'zinb'"):
         lk.check_likelihood("zinbb")
+
+
+def _expected_log1p_by_sum(pmf, lib):
+    return float((pmf * np.log1p(1e4 * np.arange(len(pmf)) / lib)).sum())
+
+
+@pytest.mark.parametrize("name", ["poisson", "nb", "zinb"])
+def test_expected_log1p_matches_a_long_sum(name):
+    # small means (exact-sum branch) and a large one (Poisson-Gamma quantile branch)
+    rate = torch.tensor([[2e-4, 3e-3, 0.02, 0.3]], dtype=torch.float64).repeat(2, 1)
+    lib = np.array([2500.0, 700.0])
+    theta = np.array([2.0, 5.0, 10.0, 8.0])
+    logit = np.array([-1.0, 0.0, -3.0, -2.0])
+    params = {"log_theta": torch.tensor(np.log(theta)), "zi_logit": torch.tensor(logit)}
+    got = lk.expected_log1p(name, torch.log(rate), params, torch.tensor(np.log(lib))).numpy()
+    for i in range(2):
+        for j in range(4):
+            mu = lib[i] * float(rate[i, j])
+            y = np.arange(20000)
+            if name == "poisson":
+                pmf = stats.poisson.pmf(y, mu)
+            else:
+                pmf = stats.nbinom.pmf(y, theta[j], theta[j] / (theta[j] + mu))
+            want = _expected_log1p_by_sum(pmf, lib[i])
+            if name == "zinb":
+                want *= 1 - 1 / (1 + np.exp(-logit[j]))
+            tol = 1e-6 if mu < 100 else 5e-3
+            assert abs(got[i, j] - want) < tol, (name, i, j, got[i, j], want)
+    plain = np.log1p(1e4 * rate.numpy())
+    assert (got < plain).all()  # Jensen: the expected measured value lies below log1p of the expected rate

@@ -81,7 +81,8 @@ class FittedField:
         return np.asarray([lookup[g] for g in genes])
 
     @torch.no_grad()
-    def predict(self, points_xyz_um, genes=None, *, section=None, batch_size: int = 65536) -> np.ndarray:
+    def predict(self, points_xyz_um, genes=None, *, section=None, value: str = "rate", library=None,
+                batch_size: int = 65536) -> np.ndarray:
         """Denoised expression at points.
 
         Parameters
@@ -92,6 +93,15 @@ class FittedField:
             Genes to return (default all modelled genes).
         section : array of int, shape (...), optional
             Training-section code of each point to include its batch effect; default the average section.
+        value : {"rate", "measured"}
+            ``rate`` (default): the denoised expression, ``log1p(target_sum · rate)`` for count
+            likelihoods. ``measured``: the expected *measured* value ``E[log1p(target_sum · Y / L)]``
+            of a spot of library ``library`` under the fitted likelihood — the best squared-error
+            prediction of noisy log-normalised spots (lower than ``rate``: log1p is concave).
+            Identical for the Gaussian likelihood.
+        library : float or array, shape (...), optional
+            Library size (total counts) of the spot each point stands for, with ``value="measured"``;
+            default the median library of the training points.
         batch_size : int
             Points per forward pass (bounds memory).
 
@@ -100,6 +110,9 @@ class FittedField:
         ndarray, shape (..., g), float32
             ``log1p(counts per target_sum)`` for count likelihoods, the modelled value for gaussian.
         """
+        if value not in ("rate", "measured"):
+            raise VoxelomeError(f"value={value!r} is not one of 'rate' (denoised expression) or 'measured' "
+                                "(expected measured log1p value).")
         pts = np.asarray(points_xyz_um, dtype=np.float64)
         if pts.shape[-1:] != (3,):
             raise VoxelomeError(f"points have shape {pts.shape}; expected (..., 3) µm (x, y, z).")
@@ -111,11 +124,25 @@ class FittedField:
         lo, hi = self.box_um
         unit = ((flat - lo) / (hi - lo)).astype(np.float32)
         sec = None if section is None else np.broadcast_to(np.asarray(section, np.int64), pts.shape[:-1]).ravel().copy()
+        lib = None
+        if value == "measured" and self.model.counts:
+            lib = self.meta.get("median_library") if library is None else library
+            if lib is None:
+                raise VoxelomeError("this field's run predates stored library sizes; pass library= (total counts "
+                                    "of a typical spot) with value='measured'.")
+            lib = np.broadcast_to(np.asarray(lib, np.float64), pts.shape[:-1]).ravel()
+            if not (np.isfinite(lib).all() and (lib > 0).all()):
+                raise VoxelomeError("library sizes must be positive and finite (total counts per spot).")
+            lib = np.log(lib).astype(np.float32)
         out = np.empty((len(flat), len(idx)), np.float32)
         for i in range(0, len(flat), batch_size):
             x = torch.from_numpy(unit[i:i + batch_size]).to(self.device)
             s = None if sec is None else torch.from_numpy(sec[i:i + batch_size]).to(self.device)
-            y = self.model.expression(x, s, target_sum=self.config.target_sum)
+            if lib is not None:
+                y = self.model.expected_measurement(x, torch.from_numpy(lib[i:i + batch_size]).to(self.device), s,
+                                                    target_sum=self.config.target_sum)
+            else:
+                y = self.model.expression(x, s, target_sum=self.config.target_sum)
             out[i:i + batch_size] = y[:, idx].float().cpu().numpy()
         return out.reshape(*pts.shape[:-1], len(idx))
 

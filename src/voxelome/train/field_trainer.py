@@ -78,6 +78,10 @@ class FieldConfig:
     """Scale of normalised expression: log1p(counts / library · target_sum)."""
     box_margin: float = 0.05
     """Margin of the field's bounding box around the training points, as a fraction of its extent."""
+    box_shape: str = "cube"
+    """``cube``: the field's box is a cube around the points, so every grid level has the same
+    resolution in µm along x, y and z (as in Instant-NGP); ``points``: the points' own box, each axis
+    scaled to [0, 1] — a thin stack then gets a far finer grid across z than in-plane."""
     backend: str = "auto"
     """Encoding backend: ``auto`` (tinycudann on a GPU when installed, else torch), ``torch`` or ``tcnn``."""
     table_dtype: str = "auto"
@@ -102,6 +106,7 @@ class FieldConfig:
         check_choice("backend", self.backend, ("auto", "torch", "tcnn"))
         check_choice("table_dtype", self.table_dtype, ("auto", "float32", "bfloat16", "float16"))
         check_choice("amp", self.amp, ("auto", "bf16", "fp16", "off"))
+        check_choice("box_shape", self.box_shape, ("cube", "points"))
         for name in ("iterations", "batch_size", "hidden", "checkpoint_every", "log_every"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
@@ -155,12 +160,19 @@ def learning_rate(config: FieldConfig, it: int) -> float:
     return float(config.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * it / max(config.iterations - 1, 1)))))
 
 
-def bounding_box(xyz_um: np.ndarray, margin: float, jitter_um) -> tuple[list[float], list[float]]:
-    """Field box ``(lo, hi)`` (x, y, z) µm: the points' box grown by ``margin``·extent + 3·jitter."""
+def bounding_box(xyz_um: np.ndarray, margin: float, jitter_um, shape: str = "points"):
+    """Field box ``(lo, hi)`` (x, y, z) µm: the points' box grown by ``margin``·extent + 3·jitter.
+
+    ``shape="cube"`` then widens the shorter axes about their centre to the longest one.
+    """
     lo, hi = xyz_um.min(0), xyz_um.max(0)
     pad = margin * np.maximum(hi - lo, 1e-6) + 3 * np.asarray(jitter_um)
     pad = np.maximum(pad, 1.0)
-    return (lo - pad).tolist(), (hi + pad).tolist()
+    lo, hi = lo - pad, hi + pad
+    if shape == "cube":
+        centre, half = (lo + hi) / 2, (hi - lo).max() / 2
+        lo, hi = centre - half, centre + half
+    return lo.tolist(), hi.tolist()
 
 
 def suggest_jitter(data: PointData, in_plane: float = 1.0, across: float = 0.75) -> tuple[float, float, float]:
@@ -285,10 +297,11 @@ def fit_field(data: PointData | object, config: FieldConfig, run_dir, *, loading
         torch.set_num_threads(config.num_threads)
     backend = resolve_backend(config.backend, device)
     table_dtype = "float32" if config.table_dtype == "auto" else config.table_dtype
-    lo, hi = bounding_box(data.xyz_um, config.box_margin, config.jitter_um)
+    lo, hi = bounding_box(data.xyz_um, config.box_margin, config.jitter_um, config.box_shape)
     meta = {"format": FIELD_FORMAT, "genes": list(data.genes), "section_names": list(data.section_names),
             "box_lo": lo, "box_hi": hi, "backend": backend, "table_dtype": table_dtype,
             "is_counts": bool(data.is_counts), "n_points": len(data),
+            "median_library": float(np.median(data.library)),
             "loadings": None if loadings is None else np.asarray(loadings, dtype=np.float32).tolist()}
     torch.manual_seed(config.seed)
     model = build_field_model(config, meta).to(device)

@@ -131,3 +131,18 @@ class TranscriptomicField(nn.Module):
         if self.counts:
             return torch.log1p(target_sum * torch.exp(loc))
         return loc
+
+    def expected_measurement(self, x01: torch.Tensor, log_library: torch.Tensor, section: torch.Tensor | None = None,
+                             *, target_sum: float = 1e4) -> torch.Tensor:
+        """Expected *measured* value ``E[log1p(target_sum · Y / L)]`` ``(n, g)`` of a spot of library ``L``.
+
+        The best squared-error prediction of a noisy measured spot on the log1p scale (it includes
+        the ZINB zero-inflation); :meth:`expression` (log1p of the expected rate) is the denoised
+        value and lies above it (Jensen). For the Gaussian likelihood both are the modelled mean.
+        ``log_library`` ``(n,)``.
+        """
+        loc = self.location(x01, section)
+        if not self.counts:
+            return loc
+        return lk.expected_log1p(self.likelihood, loc.double(), {k: v.double() for k, v in self.gene_params.items()},
+                                 log_library.double(), target_sum).float()
