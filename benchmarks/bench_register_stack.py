@@ -48,8 +48,31 @@ def accuracy(adatas, xys):
     return float(np.mean([adjacent_expression_r(xys[k - 1], ex[k - 1], xys[k], ex[k]) for k in range(1, len(adatas))]))
 
 
+def _paste_pot_compat():
+    """paste-bio 1.4.0 passes POT's conditional-gradient solver a line search without the ``df_G`` argument
+    that POT ≥ 0.9 adds; adapt the call (PASTE's line search never used it), nothing else changes."""
+    import ot.optim
+
+    if getattr(ot.optim.cg, "_voxelome_compat", False):
+        return
+    cg = ot.optim.cg
+
+    def cg_compat(a, b, M, reg, f, df, G0=None, line_search=None, *args, **kwargs):
+        if line_search is not None:
+            inner = line_search
+
+            def line_search(cost, G, deltaG, Mi, cost_G, df_G=None, **kw):
+                return inner(cost, G, deltaG, Mi, cost_G, **kw)
+        return cg(a, b, M, reg, f, df, G0, line_search, *args, **kwargs)
+
+    cg_compat._voxelome_compat = True
+    ot.optim.cg = cg_compat
+
+
 def run_paste(adatas):
     import paste as pst
+
+    _paste_pot_compat()
 
     slices = []
     for a in adatas:
@@ -68,6 +91,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/out/register_stack")
     ap.add_argument("--skip-paste", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated stack names")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +99,8 @@ def main():
     stacks = load_stacks()
     rows = []
     for name, adatas in stacks.items():
+        if a.only and name not in a.only.split(","):
+            continue
         row = {"stack": name, "sections": len(adatas), "spots": [a.n_obs for a in adatas]}
         row["none_r"] = accuracy(adatas, [section_xy_um(x) for x in adatas])
         for method in ("icp", "fgw"):

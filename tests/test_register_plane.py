@@ -16,7 +16,8 @@ from voxelome.register.plane_search import PlaneSearchRange, _otsu_centroid, reg
 VOX = 10.0
 PX = 10.0  # section pixel size (µm)
 #: A narrowed search range so the test stays fast; the benchmark uses the defaults.
-RANGE = PlaneSearchRange(max_tilt_deg=10.0, max_rotation_deg=45.0, depth_um=80.0)
+RANGE = PlaneSearchRange(max_tilt_deg=10.0, max_rotation_deg=30.0, depth_um=60.0)
+FAST = dict(n_seeds=4, n_screen=6, n_candidates=2)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_render_he_is_he_like(section):
 def test_plane_search_recovers_oblique_plane(deep_phantom, section):
     img, truth = section
     vol = deep_phantom.volume
-    res = register_plane(vol, img, PX, search=RANGE, seed=0)
+    res = register_plane(vol, img, PX, search=RANGE, seed=0, **FAST)
     rms, ang = plane_errors(res.placement, truth, vol, img.shape[:2])
     assert rms <= 2.0 and ang <= 2.0, (rms, ang)
     # the trivial start (axial through the tissue centroid, no rotation) is far off: the search did the work

@@ -265,7 +265,7 @@ def placement_from_similarity(tx, pixel_size_um: float) -> SectionPlacement:
 
 # --- the search -------------------------------------------------------------------------
 def register_plane(volume: Volume, image, pixel_size_um: float, *, search: PlaneSearchRange | None = None,
-                   landmarks=None, n_screen: int = 16, n_candidates: int = 3, levels: tuple[int, ...] = (4, 2, 1), grid_level: int = 4,
+                   landmarks=None, n_seeds: int = 12, n_screen: int = 16, n_candidates: int = 3, levels: tuple[int, ...] = (4, 2, 1), grid_level: int = 4,
                    max_iterations: int = 100, sampling: float = 0.3, max_samples: int = 6000,
                    seed: int = 0) -> PlaneSearchResult:
     """Find the plane of ``image`` (a section) in ``volume``.
@@ -284,8 +284,10 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
     landmarks : (array (n, 2), array (n, 3)), optional
         ≥ 3 pairs of section pixels ``(x, y)`` and volume µm ``(x, y, z)``; their least-squares
         placement seeds the refinement instead of the grid.
+    n_seeds : int
+        How many distinct coarse-grid optima get a template-matched translation and a local grid.
     n_screen : int
-        How many distinct grid optima are optimised at the second level (screening).
+        How many local-grid optima are optimised at the second level (screening).
     n_candidates : int
         How many of the screened candidates (best metric) are refined through the finer levels.
     levels : tuple of int
@@ -320,6 +322,8 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
     gi = levels.index(grid_level)
     if not 0 < sampling <= 1:
         raise VoxelomeError(f"sampling={sampling!r} must be in (0, 1]; e.g. 0.3.")
+    if int(n_seeds) < 1:
+        raise VoxelomeError(f"n_seeds={n_seeds!r} must be ≥ 1.")
     if int(n_candidates) < 1 or int(n_screen) < int(n_candidates):
         raise VoxelomeError(f"n_candidates={n_candidates!r} must be ≥ 1 and n_screen={n_screen!r} ≥ n_candidates.")
     vox = float(min(volume.spacing_um))
@@ -354,7 +358,8 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
                        tx=similarity_from_placement(seed_pl, pixel_size_um, centre[:2]))]
         stages = [pyr[1:]]
     else:
-        starts = _grid_starts(search, coarse, origin, centre, vol_c, half_depth, int(n_screen), seed)
+        starts = _grid_starts(search, coarse, origin, centre, vol_c, half_depth, int(n_screen), seed,
+                              n_coarse=int(n_seeds))
         stages = [pyr[gi:gi + 1], pyr[gi + 1:]]
     timings["grid_s"] = time.perf_counter() - t0 - timings["pyramid_s"]
 
@@ -401,7 +406,7 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
     timings["total_s"] = time.perf_counter() - t0
     return PlaneSearchResult(placement, float(best["metric"]), sl, float(g0), float(final.GetScale()), tilt,
                              timings["total_s"], starts,
-                             search=dict(asdict(search), levels=list(levels), n_screen=int(n_screen),
+                             search=dict(asdict(search), levels=list(levels), n_seeds=int(n_seeds), n_screen=int(n_screen),
                                          n_candidates=int(n_candidates), timings=timings,
                                          seeded_by="landmarks" if landmarks is not None else "grid"))
 
@@ -446,6 +451,7 @@ class _GridScorer:
         yy, xx = np.nonzero(np.ones_like(sec, bool))
         pick = rng.choice(len(yy), size=min(len(yy), n_samples), replace=False)
         self.pts = np.column_stack([off + xx[pick] * g, off + yy[pick] * g, np.zeros(len(pick))]) - centre
+        self.pts32 = self.pts.astype(np.float32)
         fvals = sec[yy[pick], xx[pick]]
         fedges = np.quantile(fvals, np.linspace(0, 1, _BINS_GRID + 1))
         self.fbins = np.clip(np.searchsorted(fedges, fvals, side="right") - 1, 0, _BINS_GRID - 1)
@@ -458,10 +464,12 @@ class _GridScorer:
         """MI ``(r,)`` of planes ``x = rot @ (p - centre) + vol_c + shift``; rot (r, 3, 3), shift (r, 3) µm."""
         out = np.empty(len(rot))
         for i in range(0, len(rot), 256):
-            w = np.einsum("rij,nj->rni", rot[i:i + 256], self.pts) + self.vol_c + shift[i:i + 256, None, :]
-            idx = ((w[..., ::-1] - self.origin) / self.spacing).reshape(-1, 3)
-            vals = ndimage.map_coordinates(self.vol, idx.T, order=1, mode="constant", cval=np.nan)
-            out[i:i + 256] = _mi_many(self.fbins, vals.reshape(len(w), -1), self.medges, min_valid=0.5)
+            # voxel index (z, y, x) of every sample on every plane, float32 (r, n, 3)
+            r = (rot[i:i + 256][:, ::-1, :] / self.spacing[:, None]).astype(np.float32)
+            base = ((self.vol_c[::-1] + shift[i:i + 256, ::-1] - self.origin) / self.spacing).astype(np.float32)
+            idx = np.matmul(self.pts32[None], r.transpose(0, 2, 1)) + base[:, None, :]
+            vals = ndimage.map_coordinates(self.vol, idx.reshape(-1, 3).T, order=1, mode="constant", cval=np.nan)
+            out[i:i + 256] = _mi_many(self.fbins, vals.reshape(len(r), -1), self.medges, min_valid=0.5)
         return out
 
     def best_offset(self, rot: np.ndarray, shift: np.ndarray, sec: np.ndarray, g: float, off: float,

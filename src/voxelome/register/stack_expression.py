@@ -40,32 +40,52 @@ def log_normalise(X) -> np.ndarray:
     return np.log1p(1e4 * X / np.maximum(lib, 1)).astype(np.float32)
 
 
-def joint_embedding(exprs: list[np.ndarray], n_components: int = 20, n_genes: int = 500) -> list[np.ndarray]:
-    """PCA (truncated SVD of the centred data) of all sections together on the ``n_genes`` most variable
-    genes; each block ``(n_i, k)``, scaled so that PC1 has unit standard deviation."""
-    allx = np.vstack(exprs).astype(np.float64)
-    keep = np.argsort(allx.var(0))[::-1][: min(n_genes, allx.shape[1])]
-    x = allx[:, keep] - allx[:, keep].mean(0)
-    u, s, _ = np.linalg.svd(x, full_matrices=False)
-    k = int(min(n_components, len(s)))
-    emb = u[:, :k] * s[:k]
+def _log_normalise_sparse(X) -> sp.csr_matrix:
+    X = sp.csr_matrix(X, dtype=np.float32)
+    lib = np.asarray(X.sum(1)).ravel()
+    X = sp.diags((1e4 / np.maximum(lib, 1)).astype(np.float32)) @ X
+    X.data = np.log1p(X.data)
+    return X.tocsr()
+
+
+def joint_embedding(counts: list, n_components: int = 20, n_genes: int = 500) -> list[np.ndarray]:
+    """PCA of all sections together (log-normalised counts, ``n_genes`` most variable genes).
+
+    Parameters
+    ----------
+    counts : list of (n_i, g) arrays or sparse matrices
+        Counts of each section over the same genes.
+
+    Returns
+    -------
+    list of ndarray, each (n_i, k)
+        Embeddings in one space, scaled so that PC1 has unit standard deviation.
+    """
+    allx = sp.vstack([_log_normalise_sparse(c) for c in counts]).tocsc()
+    mean = np.asarray(allx.mean(0)).ravel()
+    var = np.asarray(allx.multiply(allx).mean(0)).ravel() - mean ** 2
+    keep = np.argsort(var)[::-1][: min(n_genes, allx.shape[1])]
+    x = allx[:, keep].toarray().astype(np.float64) - mean[keep]
+    evals, evecs = np.linalg.eigh(x.T @ x)  # genes × genes covariance: cheap for a few hundred genes
+    k = int(min(n_components, x.shape[0] - 1, x.shape[1]))
+    emb = x @ evecs[:, ::-1][:, :k]
     emb /= emb[:, 0].std() + 1e-12
     out, i = [], 0
-    for e in exprs:
-        out.append(emb[i:i + len(e)])
-        i += len(e)
+    for c in counts:
+        out.append(emb[i:i + c.shape[0]])
+        i += c.shape[0]
     return out
 
 
 def kabsch(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted rigid fit ``dst ≈ src @ R.T + t`` (2D, no reflection); returns ``(R (2, 2), t (2,))``."""
+    """Weighted rigid fit ``dst ≈ src @ R.T + t`` (2D, proper rotation, closed form); ``(R (2, 2), t (2,))``."""
     w = np.ones(len(src)) if w is None else np.asarray(w, float)
     w = w / w.sum()
     ms, md = w @ src, w @ dst
-    h = (src - ms).T @ ((dst - md) * w[:, None])
-    u, _, vt = np.linalg.svd(h)
-    d = np.sign(np.linalg.det(vt.T @ u.T))
-    r = vt.T @ np.diag([1.0, d]) @ u.T
+    a, b = src - ms, dst - md
+    dot = np.sum(w * (a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1]))
+    cross = np.sum(w * (a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]))
+    r = _rot(np.arctan2(cross, dot))
     return r, md - ms @ r.T
 
 
@@ -75,8 +95,12 @@ def _rot(theta: float) -> np.ndarray:
 
 # --- pairwise aligners ------------------------------------------------------------------
 def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, expr_weight: float = 1.0,
-              n_angles: int = 12, n_iter: int = 40, trim: float = 0.8):
+              n_angles: int = 12, n_iter: int = 40, trim: float = 0.8, n_keep_starts: int = 3):
     """Rigid map of ``moving`` onto ``fixed`` by ICP on joint position + expression features.
+
+    Each moving spot is matched to the fixed spot nearest in ``(position / pitch, expr_weight ·
+    embedding)``; the closest ``trim`` fraction of matches gives a Kabsch fit; repeat to convergence.
+    All ``n_angles`` starting rotations run 5 iterations, the ``n_keep_starts`` best run on.
 
     Parameters
     ----------
@@ -99,30 +123,40 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
         ``aligned = moving_xy @ R.T + t``; cost = mean joint distance of the kept matches.
     """
     fx, mx = np.asarray(fixed_xy, float) / pitch_um, np.asarray(moving_xy, float) / pitch_um
-    fe, me = expr_weight * np.asarray(fixed_emb, float), expr_weight * np.asarray(moving_emb, float)
-    tree = cKDTree(np.hstack([fx, fe]))
-    cf, cm = fx.mean(0), mx.mean(0)
-    best = (np.inf, np.eye(2), np.zeros(2))
+    fe, me = np.asarray(fixed_emb, float), np.asarray(moving_emb, float)
+    # the expression part of the matching distance never changes: compute it once (n_moving, n_fixed)
+    d_expr = expr_weight ** 2 * np.maximum(
+        (me ** 2).sum(1)[:, None] + (fe ** 2).sum(1)[None, :] - 2 * me @ fe.T, 0.0)
     n_keep = max(3, int(trim * len(mx)))
-    for theta in np.linspace(0, 2 * np.pi, n_angles, endpoint=False):
-        r = _rot(theta)
-        t = cf - cm @ r.T
+    rows = np.arange(len(mx))
+    fx_sq = (fx ** 2).sum(1)
+
+    def step(r, t):
+        cur = mx @ r.T + t
+        d2 = d_expr + (cur ** 2).sum(1)[:, None] + fx_sq[None, :] - 2.0 * (cur @ fx.T)
+        j = np.argmin(d2, axis=1)
+        d = np.sqrt(np.maximum(d2[rows, j], 0.0))
+        keep = np.argpartition(d, n_keep - 1)[:n_keep]
+        return keep, j, float(np.mean(d[keep]))
+
+    def run(r, t, iters):
         prev = np.inf
-        for _ in range(n_iter):
-            cur = mx @ r.T + t
-            d, j = tree.query(np.hstack([cur, me]))
-            keep = np.argsort(d)[:n_keep]
+        for _ in range(iters):
+            keep, j, cost = step(r, t)
             r, t = kabsch(mx[keep], fx[j[keep]])
-            cost = float(np.mean(d[keep]))
-            if prev - cost < 1e-6:
+            if prev - cost < 1e-4 * cost:
                 break
             prev = cost
-        cur = mx @ r.T + t
-        d, _ = tree.query(np.hstack([cur, me]))
-        cost = float(np.mean(np.sort(d)[:n_keep]))
-        if cost < best[0]:
-            best = (cost, r, t)
-    cost, r, t = best
+        return r, t, step(r, t)[2]
+
+    cf, cm = fx.mean(0), mx.mean(0)
+    starts = []
+    for theta in np.linspace(0, 2 * np.pi, n_angles, endpoint=False):
+        r = _rot(theta)
+        starts.append(run(r, cf - cm @ r.T, 5))
+    starts.sort(key=lambda s: s[2])
+    best = min((run(r, t, n_iter) for r, t, _ in starts[:n_keep_starts]), key=lambda s: s[2])
+    r, t, cost = best
     return r, t * pitch_um, cost
 
 
@@ -197,6 +231,13 @@ def common_genes(adatas) -> list[str]:
     return genes
 
 
+def _counts(adata, genes):
+    """Counts of ``genes`` (``layers['counts']`` if present, else ``X``), sparse or dense as stored."""
+    idx = adata.var_names.get_indexer(genes)
+    X = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    return X[:, idx]
+
+
 def adjacent_overlap(fixed_xy, moving_xy, radius_um: float) -> float:
     """Fraction of ``moving`` spots with a ``fixed`` spot within ``radius_um``."""
     d, _ = cKDTree(fixed_xy).query(moving_xy)
@@ -204,7 +245,7 @@ def adjacent_overlap(fixed_xy, moving_xy, radius_um: float) -> float:
 
 
 def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: float | None = None,
-                   expr_weight: float = 1.0, alpha: float = 0.1, n_components: int = 20, seed: int = 0,
+                   expr_weight: float = 1.0, trim: float = 0.8, alpha: float = 0.1, n_components: int = 20, seed: int = 0,
                    min_overlap: float = 0.3):
     """Align serial sections (without images) into one 3D frame from their expression.
 
@@ -221,8 +262,8 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
         Fast ICP on expression embeddings, or PASTE-like fused Gromov–Wasserstein (POT).
     pitch_um : float, optional
         Spot spacing (µm); default the median nearest-neighbour distance of the first section.
-    expr_weight, alpha : float
-        ICP embedding weight; FGW structure weight (PASTE's alpha).
+    expr_weight, trim, alpha : float
+        ICP embedding weight and kept fraction of matches; FGW structure weight (PASTE's alpha).
     min_overlap : float
         Warn when fewer than this fraction of a section's aligned spots lie within one pitch of the
         previous section's spots (sections that do not overlap cannot be aligned).
@@ -242,8 +283,7 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
     genes = common_genes(adatas)
     t0 = time.perf_counter()
     xys = [section_xy_um(a) for a in adatas]
-    exprs = [log_normalise(a[:, genes].X) for a in adatas]
-    embs = joint_embedding(exprs, n_components=n_components)
+    embs = joint_embedding([_counts(a, genes) for a in adatas], n_components=n_components)
     if pitch_um is None:
         d, _ = cKDTree(xys[0]).query(xys[0], k=2)
         pitch_um = float(np.median(d[:, 1]))
@@ -252,7 +292,8 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
     overlaps = [1.0]
     for k in range(1, len(adatas)):
         if method == "icp":
-            r, t, _ = align_icp(aligned[-1], embs[k - 1], xys[k], embs[k], pitch_um=pitch_um, expr_weight=expr_weight)
+            r, t, _ = align_icp(aligned[-1], embs[k - 1], xys[k], embs[k], pitch_um=pitch_um, expr_weight=expr_weight,
+                                trim=trim)
         else:
             r, t, _ = align_fgw(aligned[-1], embs[k - 1], xys[k], embs[k], alpha=alpha, seed=seed)
         aligned.append(xys[k] @ r.T + t)
