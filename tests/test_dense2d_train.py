@@ -83,12 +83,14 @@ def test_dense_model_beats_the_mean_on_a_held_out_slide_and_a_broken_one_does_no
         mse, mse_mean = ((pred - test.targets) ** 2).mean(), ((mean - test.targets) ** 2).mean()
         return float(np.nanmean(r)), float(mse), float(mse_mean)
 
+    # measured with these seeds: trained r 0.98, MSE 0.05 × the mean's; shuffled targets r 0.71, MSE 0.86 × —
+    # any image-derived map correlates with the two compartments, so the bar on r is high and MSE must drop too
     r, mse, mse_mean = check(model)
-    assert r > 0.6 and mse < 0.6 * mse_mean, (r, mse, mse_mean)
+    assert r > 0.9 and mse < 0.25 * mse_mean, (r, mse, mse_mean)
     broken = train_dense2d(_slides([1, 2], shuffle=True), make_dense2d_config("dense2d", **TINY), tmp_path / "broken",
                            ["TUM", "STR", "GRAD"])
     r_b, mse_b, _ = check(broken)
-    assert not (r_b > 0.6 and mse_b < 0.6 * mse_mean), (r_b, mse_b)
+    assert not (r_b > 0.9 and mse_b < 0.25 * mse_mean), (r_b, mse_b)
 
 
 def test_predicting_at_another_spot_radius_without_retraining(trained):
@@ -100,11 +102,13 @@ def test_predicting_at_another_spot_radius_without_retraining(trained):
     pred = model.predict_spots(slide, slide.centres_xy[keep], big)
     truth = aggregate_disks(density, slide.centres_xy[keep], big)
     r = pearson_per_column(pred, truth)
-    assert np.nanmean(r) > 0.6, r
+    # measured: r 0.99 and MSE 0.03 × the truth's variance (a model trained on shuffled targets: 0.72, 0.86 ×)
+    assert np.nanmean(r) > 0.9, r
+    assert ((pred - truth) ** 2).mean() < 0.2 * truth.var(0).mean()
     # values scale with the area: the mean ratio large/small disk is close to (1.8)²
     small = model.predict_spots(slide, slide.centres_xy[keep])
     ratio = pred.sum(0) / small.sum(0)
-    assert np.all(np.abs(ratio / 1.8 ** 2 - 1) < 0.25), ratio
+    assert np.all(np.abs(ratio / 1.8 ** 2 - 1) < 0.1), ratio
 
 
 def test_run_folder_reloads_with_identical_predictions(trained):

@@ -112,6 +112,15 @@ class TrainedDense2D:
                              n_channels=len(self.genes), overlap=self.config.overlap, blend=self.config.blend,
                              out_region=out_region)
 
+    def write_stack(self, path, stack, section_spacing_um: float, **kwargs):
+        """Registered RGB sections ``(z, y, x, 3)`` at the working resolution → ``(G, z, y, x)`` OME-Zarr in µm."""
+        from voxelome.infer.slide import write_stack_map
+
+        return write_stack_map(path, stack, self.predictor, tile=self.config.predict_tile_px, stride=self.stride,
+                               channel_names=self.genes, pixel_size_um=self.input_um,
+                               section_spacing_um=section_spacing_um, overlap=self.config.overlap,
+                               blend=self.config.blend, **kwargs)
+
     def predict_spots(self, slide: SlideData, centres_xy=None, radius_px=None, *, reduce: str = "sum",
                       return_map: bool = False):
         """Spot values: the map summed over disks (any centres / radius, in working pixels).
