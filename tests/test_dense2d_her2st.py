@@ -55,4 +55,5 @@ def test_short_real_training_run_beats_the_training_mean_on_a_held_out_section(t
     mean = np.vstack([s.targets for s in slides]).mean(0)
     baseline = expression_scores(np.broadcast_to(mean, held.targets.shape), held.targets)
     assert baseline["pcc_mean"] == 0.0  # a constant prediction ranks nothing
-    assert scores["pcc_mean"] > 0.15, scores
+    # measured: mean r 0.49 over the 10 genes; the same run on spot-shuffled targets (a broken model) 0.07
+    assert scores["pcc_mean"] > 0.3, scores
