@@ -237,6 +237,10 @@ def main():
     ap.add_argument("--folds", default="C2,C3,C4,C5,C6")
     ap.add_argument("--n-genes", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tile-px", type=int, default=128)
+    ap.add_argument("--output-stride", type=int, default=4)
+    ap.add_argument("--tta", action="store_true", help="dense: average over the 8 flips/rotations at prediction")
+    ap.add_argument("--skip-baselines", action="store_true", help="dense only (for variants of the dense model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +249,8 @@ def main():
     results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
                           f"{args.threads} thread(s)", "args": {k: str(v) for k, v in vars(args).items()}, "folds": {}}
     cfg = make_dense2d_config("dense2d", n_genes=args.n_genes, input_um=args.input_um, epochs=args.epochs,
-                              steps_per_epoch=args.steps_per_epoch, seed=args.seed, device="cpu")
+                              steps_per_epoch=args.steps_per_epoch, seed=args.seed, device="cpu",
+                              tile_px=args.tile_px, output_stride=args.output_stride)
     for held in args.folds.split(","):
         t0 = time.time()
         train_names = [n for n in SECTIONS if n != held]
@@ -260,14 +265,16 @@ def main():
         t = time.time()
         mean_pred = np.repeat(np.vstack([s.targets for s in train]).mean(0, keepdims=True), len(true), 0)
         fold["methods"]["mean"] = evaluate(mean_pred, true, groups, 50)
-        t = time.time()
-        fold["methods"]["features_ridge"] = evaluate(features_ridge(train, test, args.seed), true, groups, 50)
-        fold["seconds"]["features_ridge"] = round(time.time() - t, 1)
-        t = time.time()
-        fold["methods"]["patch_cnn"] = evaluate(patch_cnn(train, test, args.seed, args.cnn_steps), true, groups, 50)
-        fold["seconds"]["patch_cnn"] = round(time.time() - t, 1)
+        if not args.skip_baselines:
+            t = time.time()
+            fold["methods"]["features_ridge"] = evaluate(features_ridge(train, test, args.seed), true, groups, 50)
+            fold["seconds"]["features_ridge"] = round(time.time() - t, 1)
+            t = time.time()
+            fold["methods"]["patch_cnn"] = evaluate(patch_cnn(train, test, args.seed, args.cnn_steps), true, groups, 50)
+            fold["seconds"]["patch_cnn"] = round(time.time() - t, 1)
         t = time.time()
         trained = train_dense2d(train, cfg, args.out / f"run_{held}", genes)
+        trained.tta = args.tta
         fold["seconds"]["dense_train"] = round(time.time() - t, 1)
         t = time.time()
         dense = trained.predict_spots(test)
@@ -288,6 +295,8 @@ def main():
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
     agg = {}
     for m in ("mean", "features_ridge", "patch_cnn", "dense"):
+        if any(m not in f["methods"] for f in results["folds"].values()):
+            continue
         for label in ("top50", "top250"):
             for scale in ("spots", "pseudo2x2", "pseudo2x2_big_disk"):
                 vals = [f["methods"][m][label].get(scale) for f in results["folds"].values()]

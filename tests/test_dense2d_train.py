@@ -136,3 +136,21 @@ def test_bad_sections_are_refused_with_clear_errors():
     wrong.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": SPOT_UM / 2.0}}}
     with pytest.raises(VoxelomeError, match="disagree"):
         slide_from_section(img, wrong, values, input_um=PX_UM)
+
+
+def test_test_time_augmentation_averages_the_eight_dihedral_views(trained):
+    model, _ = trained
+    x = np.random.default_rng(0).random((2, 3, 64, 64)).astype(np.float32)
+    plain = model.predictor(x)
+    views = []
+    for flip in (False, True):
+        xf = x[..., ::-1] if flip else x
+        for k in range(4):
+            y = np.rot90(model.predictor(np.ascontiguousarray(np.rot90(xf, k, (-2, -1)))), -k, (-2, -1))
+            views.append(y[..., ::-1] if flip else y)
+    model.tta = True
+    try:
+        np.testing.assert_allclose(model.predictor(x), np.mean(views, 0), rtol=1e-4, atol=1e-6)
+    finally:
+        model.tta = False
+    np.testing.assert_array_equal(model.predictor(x), plain)

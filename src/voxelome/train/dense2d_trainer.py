@@ -72,9 +72,11 @@ class TrainedDense2D:
         Working µm per input pixel the model was trained at.
     """
 
-    def __init__(self, model, config: Dense2DConfig, genes, input_um: float, device="cpu"):
+    def __init__(self, model, config: Dense2DConfig, genes, input_um: float, device="cpu", tta: bool = False):
         self.model, self.config, self.genes = model.eval(), config, [str(g) for g in genes]
         self.input_um, self.device = float(input_um), torch.device(device)
+        #: Test-time augmentation: average the map over the 8 flips/90° rotations of every tile (8× the compute).
+        self.tta = bool(tta)
 
     @property
     def stride(self) -> int:
@@ -104,7 +106,16 @@ class TrainedDense2D:
     def predictor(self, x: np.ndarray) -> np.ndarray:
         """``(B, 3, t, t)`` RGB in [0, 1] → ``(B, G, t/s, t/s)`` (the callable :func:`predict_slide` needs)."""
         self.model.eval()
-        return self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device)).float().cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        if not self.tta:
+            return self.model(x).float().cpu().numpy()
+        out = 0.0
+        for flip in (False, True):
+            xf = torch.flip(x, (-1,)) if flip else x
+            for k in range(4):
+                y = torch.rot90(self.model(torch.rot90(xf, k, (-2, -1))), -k, (-2, -1))
+                out = out + (torch.flip(y, (-1,)) if flip else y)
+        return (out / 8).float().cpu().numpy()
 
     def predict_map(self, image, out_region=None, tile: int | None = None) -> np.ndarray:
         """Dense map ``(G, ceil(y/s), ceil(x/s))`` of an image at the working resolution (blended tiles)."""
