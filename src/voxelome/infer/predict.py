@@ -121,9 +121,14 @@ class TrainedModel:
 
 
 def default_chunks(model: TrainedModel) -> tuple[int, int, int]:
-    """Output chunk (z, y, x): about one dense window, so each window is recomputed at most ~8×."""
+    """Output chunk (z, y, x): two dense windows per axis.
+
+    Each chunk predicts every window that touches it (that is what makes the result independent
+    of the chunking), so windows on chunk borders are computed more than once; two windows per
+    axis cuts that repeated work from ~2× to ~1.5× per axis, for a few MB more per block.
+    """
     if model.config.model == "dense":
-        return tuple(int(max(w // model.meta["total_stride"], 8)) for w in model.meta["window_shape"])
+        return tuple(int(max(2 * w // model.meta["total_stride"], 8)) for w in model.meta["window_shape"])
     return (16, 32, 32)
 
 
