@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -58,8 +59,12 @@ def main():
     ap.add_argument("--epochs-xpression", type=int, default=60)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--xpression-cells", type=int, default=3000, help="held-out output cells scored for xpression")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="take the trained models from OUT/run_* (finished training is resumed, i.e. loaded) and "
+                         "their training times from OUT/results.json; re-measures everything else")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((args.out / "results.json").read_text()) if args.reuse_runs else {}
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -75,7 +80,8 @@ def main():
     other_true = np.asarray(other.obsm["signatures_true"])
     names = list(phantom.signature_names)
     truth = {}
-    results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch threads "
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results = {"commit": commit, "reused_runs": bool(args.reuse_runs), "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch threads "
                           f"{torch.get_num_threads()}", "spots": int(section.n_obs), "held_out_spots": int(held.sum())}
 
     t0 = time.perf_counter()
@@ -89,9 +95,9 @@ def main():
 
     for name in ("dense", "xpression"):
         t0 = time.perf_counter()
-        run = train_model(phantom.volume, targets, cfg[name], args.out / f"run_{name}", resume=False)
+        run = train_model(phantom.volume, targets, cfg[name], args.out / f"run_{name}", resume=args.reuse_runs)
         model = TrainedModel.load(run)
-        train_s = time.perf_counter() - t0
+        train_s = previous[name]["train_seconds"] if args.reuse_runs else time.perf_counter() - t0
         predictor = model.spot_predictor()
         spot_pred = predictor.predict(predictor.sampler(phantom.volume, targets), np.flatnonzero(held))
         res = {"train_seconds": train_s, "epochs": len(json.loads((run / "history.json").read_text())),
