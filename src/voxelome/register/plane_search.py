@@ -415,6 +415,7 @@ def _registration(level_um: float, max_iterations: int, sampling: float, seed: i
     import SimpleITK as sitk
 
     reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(1)  # ITK's threaded random sampling is not reproducible; images here are small
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(float(sampling), int(seed))

@@ -127,7 +127,7 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
     # the expression part of the matching distance never changes: compute it once (n_moving, n_fixed)
     d_expr = expr_weight ** 2 * np.maximum(
         (me ** 2).sum(1)[:, None] + (fe ** 2).sum(1)[None, :] - 2 * me @ fe.T, 0.0)
-    n_keep = max(3, int(trim * len(mx)))
+    n_keep = min(len(mx), max(3, int(trim * len(mx))))
     rows = np.arange(len(mx))
     fx_sq = (fx ** 2).sum(1)
 
@@ -211,6 +211,9 @@ def check_stack_inputs(adatas, z_um, names=None):
     names = [f"section_{k}" for k in range(len(adatas))] if names is None else [str(n) for n in names]
     if len(set(names)) != len(names) or len(names) != len(adatas):
         raise VoxelomeError(f"section names must be unique, one per section; got {names}.")
+    for n, a in zip(names, adatas):
+        if getattr(a, "n_obs", 3) < 3:
+            raise VoxelomeError(f"section {n!r} has {a.n_obs} spots; aligning needs at least 3.")
     return names, z
 
 
