@@ -176,3 +176,24 @@ def test_image_stack_recovers_rotation_and_writes_ome_zarr(tmp_path, phantom):
     data, spacing, axes = read_ome_zarr(tmp_path / "stack.ome.zarr")
     assert tuple(data.shape) == res.rgb.shape and data.shape[:2] == (3, 3)
     np.testing.assert_allclose(spacing, (20.0, 20.0, 20.0))
+
+
+def test_cli_register_stack(tmp_path, phantom_section):
+    import anndata as ad
+    from typer.testing import CliRunner
+
+    from voxelome.cli import app
+    from voxelome.io.sections import write_h5ad
+
+    moved = _moved_copy(phantom_section, 30.0, (200.0, 100.0))
+    write_h5ad(phantom_section, tmp_path / "a.h5ad")
+    write_h5ad(moved, tmp_path / "b.h5ad")
+    out = tmp_path / "stack.h5ad"
+    r = CliRunner().invoke(app, ["register", "stack", str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad"),
+                                 "--z", "0,10", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    st = ad.read_h5ad(out)
+    assert st.obsm[SPATIAL_3D_KEY].shape == (phantom_section.n_obs + moved.n_obs, 3)
+    bad = CliRunner().invoke(app, ["register", "stack", str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad"),
+                                   "--z", "10,0", "--out", str(out)])
+    assert bad.exit_code == 2 and "strictly increasing" in bad.output
