@@ -31,7 +31,7 @@ from voxelome.train.config import make_config
 
 QUICK_TRAIN = dict(epochs=4, steps_per_epoch=4, batch_size=4, patience=4, window_um=(320.0, 640.0, 640.0))
 #: The demo's training budget: a few minutes on 2 CPU cores. The benchmark trains longer (BENCHMARKS.md).
-DEMO_EPOCHS = 20
+DEMO_EPOCHS = 12
 
 
 def second_placement(phantom, seed: int, depth_offset_um: float = -250.0) -> SectionPlacement:
