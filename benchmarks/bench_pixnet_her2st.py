@@ -42,7 +42,7 @@ from voxelome.evaluate.metrics import pearson_per_column
 from voxelome.io.legacy_st import read_legacy_st
 from voxelome.train.dense2d_config import make_dense2d_config
 from voxelome.train.dense2d_data import SlideData, gene_targets, load_he_image, section_geometry, select_target_genes
-from voxelome.train.dense2d_trainer import dense2d_loss, train_dense2d
+from voxelome.train.dense2d_trainer import TrainedDense2D, dense2d_loss, train_dense2d
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st"
 SECTIONS = {"C2": "C2/5714_HE_BT_C2.jpg", "C3": "C3/5714_HE_BT_D1.jpg", "C4": "C4/5714_HE_BT_D2.jpg",
@@ -241,6 +241,8 @@ def main():
     ap.add_argument("--output-stride", type=int, default=4)
     ap.add_argument("--tta", action="store_true", help="dense: average over the 8 flips/rotations at prediction")
     ap.add_argument("--skip-baselines", action="store_true", help="dense only (for variants of the dense model)")
+    ap.add_argument("--runs-from", type=Path, default=None,
+                    help="load the dense runs (run_<section>/) of an earlier --out instead of training")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +275,12 @@ def main():
             fold["methods"]["patch_cnn"] = evaluate(patch_cnn(train, test, args.seed, args.cnn_steps), true, groups, 50)
             fold["seconds"]["patch_cnn"] = round(time.time() - t, 1)
         t = time.time()
-        trained = train_dense2d(train, cfg, args.out / f"run_{held}", genes)
+        if args.runs_from is not None:
+            trained = TrainedDense2D.load(args.runs_from / f"run_{held}", device="cpu")
+            if trained.genes != genes:
+                raise SystemExit(f"{args.runs_from}/run_{held} was trained on other genes")
+        else:
+            trained = train_dense2d(train, cfg, args.out / f"run_{held}", genes)
         trained.tta = args.tta
         fold["seconds"]["dense_train"] = round(time.time() - t, 1)
         t = time.time()
