@@ -149,30 +149,60 @@ def test_pairwise_aligners_direct(phantom_section):
     assert np.sqrt(np.mean(np.sum((moved @ r2.T + t2 - xy) ** 2, 1))) < 20.0
 
 
+def _rotation_map(shape, angle):
+    """Affine (2, 3) that ``ndimage.rotate(..., reshape=False)`` applies to (x, y) pixel positions, measured."""
+    from scipy import ndimage
+
+    src = np.array([[60.0, 70.0], [150.0, 80.0], [100.0, 160.0]])
+    dst = []
+    for x, y in src:
+        delta = np.zeros(shape)
+        delta[int(y) - 1:int(y) + 2, int(x) - 1:int(x) + 2] = 1.0
+        rot = ndimage.rotate(delta, angle, reshape=False, order=1)
+        yy, xx = np.indices(shape)
+        dst.append([(rot * xx).sum() / rot.sum(), (rot * yy).sum() / rot.sum()])
+    design = np.column_stack([src, np.ones(3)])
+    return np.linalg.solve(design, np.array(dst)).T
+
+
 def test_image_stack_recovers_rotation_and_writes_ome_zarr(tmp_path, phantom):
+    import anndata as ad
     import skimage.io
+    from scipy import ndimage
 
     from voxelome.datasets import axial_placement
     from voxelome.datasets.histology import render_he
     from voxelome.io.omezarr import read_ome_zarr
+    from voxelome.io.sections import validate_section
     from voxelome.register.stack_image import dice, stack_images, tissue_mask
 
-    paths, masks_raw = [], []
+    rng = np.random.default_rng(0)
+    spots = rng.uniform(80, 150, (40, 2))  # (x, y) px of the unrotated images: the same tissue points
+    paths, masks_raw, adatas = [], [], []
     for k, (z, angle) in enumerate(((14, 0.0), (16, 25.0), (18, -20.0))):
         img, _ = render_he(phantom, axial_placement(phantom, z, pixel_size_um=10.0), shape=(144, 144), seed=k,
                            crop=False)
         pad = np.pad(img, ((40, 40), (40, 40), (0, 0)), constant_values=245)
-        from scipy import ndimage
-
         rot = ndimage.rotate(pad, angle, reshape=False, order=1, cval=245).astype(np.uint8)
         p = tmp_path / f"s{k}.png"
         skimage.io.imsave(p, rot, check_contrast=False)
         paths.append(p)
         masks_raw.append(tissue_mask(rot))
-    res = stack_images(paths, [0.0, 20.0, 40.0], pixel_size_um=10.0, work_um=20.0,
-                       zarr_out=tmp_path / "stack.ome.zarr")
+        m = _rotation_map(pad.shape[:2], angle)
+        a = ad.AnnData(X=rng.poisson(5, (40, 12)).astype(np.float32))
+        a.var_names = [f"g{i}" for i in range(12)]
+        a.obsm["spatial"] = spots @ m[:, :2].T + m[:, 2]
+        adatas.append(validate_section(a, pixel_size_um=10.0, spot_diameter_um=55.0))
+    res = stack_images(paths, [0.0, 20.0, 40.0], adatas=adatas, work_um=20.0, zarr_out=tmp_path / "stack.ome.zarr")
     raw = [dice(masks_raw[k - 1][::2, ::2], masks_raw[k][::2, ::2]) for k in (1, 2)]
     assert min(res.metrics["dice_adjacent"]) > 0.9 and min(res.metrics["dice_adjacent"]) > max(raw) + 0.05
+    # the same tissue points land on each other in the stack (within one 20 µm working pixel)
+    xyz = res.adata.obsm[SPATIAL_3D_KEY]
+    sec = res.adata.obs["section"].to_numpy()
+    ref = xyz[sec == res.names[0], :2]
+    for name in res.names[1:]:
+        err = np.sqrt(np.mean(np.sum((xyz[sec == name, :2] - ref) ** 2, 1)))
+        assert err < 20.0, (name, err)
     data, spacing, axes = read_ome_zarr(tmp_path / "stack.ome.zarr")
     assert tuple(data.shape) == res.rgb.shape and data.shape[:2] == (3, 3)
     np.testing.assert_allclose(spacing, (20.0, 20.0, 20.0))

@@ -310,7 +310,9 @@ def _compose_origin(tx, origin):
     import SimpleITK as sitk
 
     back = sitk.TranslationTransform(2, tuple(-float(o) for o in origin))
-    return sitk.CompositeTransform([tx, back])
+    comp = sitk.CompositeTransform([tx, back])
+    comp.FlattenTransform()  # no nested composites: ITK can only write a flat one
+    return comp
 
 
 def _stack_spots(adatas, sizes, transforms, z, names, res, flipped, widths, px):
