@@ -165,8 +165,25 @@ def phantom_stack(ph, z_indices, seed0=0):
 #: held-out section → inner validation section (among the training sections; never a test section),
 #: where the baselines' k was chosen in-run and the field's settings were tuned (see BENCHMARKS.md).
 PHANTOM_FOLDS = {"s03": "s09", "s06": "s10", "s08": "s01"}
-#: field settings for the phantom (NB counts), chosen on the inner validation section of fold s03.
-PHANTOM_FIELD = {"iterations": 800, "batch_size": 2048}
+#: field settings for the phantom (NB counts), chosen on the inner validation section of fold s03
+#: (``--only tune_phantom``); the low-rank field uses NMF-8 loadings of the training spots.
+PHANTOM_FIELD = {"iterations": 800, "batch_size": 2048, "jitter_scale": (0.5, 1.0)}
+#: candidates tried on the inner validation split (fold s03, validation s09); nmf = NMF loadings' rank (0: full).
+PHANTOM_GRID = {
+    "full, box=points, jitter ×1": {"nmf": 0, "box_shape": "points", "jitter_scale": (1, 1)},
+    "NMF 8, box=points, jitter ×1": {"nmf": 8, "box_shape": "points", "jitter_scale": (1, 1)},
+    "full, Gaussian on log1p, box=points": {"nmf": 0, "box_shape": "points", "jitter_scale": (1, 1),
+                                            "likelihood": "gaussian"},
+    "full, box=points, jitter xy ×1.5": {"nmf": 0, "box_shape": "points", "jitter_scale": (1.5, 1)},
+    "full, cube box, jitter ×1": {"nmf": 0, "jitter_scale": (1, 1)},
+    "NMF 8, cube, jitter ×1": {"nmf": 8, "jitter_scale": (1, 1)},
+    "NMF 8, cube, jitter xy ×0.75": {"nmf": 8, "jitter_scale": (0.75, 1)},
+    "NMF 12, cube, jitter ×1": {"nmf": 12, "jitter_scale": (1, 1)},
+    "NMF 8, cube, jitter xy ×0.5": {"nmf": 8, "jitter_scale": (0.5, 1)},
+    "full, cube, jitter xy ×0.75": {"nmf": 0, "jitter_scale": (0.75, 1)},
+    "NMF 8, cube, jitter xy ×0.25": {"nmf": 8, "jitter_scale": (0.25, 1)},
+    "full, cube, jitter xy ×0.5": {"nmf": 0},
+}
 
 
 def phantom_loso(out: Path, folds=PHANTOM_FOLDS, seeds=(0, 1, 2), iterations=800):
@@ -206,6 +223,27 @@ def phantom_loso(out: Path, folds=PHANTOM_FOLDS, seeds=(0, 1, 2), iterations=800
         rows.append(res)
         print(json.dumps(res)[:600], flush=True)
     return rows
+
+
+def tune_phantom(out: Path, fold="s03"):
+    """Score every PHANTOM_GRID candidate on the inner validation section of ``fold`` (measured spots)."""
+    ph = make_lung_phantom("small", seed=0, n_genes=60)
+    stack = phantom_stack(ph, list(range(2, 47, 4)))
+    tr, _, val = leave_out(stack, fold, PHANTOM_FOLDS[fold])
+    inner = stack[tr]
+    tr_a, va_a = inner[~val], inner[val]
+    data, measured, y = PointData.from_anndata(tr_a), log_norm(va_a.X), log_norm(tr_a.X)
+    res = {"fold": fold, "validation": PHANTOM_FOLDS[fold],
+           "knn_3d": {k: per_gene_scores(knn_3d(tr_a.obsm["spatial_3d"], y, va_a.obsm["spatial_3d"], k=k),
+                                         measured)["mean_r"] for k in K_3D}}
+    for name, settings in PHANTOM_GRID.items():
+        settings = {**PHANTOM_FIELD, **settings}
+        k = settings.pop("nmf")
+        f, _ = fit(data, out / "tune_phantom" / name.replace(" ", "_").replace(",", ""),
+                   loadings=nmf_loadings(tr_a.X, k) if k else None, **settings)
+        res[name] = per_gene_scores(f.predict(va_a.obsm["spatial_3d"]), measured)["mean_r"]
+        print(name, res[name], flush=True)
+    return res
 
 
 def knn_smooth_oracle(xyz, y, truth):
@@ -277,20 +315,31 @@ def starmap_stack():
 #: held-out slab → inner validation slab (a training slab that is never a test slab).
 STARMAP_FOLDS = {"slab2": "slab6", "slab4": "slab1", "slab5": "slab1"}
 #: field settings for STARmap, chosen on the inner validation slab of fold slab2 (``--only tune_starmap``).
-STARMAP_FIELD = {"likelihood": "gaussian", "iterations": 400, "batch_size": 2048, "jitter_scale": (2.0, 4.0),
-                     "box_shape": "cube"}
-#: candidates tried on the inner validation split (the first fold's), in the order they were run.
+STARMAP_FIELD = {"likelihood": "gaussian", "iterations": 400, "batch_size": 2048, "jitter_scale": (1.5, 6.0),
+                 "box_shape": "cube", "section_dim": 0}
+_X = {"box_shape": "cube", "section_dim": 8}  # the grid's common base: cube box, with section effects
+#: candidates tried on the inner validation split (fold slab2, validation slab6), in the order they were run.
 STARMAP_GRID = {
-    "preset (box=points, jitter ×1, 800 it)": {"box_shape": "points", "iterations": 800},
-    "cube box": {"iterations": 800},
-    "cube, jitter xy ×2": {"iterations": 800, "jitter_scale": (2.0, 1.0)},
-    "cube, jitter xy ×3": {"iterations": 800, "jitter_scale": (3.0, 1.0)},
-    "cube, jitter xy ×2, 400 it": {"jitter_scale": (2.0, 1.0)},
-    "cube, jitter xy ×2 z ×2, 400 it": {"jitter_scale": (2.0, 2.0)},
-    "cube, jitter xy ×2 z ×4, 400 it": {"jitter_scale": (2.0, 4.0)},
-    "cube, jitter xy ×3 z ×4, 400 it": {"jitter_scale": (3.0, 4.0)},
-    "cube, jitter xy ×2 z ×4, no section effects": {"jitter_scale": (2.0, 4.0), "section_dim": 0},
-    "cube, jitter xy ×2 z ×4, low rank (PCA 8)": {"jitter_scale": (2.0, 4.0), "pca": 8},
+    "preset: box=points, jitter ×1, 800 it": {**_X, "box_shape": "points", "iterations": 800, "jitter_scale": (1, 1)},
+    "cube box": {**_X, "iterations": 800, "jitter_scale": (1, 1)},
+    "jitter xy ×2": {**_X, "iterations": 800, "jitter_scale": (2, 1)},
+    "jitter xy ×3": {**_X, "iterations": 800, "jitter_scale": (3, 1)},
+    "jitter xy ×2, 400 it": {**_X, "jitter_scale": (2, 1)},
+    "jitter xy ×2 z ×2": {**_X, "jitter_scale": (2, 2)},
+    "jitter xy ×2 z ×4": {**_X, "jitter_scale": (2, 4)},
+    "jitter xy ×3 z ×4": {**_X, "jitter_scale": (3, 4)},
+    "jitter xy ×2 z ×4, low rank (PCA 8)": {**_X, "jitter_scale": (2, 4), "pca": 8},
+    "jitter xy ×2 z ×4, no section effects": {"jitter_scale": (2, 4)},
+    "… no section effects, 8 levels": {"jitter_scale": (2, 4), "n_levels": 8},
+    "… no section effects, lr 3e-3": {"jitter_scale": (2, 4), "lr": 3e-3},
+    "jitter xy ×2 z ×6, no section effects": {"jitter_scale": (2, 6)},
+    "jitter xy ×2 z ×8, no section effects": {"jitter_scale": (2, 8)},
+    "jitter xy ×1 z ×6, no section effects": {"jitter_scale": (1, 6)},
+    "jitter xy ×1.25 z ×6, no section effects": {"jitter_scale": (1.25, 6)},
+    "jitter xy ×1.5 z ×6, no section effects": {"jitter_scale": (1.5, 6)},
+    "jitter xy ×1.5 z ×8, no section effects": {"jitter_scale": (1.5, 8)},
+    "jitter xy ×1.5 z ×6, with section effects": {**_X, "jitter_scale": (1.5, 6)},
+    "jitter xy ×1.5 z ×6, no section effects, hidden 128": {"jitter_scale": (1.5, 6), "hidden": 128},
 }
 
 
@@ -392,6 +441,8 @@ def main():
         results["phantom_sparse"] = phantom_sparse(args.out, iterations=args.iterations)
     if "starmap" in args.only:
         results["starmap_loso"] = starmap_loso(args.out, seeds=tuple(range(args.seeds)))
+    if "tune_phantom" in args.only:
+        results["tune_phantom"] = tune_phantom(args.out)
     if "tune_starmap" in args.only:
         results["tune_starmap"] = tune_starmap(args.out)
     if "scale" in args.only:
