@@ -5,6 +5,8 @@ They must not change what is predicted beyond the precision asked for; timings l
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,7 @@ def test_compiled_forward_gives_the_same_prediction(trained_run, phantom, fp32_b
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("VOXELOME_RUN_SLOW"), reason="slow; set VOXELOME_RUN_SLOW=1")
 def test_inductor_compiled_forward_gives_the_same_prediction(trained_run, phantom, fp32_block):
     model = TrainedModel.load(trained_run, device="cpu", accel=AccelOptions(compile="default"))
     np.testing.assert_allclose(model.predict_region(phantom.volume, REGION), fp32_block, atol=1e-4)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_DENSE
+
 from voxelome.errors import VoxelomeError
 from voxelome.train import make_config, train_model
 from voxelome.train.checkpoint import load_checkpoint
@@ -64,7 +64,8 @@ def ddp_runs(tmp_path_factory):
     script = base / "ddp_script.py"
     script.write_text(_DDP_SCRIPT)
     tests = str(Path(__file__).parent)  # the script imports conftest's phantom settings
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
            str(base / "out"), json.dumps(CONFIG)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -82,7 +83,8 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(ddp_runs, phant
     # (Without synchronised batch norm the train loss differed by 3-5 %.)
     np.testing.assert_allclose([h["train_loss"] for h in two], [h["train_loss"] for h in one], rtol=2e-3)
     np.testing.assert_allclose([h["val_loss"] for h in two], [h["val_loss"] for h in one], rtol=2e-3)
-    a, b = load_checkpoint(single / "last.pt")["model_state"], load_checkpoint(ddp_runs / "full" / "last.pt")["model_state"]
+    a = load_checkpoint(single / "last.pt")["model_state"]
+    b = load_checkpoint(ddp_runs / "full" / "last.pt")["model_state"]
     for name, t in a.items():  # per tensor: Adam turns rounding in near-zero gradients into ±lr steps,
         # so single entries may differ; the tensors as a whole agree
         ref = t.double().numpy()
@@ -124,3 +126,25 @@ def test_single_process_context_is_a_no_op():
     assert ctx.broadcast_object({"a": 1}) == {"a": 1} and ctx.all_reduce_sum(t) is t
     assert not ctx.enabled and ctx.is_main
     assert dataclasses.asdict(ctx)["world_size"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("VOXELOME_RUN_SLOW"), reason="slow; set VOXELOME_RUN_SLOW=1")
+def test_the_train_command_runs_under_torchrun(raw_section, volume_file, tmp_path):
+    """`torchrun --nproc-per-node 2 -m voxelome.cli train ...`: the CLI, unchanged, on 2 gloo processes."""
+    from voxelome.io import validate_section, write_h5ad
+
+    sec = raw_section.copy()
+    del sec.obsm["spatial_3d"]
+    validate_section(sec)
+    section = write_h5ad(sec, tmp_path / "section.h5ad")
+    sets = [f"--set={k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in CONFIG.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "voxelome.cli", "train", "--volume", str(volume_file), "--section", str(section), "--out",
+           str(tmp_path / "out"), "--slice-index", "16", *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    history = _history(tmp_path / "out" / "run")
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert (tmp_path / "out" / "metrics.json").exists() and (tmp_path / "out" / "section.h5ad").exists()

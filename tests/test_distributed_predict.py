@@ -20,12 +20,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import TINY_XPRESSION
+
 from voxelome.errors import VoxelomeError
 from voxelome.infer.blocks import DONE_DIR, iter_blocks
-from voxelome.infer.distributed import (connect, predict_volume_distributed, volume_source,
-                                        worker_build_counts)
+from voxelome.infer.distributed import connect, predict_volume_distributed, volume_source, worker_build_counts
 from voxelome.infer.predict import TrainedModel, predict_volume
 from voxelome.io import read_ome_zarr, read_volume, write_volume_ome_zarr
 from voxelome.io.volume import Volume
@@ -65,6 +64,11 @@ def _markers(out) -> dict[str, int]:
     if not folder.is_dir():
         return {}
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != "runs.jsonl"}
+
+
+def _executing(dask_worker) -> int:
+    """Tasks a worker is running, including those the scheduler cancelled (they still finish)."""
+    return dask_worker.state.executing_count
 
 
 def _runs(out) -> list[dict]:
@@ -146,12 +150,12 @@ def test_a_killed_client_is_resumed_on_the_same_cluster_computing_only_unfinishe
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    # The scheduler cancels the dead client's queued tasks; let the running ones finish (they mark their blocks).
+    # The scheduler cancels the dead client's queued tasks; the running ones go on (a thread cannot be stopped)
+    # and mark their blocks: wait until no worker executes anything, cancelled tasks included.
     deadline = time.monotonic() + 60
-    while any(client.processing().values()):
+    while any(client.processing().values()) or any(client.run(_executing).values()):
         assert time.monotonic() < deadline, "the cluster did not settle after the client died"
         time.sleep(0.05)
-    time.sleep(0.2)
     done_at_kill = _markers(out)
     all_blocks = {"_".join(map(str, i)) for i, _ in iter_blocks((16, 72, 72), CHUNKS)}
     assert 4 <= len(done_at_kill) < len(all_blocks), "the kill must land mid-run for this test to mean anything"
@@ -182,3 +186,27 @@ def test_a_bad_scheduler_address_names_the_fix():
     with pytest.raises(VoxelomeError, match="'local' or a dask scheduler address"):
         with connect("my-cluster"):
             pass
+
+
+def test_field_export_is_another_block_job_on_the_same_cluster(client, tmp_path):
+    """The block job is generic: a neural-field volume export maps over the cluster unchanged."""
+    from test_field_fit import GENES, synthetic_stack
+
+    from voxelome.infer.distributed import write_field_volume_distributed
+    from voxelome.infer.field_export import FittedField
+    from voxelome.train.field_trainer import fit_field, make_field_config
+    from voxelome.train.point_data import PointData
+
+    data = PointData.from_anndata(synthetic_stack(), genes=GENES[:3])
+    cfg = make_field_config("cpu", iterations=20, batch_size=256, n_levels=4, log2_table_size=10, seed=0,
+                            num_threads=TORCH_THREADS)
+    run = tmp_path / "field"
+    fit_field(data, cfg, run, progress=False)
+    torch.set_num_threads(TORCH_THREADS)
+    ref = FittedField.load(run).write_volume(tmp_path / "serial.ome.zarr", 50.0, chunks=(4, 8, 8), progress=False)
+    out = tmp_path / "dask.ome.zarr"
+    stats = write_field_volume_distributed(run, out, 50.0, scheduler=client, chunks=(4, 8, 8),
+                                           torch_threads=TORCH_THREADS, progress=False)
+    assert stats["computed"] == stats["blocks"] == ref["blocks"] > 4
+    _assert_same_prediction(out, tmp_path / "serial.ome.zarr")
+    assert len(_runs(out)[0]["workers"]) == 2

@@ -156,7 +156,10 @@ def train(volume: Optional[Path] = typer.Option(None, help="Scan: TIFF, OME-Zarr
           signatures_model: Optional[Path] = typer.Option(None, help="The .npz `voxelome signatures` saved; copied into the run so `predict --genes` can map genes."),
           no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of resuming run/last.pt."),
           predict: bool = typer.Option(False, help="Also predict the whole volume into out/prediction.ome.zarr.")):
-    """Train an image → signature model on one placed section."""
+    """Train an image → signature model on one placed section.
+
+    On several processes/GPUs: `torchrun --nproc-per-node N -m voxelome.cli train ...` (same options).
+    """
     if preset.startswith("dense2d"):  # 2D histology → dense expression maps (PixNet), in cli_dense2d.py
         from voxelome.cli_dense2d import run_train
 
@@ -167,16 +170,22 @@ def train(volume: Optional[Path] = typer.Option(None, help="Scan: TIFF, OME-Zarr
     from voxelome.io import read_section
     from voxelome.pipeline import run_pipeline
     from voxelome.train.config import load_config_file, make_config
+    from voxelome.train.ddp import launched_rank
 
     vol = _load_volume(volume, spacing_um)
-    adata = read_section(section, pixel_size_um=pixel_size_um)
-    px = adata.uns["voxelome"]["pixel_size_um"]
-    placement = _placement(vol, px, slice_index, origin, normal, landmarks)
     base = load_config_file(config).to_dict() if config else {}
     base.update(_parse_sets(set_))
     if "model" in base and base["model"] != preset:
         preset = base["model"]
     cfg = make_config(preset, **{k: v for k, v in base.items() if k != "model"})
+    if launched_rank() > 0:  # a torchrun rank > 0: train alongside rank 0 (it prepares and broadcasts the
+        from voxelome.train.trainer import train_model  # targets, writes the run, and does everything else)
+
+        train_model(vol, None, cfg, out / "run", resume=not no_resume, progress=False)
+        return
+    adata = read_section(section, pixel_size_um=pixel_size_um)
+    px = adata.uns["voxelome"]["pixel_size_um"]
+    placement = _placement(vol, px, slice_index, origin, normal, landmarks)
     key = "signatures" if "signatures" in adata.obsm else None
     if signatures_model is not None:
         import shutil

@@ -382,3 +382,97 @@ def predict_volume_distributed(model, volume, out_path, *, scheduler="local", n_
             build_pyramid(out_path)  # dask graph: runs on the cluster too (this client is the default)
     result = prediction_stats(out_path, vol, out.shape, spacing, chunks, stats, seconds)
     return {**result, "scheduler": address}
+
+
+# --- field export ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class FieldVolume:
+    """Compute factory of a neural-field volume export (:meth:`FittedField.write_volume` on a cluster).
+
+    A block is the field evaluated at the centres of its output voxels; nothing is read but the
+    field's checkpoint (once per worker).
+    """
+
+    checkpoint: str
+    fingerprint: str
+    genes: tuple[str, ...]
+    origin_um_zyx: tuple[float, float, float]
+    spacing_um_zyx: tuple[float, float, float]
+    device: str | None = None
+    batch_size: int = 65536
+    torch_threads: int = 1
+
+    def build(self):
+        import torch
+
+        from voxelome.infer.field_export import FittedField
+
+        if self.torch_threads > 0:
+            torch.set_num_threads(self.torch_threads)
+
+        def load():
+            field = FittedField.load(self.checkpoint, device=self.device)
+            if field.fingerprint != self.fingerprint:
+                raise VoxelomeError(f"{self.checkpoint} changed after the export was planned; restart the export.")
+            return field
+
+        field = worker_cached(("field", self.checkpoint, self.fingerprint, self.device), load)
+        org, sp, names = np.asarray(self.origin_um_zyx), np.asarray(self.spacing_um_zyx), list(self.genes)
+
+        def compute(region):  # the same computation as FittedField.write_volume's
+            axes = [org[a] + sp[a] * np.arange(r.start, r.stop) for a, r in enumerate(region)]
+            zz, yy, xx = np.meshgrid(*axes, indexing="ij")
+            pts = np.stack([xx, yy, zz], axis=-1)
+            return np.moveaxis(field.predict(pts, names, batch_size=self.batch_size), -1, 0)
+
+        return compute
+
+
+def write_field_volume_distributed(field, out_path, spacing_um, *, scheduler="local", bbox_um=None, genes=None,
+                                   chunks=(16, 64, 64), overwrite: bool = False, pyramid: bool = True,
+                                   progress: bool = True, n_workers: int | None = None, threads_per_worker: int = 1,
+                                   device: str | None = None, batch_size: int = 65536, torch_threads: int = 1) -> dict:
+    """:meth:`FittedField.write_volume` with its blocks mapped over a Dask cluster (same store, same markers).
+
+    Parameters are those of :meth:`~voxelome.infer.field_export.FittedField.write_volume` plus the
+    scheduler settings of :func:`predict_volume_distributed`; ``field`` is the field's run folder
+    (or checkpoint file), on storage the workers can read.
+    """
+    import zarr
+
+    from voxelome.constants import CHECKPOINT_FILE
+    from voxelome.infer.field_export import FittedField
+    from voxelome.infer.predict import _check_same_job
+    from voxelome.io.omezarr import create_ome_zarr
+
+    if isinstance(field, FittedField):
+        raise VoxelomeError("pass the field's run folder, not a loaded field: workers load it from its checkpoint.")
+    run = Path(field)
+    field = FittedField.load(run, device="cpu")
+    checkpoint = str((run / CHECKPOINT_FILE if run.is_dir() else run).resolve())
+    idx = field.gene_index(genes)
+    names = [field.genes[i] for i in idx]
+    shape, spacing, origin = field.volume_geometry(spacing_um, bbox_um)
+    chunks = tuple(int(c) for c in chunks)
+    # the identity and layout FittedField.write_volume uses, so either can resume the other's output
+    identity = {"field": field.fingerprint, "genes": names, "shape_zyx": list(shape),
+                "spacing_um_zyx": list(spacing), "origin_um_zyx": list(origin)}
+    _check_same_job(out_path, identity, overwrite)
+    create_ome_zarr(out_path, (len(names), *shape), chunks_czyx=(min(len(names), 32), *chunks), dtype="float32",
+                    spacing_um_zyx=spacing, origin_um_zyx=origin, channel_names=names, overwrite=overwrite)
+    zarr.open_group(str(out_path), mode="a").attrs["voxelome"] = identity
+    factory = FieldVolume(checkpoint, field.fingerprint, tuple(names), tuple(origin), tuple(spacing), device,
+                          batch_size, torch_threads)
+    job = BlockJob(factory, str(Path(out_path).resolve()), tuple(shape), chunks)
+    with connect(scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker) as client:
+        t0 = time.perf_counter()
+        stats = run_block_job(job, client, progress=progress, desc="field volume (dask)")
+        seconds = time.perf_counter() - t0
+        if pyramid and all_done(out_path, shape, chunks):
+            from voxelome.io.omezarr import build_pyramid
+
+            build_pyramid(out_path)
+    n = int(np.prod(shape)) * stats["computed"] / max(stats["blocks"], 1)
+    return {"path": str(out_path), "shape_czyx": [len(names), *shape], "spacing_um_zyx": list(spacing),
+            "origin_um_zyx": list(origin), "chunks": list(chunks), **stats, "seconds": seconds,
+            "voxels_per_s": n / max(seconds, 1e-9)}

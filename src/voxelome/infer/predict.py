@@ -97,8 +97,9 @@ class TrainedModel:
     @torch.no_grad()
     def _forward_fast(self, x: np.ndarray) -> np.ndarray:
         """The forward pass with :attr:`accel` (autocast, channels-last-3D, compiled, pinned copies)."""
-        net = getattr(self, "_fast", None) or prepare_model(self.model, self.device, self.accel)
-        self._fast = net
+        net = getattr(self, "_fast", None)
+        if net is None:  # (not `or`: a compiled module refuses bool())
+            net = self._fast = prepare_model(self.model, self.device, self.accel)
         with autocast(self.device, self.accel.precision):
             y = net(to_device(x, self.device, self.accel))
         y = y.float()

@@ -231,7 +231,8 @@ def _train(volume, targets, config, run_dir, resume, extra_meta, progress, ctx, 
         history = list(state["history"])
         log.info("resuming %s at epoch %d", run_dir, start_epoch)
     if ctx.is_main:
-        (run_dir / CONFIG_FILE).write_text(config_to_yaml(config, {"data": {k: meta[k] for k in ("names", "spacing_um")}}))
+        data = {"data": {k: meta[k] for k in ("names", "spacing_um")}}
+        (run_dir / CONFIG_FILE).write_text(config_to_yaml(config, data))
 
     stopped_early = bad_epochs >= config.patience
     bar = tqdm(range(start_epoch, config.epochs), desc=f"train {config.model}", disable=not (progress and ctx.is_main),
