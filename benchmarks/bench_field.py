@@ -323,7 +323,6 @@ STARMAP_GRID = {
     "preset: box=points, jitter ×1, 800 it": {**_X, "box_shape": "points", "iterations": 800, "jitter_scale": (1, 1)},
     "cube box": {**_X, "iterations": 800, "jitter_scale": (1, 1)},
     "jitter xy ×2": {**_X, "iterations": 800, "jitter_scale": (2, 1)},
-    "jitter xy ×3": {**_X, "iterations": 800, "jitter_scale": (3, 1)},
     "jitter xy ×2, 400 it": {**_X, "jitter_scale": (2, 1)},
     "jitter xy ×2 z ×2": {**_X, "jitter_scale": (2, 2)},
     "jitter xy ×2 z ×4": {**_X, "jitter_scale": (2, 4)},
