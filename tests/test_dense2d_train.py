@@ -154,3 +154,18 @@ def test_test_time_augmentation_averages_the_eight_dihedral_views(trained):
     finally:
         model.tta = False
     np.testing.assert_array_equal(model.predictor(x), plain)
+
+
+def test_signature_targets_train_and_missing_signatures_are_refused(tmp_path):
+    from voxelome.train.dense2d_trainer import train_dense2d_sections
+
+    img, adata, values, _ = synthetic_section(6)
+    adata.obsm["signatures"] = (values / values.sum(1, keepdims=True)).astype(np.float32)
+    cfg = make_dense2d_config("dense2d", **{**TINY, "targets": "signatures", "epochs": 1, "steps_per_epoch": 2})
+    model = train_dense2d_sections([adata], [img], cfg, tmp_path / "run")
+    assert model.genes == ["signature_0", "signature_1", "signature_2"]
+    del adata.obsm["signatures"]
+    with pytest.raises(VoxelomeError, match="voxelome signatures"):
+        train_dense2d_sections([adata], [img], cfg, tmp_path / "run2")
+    with pytest.raises(VoxelomeError, match="one image per section"):
+        train_dense2d_sections([adata], [], cfg, tmp_path / "run3")
