@@ -93,7 +93,7 @@ def main():
         if k == 0:
             plane_overlay_figure(res, img, a.pixel_size, out / "overlay_plane0.png")
     ok = np.array([r["ok"] for r in rows])
-    col = lambda key: np.array([r[key] for r in rows])  # noqa: E731
+    col = lambda key: np.array([r[key] for r in rows])
     summary = dict(
         n=len(rows), phantom=f"{a.preset} seed 1, shape {vol.shape}, {vox:g} µm voxels", pixel_size_um=a.pixel_size,
         true_planes=f"tilt U(0, {a.max_tilt})° any azimuth, in-plane rotation U(-180, 180)°, depth U(±{a.max_depth}) µm",

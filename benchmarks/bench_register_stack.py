@@ -24,8 +24,13 @@ import numpy as np
 
 from voxelome.io.legacy_st import read_legacy_st
 from voxelome.register.stack_data import read_st_csv_layer
-from voxelome.register.stack_expression import (adjacent_expression_r, common_genes, log_normalise, section_xy_um,
-                                                stack_sections)
+from voxelome.register.stack_expression import (
+    adjacent_expression_r,
+    common_genes,
+    log_normalise,
+    section_xy_um,
+    stack_sections,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -89,7 +94,12 @@ def run_paste(adatas):
 
 def image_stack(out):
     """her2st C2–C6 H&E: tissue-mask Dice of adjacent sections, raw vs registered (rigid; rigid + B-spline)."""
-    from voxelome.register.stack_image import dice, read_downsampled, stack_images, tissue_mask
+    from voxelome.register.stack_image import (
+        dice,
+        read_downsampled,
+        stack_images,
+        tissue_mask,
+    )
 
     her = DATA / "her2st"
     secs = ["C2", "C3", "C4", "C5", "C6"]

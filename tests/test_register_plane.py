@@ -11,7 +11,11 @@ from voxelome.datasets import make_lung_phantom
 from voxelome.datasets.histology import optical_density, render_he
 from voxelome.errors import VoxelomeError
 from voxelome.register.placement import SectionPlacement
-from voxelome.register.plane_search import PlaneSearchRange, _otsu_centroid, register_plane
+from voxelome.register.plane_search import (
+    PlaneSearchRange,
+    _otsu_centroid,
+    register_plane,
+)
 
 VOX = 10.0
 PX = 10.0  # section pixel size (µm)

@@ -9,8 +9,16 @@ import pytest
 
 from voxelome.constants import SPATIAL_3D_KEY, SPATIAL_KEY
 from voxelome.errors import VoxelomeError
-from voxelome.register.stack_expression import (adjacent_expression_r, align_fgw, align_icp, apply_stack_transform,
-                                                joint_embedding, log_normalise, section_xy_um, stack_sections)
+from voxelome.register.stack_expression import (
+    adjacent_expression_r,
+    align_fgw,
+    align_icp,
+    apply_stack_transform,
+    joint_embedding,
+    log_normalise,
+    section_xy_um,
+    stack_sections,
+)
 
 BREAST = Path(__file__).resolve().parents[2] / "shared" / "data" / "paste_breast_st2016"
 

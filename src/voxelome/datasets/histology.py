@@ -55,7 +55,7 @@ def section_pixel_box(placement: SectionPlacement, volume: Volume, margin_px: in
     return (int(h), int(w)), (int(x0), int(y0))
 
 
-def render_he(phantom: "LungPhantom", placement: SectionPlacement, *, shape=None, seed: int = 0,
+def render_he(phantom: LungPhantom, placement: SectionPlacement, *, shape=None, seed: int = 0,
               blur_um: float = 4.0, noise_sd: float = 0.03, stain_jitter: float = 0.15,
               crop: bool = True) -> tuple[np.ndarray, SectionPlacement]:
     """Render an H&E-like RGB image of ``phantom`` on ``placement``.

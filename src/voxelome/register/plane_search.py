@@ -415,10 +415,10 @@ def _registration(level_um: float, max_iterations: int, sampling: float, seed: i
     import SimpleITK as sitk
 
     reg = sitk.ImageRegistrationMethod()
-    reg.SetNumberOfThreads(1)  # ITK's threaded random sampling is not reproducible; images here are small
+    reg.SetNumberOfThreads(1)  # results must not depend on the thread count; images here are small
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(float(sampling), int(seed))
+    reg.SetMetricSamplingPercentage(float(sampling), int(seed) + 1)  # ITK: seed 0 means "wall clock"
     # on-the-fly gradients: a gradient image of the whole volume costs seconds per call and gains nothing here
     reg.SetMetricUseMovingImageGradientFilter(False)
     reg.SetMetricUseFixedImageGradientFilter(False)

@@ -66,7 +66,7 @@ def joint_embedding(counts: list, n_components: int = 20, n_genes: int = 500) ->
     var = np.asarray(allx.multiply(allx).mean(0)).ravel() - mean ** 2
     keep = np.argsort(var)[::-1][: min(n_genes, allx.shape[1])]
     x = allx[:, keep].toarray().astype(np.float64) - mean[keep]
-    evals, evecs = np.linalg.eigh(x.T @ x)  # genes × genes covariance: cheap for a few hundred genes
+    _, evecs = np.linalg.eigh(x.T @ x)  # genes × genes covariance: cheap for a few hundred genes
     k = int(min(n_components, x.shape[0] - 1, x.shape[1]))
     emb = x @ evecs[:, ::-1][:, :k]
     emb /= emb[:, 0].std() + 1e-12

@@ -138,9 +138,9 @@ def register_pair(fixed_rgb, moving_rgb, px_um: float, *, bspline: bool = False,
         reg.SetInitialTransform(tx, inPlace=True)
         try:
             reg.Execute(fixed, moving)
+            m = _full_metric(fixed, moving, fmask, tx)  # all pixels: starts compared without sampling noise
         except RuntimeError:
             continue
-        m = reg.GetMetricValue()
         if best is None or m < best[0]:
             best = (m, tx)
     if best is None:
@@ -165,14 +165,27 @@ def register_pair(fixed_rgb, moving_rgb, px_um: float, *, bspline: bool = False,
         return rigid, float(metric)
 
 
+def _full_metric(fixed, moving, fmask, tx) -> float:
+    import SimpleITK as sitk
+
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(1)
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetMetricFixedMask(fmask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetInitialTransform(sitk.Euler2DTransform(tx))
+    return float(reg.MetricEvaluate(fixed, moving))
+
+
 def _reg(px_um, seed):
     import SimpleITK as sitk
 
     reg = sitk.ImageRegistrationMethod()
-    reg.SetNumberOfThreads(1)  # ITK's threaded random sampling is not reproducible; images here are small
+    reg.SetNumberOfThreads(1)  # results must not depend on the thread count; images here are small
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.5, int(seed))
+    reg.SetMetricSamplingPercentage(0.5, int(seed) + 1)  # ITK: seed 0 means "wall clock"
     reg.SetInterpolator(sitk.sitkLinear)
     return reg
 
@@ -270,16 +283,17 @@ def stack_images(paths, z_um, *, pixel_size_um=None, adatas=None, names=None, wo
     flipped = [False] * len(imgs)
     widths = [im.shape[1] for im in imgs]
     for k in range(1, len(imgs)):
-        prev = np.moveaxis(aligned[-1], 0, -1)
-        # register the raw section onto the previous aligned one (on the reference grid)
-        tx, m = register_pair(prev, imgs[k], px, bspline=bspline, seed=seed)
+        # section k onto section k-1 (both as read: no padding in the fit), then chained onto the reference:
+        # reference µm → section k-1 µm (transforms[-1]) → section k µm (tx)
+        tx, m = register_pair(imgs[k - 1], imgs[k], px, bspline=bspline, seed=seed)
         if allow_flip:  # a section may have been mounted face down: try its mirror image too
-            tx_f, m_f = register_pair(prev, imgs[k][:, ::-1], px, bspline=bspline, seed=seed)
+            tx_f, m_f = register_pair(imgs[k - 1], imgs[k][:, ::-1], px, bspline=bspline, seed=seed)
             if m_f < m:
                 tx, m = tx_f, m_f
                 imgs[k] = np.ascontiguousarray(imgs[k][:, ::-1])
                 flipped[k] = True
-        full = _compose_origin(tx, origin)  # the fixed image (prev) was registered with origin (0, 0)
+        full = sitk.CompositeTransform([tx, transforms[-1]])
+        full.FlattenTransform()
         transforms.append(full)
         aligned.append(_resample_rgb(imgs[k], px, ref_shape, full, origin))
         metrics["pair_metric"].append(m)
@@ -304,25 +318,13 @@ def stack_images(paths, z_um, *, pixel_size_um=None, adatas=None, names=None, wo
     return res
 
 
-def _compose_origin(tx, origin):
-    """``tx`` was fitted with the previous section's reference-grid image as fixed image at origin (0, 0);
-    the reference grid's true origin is ``origin``: precompose a translation by ``-origin``."""
-    import SimpleITK as sitk
-
-    back = sitk.TranslationTransform(2, tuple(-float(o) for o in origin))
-    comp = sitk.CompositeTransform([tx, back])
-    comp.FlattenTransform()  # no nested composites: ITK can only write a flat one
-    return comp
-
-
 def _stack_spots(adatas, sizes, transforms, z, names, res, flipped, widths, px):
-    from voxelome.register.stack_expression import STACK_KEY, common_genes
-
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
 
     from voxelome.constants import SPATIAL_3D_KEY, SPATIAL_KEY, UNS_KEY
+    from voxelome.register.stack_expression import STACK_KEY, common_genes
 
     genes = common_genes(adatas)
     blocks = []
