@@ -45,7 +45,8 @@ class TrainedModel:
         path = Path(run_dir)
         path = path / CHECKPOINT_FILE if path.is_dir() else path
         ckpt = load_checkpoint(path)
-        config = config_from_dict(ckpt["config"])
+        # runs saved before the `norm` option existed were trained with group norm
+        config = config_from_dict({"norm": "group", **ckpt["config"]})
         dev = resolve_device(device or config.device)
         model = build_model(config, ckpt["meta"])
         model.load_state_dict(ckpt["model_state"])
