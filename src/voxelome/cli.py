@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -17,29 +16,15 @@ from typing import Optional
 
 import numpy as np
 import typer
-import yaml
 
+from voxelome.cli_common import friendly as _friendly
+from voxelome.cli_common import parse_sets as _parse_sets
 from voxelome.errors import VoxelomeError
 from voxelome.train.config import field_docs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="voxelome: 3D niche-signature and expression maps from one ST section and a volume.")
 
-EXIT_USAGE = 2
-
-
-def _friendly(fn):
-    """Turn VoxelomeError into a one-line message and exit code 2 (no traceback for user errors)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except VoxelomeError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(EXIT_USAGE) from None
-
-    return wrapper
 
 
 def _triplet(text: Optional[str], name: str):
@@ -52,16 +37,6 @@ def _triplet(text: Optional[str], name: str):
     if len(vals) not in (1, 3):
         raise VoxelomeError(f"--{name}={text!r} must hold 1 or 3 numbers.")
     return vals[0] if len(vals) == 1 else tuple(vals)
-
-
-def _parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise VoxelomeError(f"--set {item!r} must look like key=value, e.g. --set epochs=20.")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 SET_HELP = "Override a config field, key=value (repeatable). Fields: " + "; ".join(

@@ -9,31 +9,19 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import typer
-import yaml
 
+from voxelome.cli_common import friendly as _friendly
+from voxelome.cli_common import parse_sets
 from voxelome.errors import VoxelomeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Neural transcriptomic field: a continuous 3D expression field fit to serial sections.")
-
-
-def _friendly(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except VoxelomeError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _numbers(text: Optional[str], name: str, n: tuple[int, ...]):
@@ -53,13 +41,7 @@ def _genes(text: Optional[str]):
 
 
 def _sets(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise VoxelomeError(f"--set {item!r} must look like key=value, e.g. --set iterations=2000.")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
+    return parse_sets(items, example="iterations=2000")
 
 
 @app.command()
