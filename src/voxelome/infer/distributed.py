@@ -438,29 +438,18 @@ def write_field_volume_distributed(field, out_path, spacing_um, *, scheduler="lo
     scheduler settings of :func:`predict_volume_distributed`; ``field`` is the field's run folder
     (or checkpoint file), on storage the workers can read.
     """
-    import zarr
-
     from voxelome.constants import CHECKPOINT_FILE
     from voxelome.infer.field_export import FittedField
-    from voxelome.infer.predict import _check_same_job
-    from voxelome.io.omezarr import create_ome_zarr
 
     if isinstance(field, FittedField):
         raise VoxelomeError("pass the field's run folder, not a loaded field: workers load it from its checkpoint.")
     run = Path(field)
     field = FittedField.load(run, device="cpu")
     checkpoint = str((run / CHECKPOINT_FILE if run.is_dir() else run).resolve())
-    idx = field.gene_index(genes)
-    names = [field.genes[i] for i in idx]
-    shape, spacing, origin = field.volume_geometry(spacing_um, bbox_um)
-    chunks = tuple(int(c) for c in chunks)
-    # the identity and layout FittedField.write_volume uses, so either can resume the other's output
-    identity = {"field": field.fingerprint, "genes": names, "shape_zyx": list(shape),
-                "spacing_um_zyx": list(spacing), "origin_um_zyx": list(origin)}
-    _check_same_job(out_path, identity, overwrite)
-    create_ome_zarr(out_path, (len(names), *shape), chunks_czyx=(min(len(names), 32), *chunks), dtype="float32",
-                    spacing_um_zyx=spacing, origin_um_zyx=origin, channel_names=names, overwrite=overwrite)
-    zarr.open_group(str(out_path), mode="a").attrs["voxelome"] = identity
+    # the same store, identity and layout as FittedField.write_volume, so either can resume the other's output
+    _, grid = field.open_volume_output(out_path, spacing_um, bbox_um=bbox_um, genes=genes, chunks=chunks,
+                                       overwrite=overwrite)
+    names, shape, spacing, origin, chunks = list(grid.names), grid.shape, grid.spacing, grid.origin, grid.chunks
     factory = FieldVolume(checkpoint, field.fingerprint, tuple(names), tuple(origin), tuple(spacing), device,
                           batch_size, torch_threads)
     job = BlockJob(factory, str(Path(out_path).resolve()), tuple(shape), chunks)
@@ -472,7 +461,4 @@ def write_field_volume_distributed(field, out_path, spacing_um, *, scheduler="lo
             from voxelome.io.omezarr import build_pyramid
 
             build_pyramid(out_path)
-    n = int(np.prod(shape)) * stats["computed"] / max(stats["blocks"], 1)
-    return {"path": str(out_path), "shape_czyx": [len(names), *shape], "spacing_um_zyx": list(spacing),
-            "origin_um_zyx": list(origin), "chunks": list(chunks), **stats, "seconds": seconds,
-            "voxels_per_s": n / max(seconds, 1e-9)}
+    return grid.summary(out_path, stats, seconds)

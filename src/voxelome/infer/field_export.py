@@ -244,18 +244,10 @@ class FittedField:
         dict
             Path, shape, spacing, origin, blocks computed/skipped, seconds, voxels per second.
         """
-        idx = self.gene_index(genes)
-        names = [self.genes[i] for i in idx]
-        shape, spacing, origin = self.volume_geometry(spacing_um, bbox_um)
-        chunks = tuple(int(c) for c in chunks)
-        identity = {"field": self.fingerprint, "genes": names, "shape_zyx": list(shape),
-                    "spacing_um_zyx": list(spacing), "origin_um_zyx": list(origin)}
-        _check_same_job(out_path, identity, overwrite)
-        out = create_ome_zarr(out_path, (len(names), *shape), chunks_czyx=(min(len(names), 32), *chunks),
-                              dtype="float32", spacing_um_zyx=spacing, origin_um_zyx=origin, channel_names=names,
-                              overwrite=overwrite)
-        zarr.open_group(str(out_path), mode="a").attrs["voxelome"] = identity
-        org, sp = np.asarray(origin), np.asarray(spacing)
+        out, grid = self.open_volume_output(out_path, spacing_um, bbox_um=bbox_um, genes=genes, chunks=chunks,
+                                            overwrite=overwrite)
+        names, shape, chunks = grid.names, grid.shape, grid.chunks
+        org, sp = np.asarray(grid.origin), np.asarray(grid.spacing)
 
         def compute(region):
             axes = [org[a] + sp[a] * np.arange(r.start, r.stop) for a, r in enumerate(region)]
@@ -268,10 +260,45 @@ class FittedField:
         seconds = time.perf_counter() - t0
         if pyramid and all_done(out_path, shape, chunks):
             build_pyramid(out_path)
-        n = int(np.prod(shape)) * stats["computed"] / max(stats["blocks"], 1)
-        return {"path": str(out_path), "shape_czyx": [len(names), *shape], "spacing_um_zyx": list(spacing),
-                "origin_um_zyx": list(origin), "chunks": list(chunks), **stats, "seconds": seconds,
-                "voxels_per_s": n / max(seconds, 1e-9)}
+        return grid.summary(out_path, stats, seconds)
+
+    def open_volume_output(self, out_path, spacing_um, *, bbox_um=None, genes=None, chunks=(16, 64, 64),
+                           overwrite: bool = False):
+        """Create (or reopen, to resume) the OME-Zarr store of :meth:`write_volume`.
+
+        Shared by the serial export and the Dask one (:func:`voxelome.infer.distributed.write_field_volume_distributed`),
+        so either can resume the other's output. Returns the zarr array ``(g, z, y, x)`` and its :class:`VolumeGrid`.
+        """
+        idx = self.gene_index(genes)
+        names = [self.genes[i] for i in idx]
+        shape, spacing, origin = self.volume_geometry(spacing_um, bbox_um)
+        chunks = tuple(int(c) for c in chunks)
+        identity = {"field": self.fingerprint, "genes": names, "shape_zyx": list(shape),
+                    "spacing_um_zyx": list(spacing), "origin_um_zyx": list(origin)}
+        _check_same_job(out_path, identity, overwrite)
+        out = create_ome_zarr(out_path, (len(names), *shape), chunks_czyx=(min(len(names), 32), *chunks),
+                              dtype="float32", spacing_um_zyx=spacing, origin_um_zyx=origin, channel_names=names,
+                              overwrite=overwrite)
+        zarr.open_group(str(out_path), mode="a").attrs["voxelome"] = identity
+        return out, VolumeGrid(names, tuple(shape), tuple(spacing), tuple(origin), chunks)
+
+
+@dataclass(frozen=True)
+class VolumeGrid:
+    """Channels and voxel grid of an exported field volume: shape ``(z, y, x)``, spacing/origin in µm ``(z, y, x)``."""
+
+    names: list
+    shape: tuple
+    spacing: tuple
+    origin: tuple
+    chunks: tuple
+
+    def summary(self, out_path, stats: dict, seconds: float) -> dict:
+        """The export's result: path, geometry, blocks computed/skipped, seconds, voxels per second."""
+        n = int(np.prod(self.shape)) * stats["computed"] / max(stats["blocks"], 1)
+        return {"path": str(out_path), "shape_czyx": [len(self.names), *self.shape],
+                "spacing_um_zyx": list(self.spacing), "origin_um_zyx": list(self.origin), "chunks": list(self.chunks),
+                **stats, "seconds": seconds, "voxels_per_s": n / max(seconds, 1e-9)}
 
 
 def load_field(run_dir, device: str | None = None) -> FittedField:
