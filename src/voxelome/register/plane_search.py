@@ -29,9 +29,11 @@ from scipy import ndimage
 from voxelome.errors import VoxelomeError, check_positive
 from voxelome.io.volume import Volume
 from voxelome.register.placement import SectionPlacement
+from voxelome.register.plane_grid import grid_starts
+from voxelome.register.plane_itk import (
+    full_metric, placement_from_similarity, registration_method, similarity_from_placement, sitk_section, sitk_volume,
+)
 from voxelome.register.sampling import sample_points
-
-_BINS_GRID = 12  # joint-histogram bins of the grid stage
 
 
 @dataclass(frozen=True)
@@ -133,18 +135,6 @@ class PlaneSearchResult:
 
 
 # --- helpers ----------------------------------------------------------------------------
-def _rot_xyz(ax, ay, az):
-    """Rotation matrices ``Rz(az) @ Rx(ax) @ Ry(ay)`` (ITK's Euler ZXY order), broadcast over inputs, (..., 3, 3)."""
-    ax, ay, az = np.broadcast_arrays(*(np.asarray(a, float) for a in (ax, ay, az)))
-    c, s = np.cos, np.sin
-    one, zero = np.ones_like(ax), np.zeros_like(ax)
-    rx = np.stack([np.stack([one, zero, zero], -1), np.stack([zero, c(ax), -s(ax)], -1),
-                   np.stack([zero, s(ax), c(ax)], -1)], -2)
-    ry = np.stack([np.stack([c(ay), zero, s(ay)], -1), np.stack([zero, one, zero], -1),
-                   np.stack([-s(ay), zero, c(ay)], -1)], -2)
-    rz = np.stack([np.stack([c(az), -s(az), zero], -1), np.stack([s(az), c(az), zero], -1),
-                   np.stack([zero, zero, one], -1)], -2)
-    return rz @ rx @ ry
 
 
 def _otsu_centroid(img: np.ndarray, spacing, origin) -> np.ndarray:
@@ -178,40 +168,6 @@ def _volume_level(arr: np.ndarray, factor: int) -> np.ndarray:
     return ndimage.gaussian_filter(arr, 0.5 * factor)[::factor, ::factor, ::factor].copy()
 
 
-def _mi_many(fixed_bins: np.ndarray, moving_vals: np.ndarray, edges: np.ndarray, min_valid: float) -> np.ndarray:
-    """Mutual information of one fixed sample set against K moving sample sets ``(K, n)`` (NaN = outside)."""
-    k, n = moving_vals.shape
-    valid = np.isfinite(moving_vals)
-    mb = np.clip(np.searchsorted(edges, np.where(valid, moving_vals, edges[0])) - 1, 0, _BINS_GRID - 1)
-    code = (np.arange(k)[:, None] * _BINS_GRID + fixed_bins[None, :]) * _BINS_GRID + mb
-    joint = np.bincount(code[valid], minlength=k * _BINS_GRID * _BINS_GRID).reshape(k, _BINS_GRID, _BINS_GRID)
-    nv = joint.sum((1, 2), keepdims=True).astype(float)
-    p = joint / np.maximum(nv, 1)
-    pf, pm = p.sum(2, keepdims=True), p.sum(1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mi = np.nansum(np.where(p > 0, p * np.log(p / (pf * pm)), 0.0), axis=(1, 2))
-    mi[nv[:, 0, 0] < min_valid * n] = -np.inf
-    return mi
-
-
-def _sitk_volume(arr: np.ndarray, spacing_zyx, origin_zyx):
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32))
-    img.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
-    img.SetOrigin(tuple(float(o) for o in origin_zyx[::-1]))
-    return img
-
-
-def _sitk_section(od: np.ndarray, pixel_um: float, offset_um: float):
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(od[None], dtype=np.float32))
-    img.SetSpacing((pixel_um, pixel_um, pixel_um))
-    img.SetOrigin((offset_um, offset_um, 0.0))
-    return img
-
-
 def _check_inputs(volume, image, pixel_size_um):
     if not isinstance(volume, Volume):
         raise VoxelomeError(f"volume must be a voxelome Volume, got {type(volume).__name__}; "
@@ -233,34 +189,6 @@ def _check_inputs(volume, image, pixel_size_um):
             f"the section spans {extent[::-1].round(0)} µm (x, y) at pixel_size_um={pixel_size_um:g}, but the volume "
             f"spans {vol_ext[::-1].round(0)} µm (x, y, z): more than 20× apart. Check pixel_size_um and the volume spacing.")
     return od
-
-
-def similarity_from_placement(placement: SectionPlacement, pixel_size_um: float, centre_um):
-    """The ``Similarity3DTransform`` (section plane µm → volume µm) nearest to an affine ``placement``.
-
-    ``centre_um`` (x, y) is the rotation centre in section µm.
-    """
-    import SimpleITK as sitk
-
-    u, v, n = placement.frame
-    rot = np.column_stack([u, v, n])
-    scale = placement.pixel_size_um / pixel_size_um
-    c = np.array([centre_um[0], centre_um[1], 0.0])
-    world_c = placement.map([c[:2] / pixel_size_um])[0]
-    tx = sitk.Similarity3DTransform()
-    tx.SetCenter(tuple(c))
-    tx.SetMatrix(tuple(rot.ravel()))
-    tx.SetScale(float(scale))
-    tx.SetTranslation(tuple(world_c - c))
-    return tx
-
-
-def placement_from_similarity(tx, pixel_size_um: float) -> SectionPlacement:
-    """Section pixels → volume µm of a SimpleITK transform acting on section µm ``(x, y, 0)``."""
-    o = np.array(tx.TransformPoint((0.0, 0.0, 0.0)))
-    ex = np.array(tx.TransformPoint((pixel_size_um, 0.0, 0.0))) - o
-    ey = np.array(tx.TransformPoint((0.0, pixel_size_um, 0.0))) - o
-    return SectionPlacement(np.column_stack([ex, ey, o]))
 
 
 # --- the search -------------------------------------------------------------------------
@@ -337,8 +265,8 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
         pyr.append(dict(factor=f, vol=_volume_level(vol_arr, f), spacing=spacing * f, sec=sec,
                         g=pixel_size_um * od.shape[1] / sec.shape[1], off=off * pixel_size_um))
     for p in pyr:
-        p["fixed"] = _sitk_section(p["sec"], p["g"], p["off"])
-        p["moving"] = _sitk_volume(p["vol"], p["spacing"], origin)
+        p["fixed"] = sitk_section(p["sec"], p["g"], p["off"])
+        p["moving"] = sitk_volume(p["vol"], p["spacing"], origin)
     coarse = pyr[gi]
     timings = {"pyramid_s": time.perf_counter() - t0}
 
@@ -358,7 +286,7 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
                        tx=similarity_from_placement(seed_pl, pixel_size_um, centre[:2]))]
         stages = [pyr[1:]]
     else:
-        starts = _grid_starts(search, coarse, origin, centre, vol_c, half_depth, int(n_screen), seed,
+        starts = grid_starts(search, coarse, origin, centre, vol_c, half_depth, int(n_screen), seed,
                               n_coarse=int(n_seeds))
         stages = [pyr[gi:gi + 1], pyr[gi + 1:]]
     timings["grid_s"] = time.perf_counter() - t0 - timings["pyramid_s"]
@@ -370,10 +298,10 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
             try:
                 for p in stage:
                     frac = min(sampling, max_samples / p["sec"].size)
-                    reg = _registration(p["factor"] * vox, max_iterations, frac, seed)
+                    reg = registration_method(p["factor"] * vox, max_iterations, frac, seed)
                     reg.SetInitialTransform(start["tx"], inPlace=True)
                     reg.Execute(p["fixed"], p["moving"])
-                start["metric"] = -_full_metric(stage[-1]["fixed"], stage[-1]["moving"], start["tx"])
+                start["metric"] = -full_metric(stage[-1]["fixed"], stage[-1]["moving"], start["tx"])
             except RuntimeError as exc:  # ITK: too many samples left the volume
                 start.update(metric=None, error=str(exc).strip().splitlines()[-1][:200])
                 continue
@@ -411,153 +339,3 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
                                          seeded_by="landmarks" if landmarks is not None else "grid"))
 
 
-def _registration(level_um: float, max_iterations: int, sampling: float, seed: int):
-    import SimpleITK as sitk
-
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetNumberOfThreads(1)  # results must not depend on the thread count; images here are small
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(float(sampling), int(seed) + 1)  # ITK: seed 0 means "wall clock"
-    # on-the-fly gradients: a gradient image of the whole volume costs seconds per call and gains nothing here
-    reg.SetMetricUseMovingImageGradientFilter(False)
-    reg.SetMetricUseFixedImageGradientFilter(False)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0 * level_um, minStep=0.01 * level_um,
-                                                 numberOfIterations=int(max_iterations),
-                                                 relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    return reg
-
-
-def _full_metric(fixed, moving, tx) -> float:
-    import SimpleITK as sitk
-
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.NONE)
-    reg.SetMetricUseMovingImageGradientFilter(False)
-    reg.SetMetricUseFixedImageGradientFilter(False)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetInitialTransform(sitk.Similarity3DTransform(tx))
-    return float(reg.MetricEvaluate(fixed, moving))
-
-
-class _GridScorer:
-    """Mutual information of the coarse section against the coarse volume on many candidate planes at once."""
-
-    def __init__(self, coarse, origin_zyx, centre, vol_c, seed, n_samples=2000):
-        sec, g, off = coarse["sec"], coarse["g"], coarse["off"]
-        rng = np.random.default_rng(seed)
-        yy, xx = np.nonzero(np.ones_like(sec, bool))
-        pick = rng.choice(len(yy), size=min(len(yy), n_samples), replace=False)
-        self.pts = np.column_stack([off + xx[pick] * g, off + yy[pick] * g, np.zeros(len(pick))]) - centre
-        self.pts32 = self.pts.astype(np.float32)
-        fvals = sec[yy[pick], xx[pick]]
-        fedges = np.quantile(fvals, np.linspace(0, 1, _BINS_GRID + 1))
-        self.fbins = np.clip(np.searchsorted(fedges, fvals, side="right") - 1, 0, _BINS_GRID - 1)
-        self.vol = coarse["vol"]
-        self.medges = np.quantile(self.vol[:: max(1, self.vol.shape[0] // 16)], np.linspace(0, 1, _BINS_GRID + 1))
-        self.medges[-1] += 1e-6
-        self.origin, self.spacing, self.vol_c = np.asarray(origin_zyx), np.asarray(coarse["spacing"]), vol_c
-
-    def __call__(self, rot: np.ndarray, shift: np.ndarray) -> np.ndarray:
-        """MI ``(r,)`` of planes ``x = rot @ (p - centre) + vol_c + shift``; rot (r, 3, 3), shift (r, 3) µm."""
-        out = np.empty(len(rot))
-        for i in range(0, len(rot), 256):
-            # voxel index (z, y, x) of every sample on every plane, float32 (r, n, 3)
-            r = (rot[i:i + 256][:, ::-1, :] / self.spacing[:, None]).astype(np.float32)
-            base = ((self.vol_c[::-1] + shift[i:i + 256, ::-1] - self.origin) / self.spacing).astype(np.float32)
-            idx = np.matmul(self.pts32[None], r.transpose(0, 2, 1)) + base[:, None, :]
-            vals = ndimage.map_coordinates(self.vol, idx.reshape(-1, 3).T, order=1, mode="constant", cval=np.nan)
-            out[i:i + 256] = _mi_many(self.fbins, vals.reshape(len(r), -1), self.medges, min_valid=0.5)
-        return out
-
-    def best_offset(self, rot: np.ndarray, shift: np.ndarray, sec: np.ndarray, g: float, off: float,
-                    centre: np.ndarray, margin_um: float) -> np.ndarray:
-        """In-plane translation (world µm, (3,)) that best aligns the section with the volume on one plane.
-
-        The volume is resampled on the plane over the section's extent plus ``margin_um`` and the
-        section is matched to it by normalised cross-correlation (stained density and CT density rise
-        together); the centroid seed is often ~100 µm off, more than the MI peak is wide.
-        """
-        from skimage.feature import match_template
-
-        m = int(np.ceil(margin_um / g))
-        h, w = sec.shape
-        yy, xx = np.meshgrid(np.arange(-m, h + m), np.arange(-m, w + m), indexing="ij")
-        p = np.stack([off + xx * g, off + yy * g, np.zeros_like(xx, float)], -1).reshape(-1, 3) - centre
-        world = p @ rot.T + self.vol_c + shift
-        idx = (world[:, ::-1] - self.origin) / self.spacing
-        sl = ndimage.map_coordinates(self.vol, idx.T, order=1, mode="constant", cval=np.nan).reshape(xx.shape)
-        sl = np.where(np.isfinite(sl), sl, np.nanmin(sl) if np.isfinite(sl).any() else 0.0)
-        ncc = match_template(sl, sec)
-        i, j = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
-        s = np.array([(j - m) * g, (i - m) * g, 0.0])
-        return rot @ s
-
-
-def _grid_starts(search, coarse, origin_zyx, centre, vol_c, half_depth, n_starts, seed, n_coarse=12):
-    """Coarse (tilt x, tilt y, rotation, depth) grid scored by MI, then a finer local grid around its
-    ``n_coarse`` best distinct points (the MI peak of a plane is narrower than the coarse steps);
-    returns the ``n_starts`` best local-grid points as SimpleITK transforms."""
-    import SimpleITK as sitk
-
-    tilts, rots, depths = search.grid(float(min(coarse["spacing"])), half_depth)
-    score = _GridScorer(coarse, origin_zyx, centre, vol_c, seed)
-    ax, ay, az, dd = (a.ravel() for a in np.meshgrid(tilts, tilts, rots, depths, indexing="ij"))
-    rot = _rot_xyz(ax, ay, az)
-    zvec = np.array([0.0, 0.0, 1.0])
-    scores = score(rot, dd[:, None] * zvec)
-    shape = (len(tilts), len(tilts), len(rots), len(depths))
-    wrap = len(rots) if search.max_rotation_deg >= 180 else 10**9
-    seeds, chosen = [], []
-    for flat in np.argsort(scores)[::-1]:
-        if not np.isfinite(scores[flat]) or len(seeds) >= n_coarse:
-            break
-        key = np.array(np.unravel_index(flat, shape))
-        near = False
-        for k2 in chosen:  # non-maximum suppression: skip grid neighbours of a better point
-            d = np.abs(key - k2)
-            d[2] = min(d[2], wrap - d[2])
-            near |= bool(d.max() <= 1)
-        if not near:
-            chosen.append(key)
-            seeds.append(flat)
-    if not seeds:
-        raise VoxelomeError("no plane of the search grid lies mostly inside the volume; check pixel_size_um, "
-                            "the volume spacing and PlaneSearchRange.depth_um.")
-    # in-plane translation of each seed by template matching, then a local grid: ±2/3 of a coarse step
-    # in tilts, rotation and depth, 5 values each, in the section's own frame
-    frac = np.linspace(-2 / 3, 2 / 3, 5)
-    ddx, ddy, ddr, ddz = (a.ravel() for a in np.meshgrid(
-        frac * np.deg2rad(search.tilt_step_deg), frac * np.deg2rad(search.tilt_step_deg),
-        frac * np.deg2rad(search.rotation_step_deg), frac * (depths[1] - depths[0] if len(depths) > 1 else 0),
-        indexing="ij"))
-    local = _rot_xyz(ddx, ddy, np.zeros_like(ddx)) @ _rot_xyz(0 * ddr, 0 * ddr, ddr)  # tilt after in-plane turn
-    cands = []
-    for k, flat in enumerate(seeds):
-        shift = dd[flat] * zvec
-        moved = shift + score.best_offset(rot[flat], shift, coarse["sec"], coarse["g"], coarse["off"], centre,
-                                          margin_um=0.15 * coarse["g"] * max(coarse["sec"].shape))
-        if score(rot[flat][None], moved[None])[0] > scores[flat]:
-            shift = moved
-        r_all = rot[flat] @ local
-        s_all = shift + ddz[:, None] * zvec
-        sc = score(r_all, s_all)
-        for jj in np.argsort(sc)[::-1][:2]:  # the two best points of each local grid
-            cands.append((float(sc[jj]), r_all[jj], s_all[jj], k, float(scores[flat])))
-    cands.sort(key=lambda c: -c[0])
-    starts = []
-    for mi, r, shift, k, coarse_mi in cands[:n_starts]:
-        t = vol_c + shift
-        depth = float(shift[2])
-        tx = sitk.Similarity3DTransform()
-        tx.SetCenter(tuple(centre))
-        tx.SetMatrix(tuple(r.ravel()))
-        tx.SetTranslation(tuple(t - centre))
-        normal = r[:, 2]
-        starts.append(dict(source="grid", coarse_rank=k, coarse_mi=coarse_mi, grid_mi=mi, depth_um=depth,
-                           tilt_deg=float(np.degrees(np.arccos(min(abs(normal[2]), 1.0)))),
-                           rotation_deg=float(np.degrees(np.arctan2(r[1, 0], r[0, 0]))), tx=tx))
-    return starts
