@@ -24,15 +24,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _friendly(fn):
-    from voxelome.cli import _friendly as wrap
+    from voxelome.cli_common import friendly
 
-    return wrap(fn)
+    return friendly(fn)
 
 
 def _sets(items) -> dict:
-    from voxelome.cli import _parse_sets
+    from voxelome.cli_common import parse_sets
 
-    return _parse_sets(list(items or []))
+    return parse_sets(list(items or []), example="n_genes=50")
 
 
 def _read(section: Path, pixel_size_um, spots: Optional[Path] = None):
