@@ -169,3 +169,31 @@ def test_signature_targets_train_and_missing_signatures_are_refused(tmp_path):
         train_dense2d_sections([adata], [img], cfg, tmp_path / "run2")
     with pytest.raises(VoxelomeError, match="one image per section"):
         train_dense2d_sections([adata], [], cfg, tmp_path / "run3")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path):
+    torch.set_num_threads(1)
+    cfg = make_dense2d_config("dense2d", **{**TINY, "epochs": 4, "steps_per_epoch": 3})
+    slides, genes = _slides([1, 2]), ["TUM", "STR", "GRAD"]
+    whole = train_dense2d(slides, cfg, tmp_path / "whole", genes)
+
+    def stop_after_epoch_1(rec):
+        if rec["epoch"] == 1:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        train_dense2d(slides, cfg, tmp_path / "cut", genes, log=stop_after_epoch_1)
+    epochs_run = []
+    resumed = train_dense2d(slides, cfg, tmp_path / "cut", genes, log=lambda rec: epochs_run.append(rec["epoch"]))
+    assert epochs_run == [2, 3]  # only the epochs the interrupted run had not finished
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    changed = make_dense2d_config("dense2d", **{**TINY, "epochs": 4, "steps_per_epoch": 3, "lr": 1e-3})
+    with pytest.raises(VoxelomeError, match="another config"):
+        train_dense2d(slides, changed, tmp_path / "cut", genes)
+    train_dense2d(slides, changed, tmp_path / "cut", genes, resume=False)  # starting over is allowed

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxelome.constants import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE
+from voxelome.constants import CHECKPOINT_FILE, CONFIG_FILE, LAST_CHECKPOINT_FILE, METRICS_FILE
 from voxelome.errors import VoxelomeError
 from voxelome.infer.slide import predict_slide
 from voxelome.models.dense2d import DenseExpressionNet2D
 from voxelome.models.spot_aggregation import aggregate_disks
+from voxelome.train.checkpoint import _plain as plain
 from voxelome.train.checkpoint import load_checkpoint, save_checkpoint
 from voxelome.train.dense2d_config import Dense2DConfig, dense2d_config_from_dict, dense2d_config_to_yaml
 from voxelome.train.dense2d_data import SlideData, TileSampler
@@ -157,8 +158,13 @@ def _learning_rate(config: Dense2DConfig, epoch: int) -> float:
 
 
 def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes, *, progress: bool = False,
-                  log=None) -> TrainedDense2D:
+                  log=None, resume: bool = True) -> TrainedDense2D:
     """Fit a dense model on the training spots of ``slides`` and write the run folder.
+
+    After every epoch the run's state (weights, optimiser, history) is written to ``last.pt``; a
+    run interrupted at any point and started again with the same arguments resumes there and ends
+    with exactly the weights of an uninterrupted run (each epoch's randomness and learning rate
+    are functions of ``(seed, epoch)`` alone).
 
     Parameters
     ----------
@@ -173,6 +179,9 @@ def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes
         Print one line per epoch.
     log : callable, optional
         Receives the per-epoch record dicts.
+    resume : bool
+        Continue from ``run_dir/last.pt`` when it exists (it must come from the same config);
+        ``False`` starts over.
     """
     if not slides:
         raise VoxelomeError("no slides to train on.")
@@ -196,12 +205,28 @@ def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes
     margin = max(4.0, config.tile_px / 16)
     sampler = TileSampler(slides, config.tile_px, stride, margin_px=margin)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    meta = {"kind": "dense2d", "genes": list(map(str, genes)), "input_um": float(np.mean([s.pixel_size_um for s in slides])),
+            "map_um": float(np.mean([s.pixel_size_um for s in slides])) * stride,
+            "map_unit": "target units (e.g. log1p-normalised counts) per map pixel; a region's value is the sum",
+            "n_train_spots": int(len(train_y)), "sections": [s.name for s in slides],
+            "train_mean": train_y.mean(0).tolist()}
+    history, start_epoch = [], 0
+    last_path = run_dir / LAST_CHECKPOINT_FILE
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path)
+        if state["config"] != plain(config.to_dict()) or state["meta"]["genes"] != meta["genes"]:
+            raise VoxelomeError(f"{last_path} belongs to a run with another config or other genes; resume with the "
+                                "same settings, use a new run folder, or pass resume=False to start over.")
+        model.load_state_dict(state["model_state"])
+        opt.load_state_dict(state["optimizer_state"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
     (run_dir / CONFIG_FILE).write_text(dense2d_config_to_yaml(config))
-    history, t0 = [], time.time()
-    for epoch in range(config.epochs):
+    t0 = time.time() - (history[-1]["seconds"] if history else 0.0)
+    for epoch in range(start_epoch, config.epochs):
         for group in opt.param_groups:
             group["lr"] = _learning_rate(config, epoch)
         rng = np.random.default_rng([config.seed, epoch])
+        torch.manual_seed(config.seed * 100_003 + epoch)  # any torch randomness, resumable too
         model.train()
         losses = []
         for _ in range(config.steps_per_epoch):
@@ -217,15 +242,12 @@ def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes
         rec = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": _learning_rate(config, epoch),
                "seconds": round(time.time() - t0, 1)}
         history.append(rec)
+        save_checkpoint(last_path, model_state=model.state_dict(), config=config.to_dict(), meta=meta,
+                        optimizer_state=opt.state_dict(), epoch=epoch, history=history)
         if log is not None:
             log(rec)
         if progress:
             print(json.dumps(rec), flush=True)
-    meta = {"kind": "dense2d", "genes": list(map(str, genes)), "input_um": float(np.mean([s.pixel_size_um for s in slides])),
-            "map_um": float(np.mean([s.pixel_size_um for s in slides])) * stride,
-            "map_unit": "target units (e.g. log1p-normalised counts) per map pixel; a region's value is the sum",
-            "n_train_spots": int(len(train_y)), "sections": [s.name for s in slides],
-            "train_mean": train_y.mean(0).tolist()}
     save_checkpoint(run_dir / CHECKPOINT_FILE, model_state=model.state_dict(), config=config.to_dict(), meta=meta)
     (run_dir / METRICS_FILE).write_text(json.dumps({"history": history}, indent=1))
     return TrainedDense2D(model, config, genes, meta["input_um"], device)
