@@ -40,34 +40,67 @@ def log_normalise(X) -> np.ndarray:
     return np.log1p(1e4 * X / np.maximum(lib, 1)).astype(np.float32)
 
 
-def _log_normalise_sparse(X) -> sp.csr_matrix:
-    X = sp.csr_matrix(X, dtype=np.float32)
-    lib = np.asarray(X.sum(1)).ravel()
-    X = sp.diags((1e4 / np.maximum(lib, 1)).astype(np.float32)) @ X
-    X.data = np.log1p(X.data)
-    return X.tocsr()
+def _log_normalise_data(X, dedup: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+    """Sparse counts → ``log1p(1e4 · counts / library size)`` as CSR arrays ``(data float32, indices, indptr, shape)``.
+
+    Works on the arrays directly (no copy of the matrix, no densification). Duplicate entries are
+    summed first unless ``dedup=False`` (the caller guarantees none; sorting them out costs more than
+    the rest).
+    """
+    X = X if sp.issparse(X) and X.format == "csr" else sp.csr_matrix(X)
+    if dedup and not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()
+    lib = np.asarray(X.sum(1), dtype=np.float64).ravel()
+    scale = (1e4 / np.maximum(lib, 1)).astype(np.float32)
+    data = X.data.astype(np.float32) * np.repeat(scale, np.diff(X.indptr))
+    np.log1p(data, out=data)
+    return data, X.indices, X.indptr, X.shape
 
 
-def joint_embedding(counts: list, n_components: int = 20, n_genes: int = 500) -> list[np.ndarray]:
+def joint_embedding(counts: list, n_components: int = 20, n_genes: int = 500, *,
+                    dedup: bool = True) -> list[np.ndarray]:
     """PCA of all sections together (log-normalised counts, ``n_genes`` most variable genes).
+
+    Gene means/variances come from the sparse data (``bincount`` over column indices); only the
+    ``n_genes`` kept columns are ever densified.
 
     Parameters
     ----------
     counts : list of (n_i, g) arrays or sparse matrices
         Counts of each section over the same genes.
+    dedup : bool
+        Sum duplicate sparse entries first (``False`` only when the inputs are known to have none).
 
     Returns
     -------
     list of ndarray, each (n_i, k)
         Embeddings in one space, scaled so that PC1 has unit standard deviation.
     """
-    allx = sp.vstack([_log_normalise_sparse(c) for c in counts]).tocsc()
-    mean = np.asarray(allx.mean(0)).ravel()
-    var = np.asarray(allx.multiply(allx).mean(0)).ravel() - mean ** 2
-    keep = np.argsort(var)[::-1][: min(n_genes, allx.shape[1])]
-    x = allx[:, keep].toarray().astype(np.float64) - mean[keep]
-    _, evecs = np.linalg.eigh(x.T @ x)  # genes × genes covariance: cheap for a few hundred genes
+    parts = [_log_normalise_data(c, dedup) for c in counts]
+    g = parts[0][3][1]
+    n = sum(p[3][0] for p in parts)
+    s1, s2 = np.zeros(g), np.zeros(g)
+    for data, ind, _, _ in parts:
+        d = data.astype(np.float64)
+        s1 += np.bincount(ind, weights=d, minlength=g)
+        s2 += np.bincount(ind, weights=d * d, minlength=g)
+    mean = s1 / n
+    var = s2 / n - mean ** 2
+    keep = np.argsort(var)[::-1][: min(n_genes, g)]
+    col = np.full(g, -1)
+    col[keep] = np.arange(len(keep))
+    x = np.zeros((n, len(keep)))
+    r0 = 0
+    for data, ind, ptr, shape in parts:
+        rows = np.repeat(np.arange(r0, r0 + shape[0]), np.diff(ptr))
+        c = col[ind]
+        sel = c >= 0
+        x[rows[sel], c[sel]] = data[sel]
+        r0 += shape[0]
+    x -= mean[keep]
     k = int(min(n_components, x.shape[0] - 1, x.shape[1]))
+    _, evecs = np.linalg.eigh(x.T @ x)  # genes × genes covariance: cheap for a few hundred genes
     emb = x @ evecs[:, ::-1][:, :k]
     emb /= emb[:, 0].std() + 1e-12
     out, i = [], 0
@@ -95,12 +128,15 @@ def _rot(theta: float) -> np.ndarray:
 
 # --- pairwise aligners ------------------------------------------------------------------
 def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, expr_weight: float = 1.0,
-              n_angles: int = 12, n_iter: int = 40, trim: float = 0.8, n_keep_starts: int = 3):
+              n_angles: int = 12, n_iter: int = 40, trim: float = 0.8, n_keep_starts: int = 2, coarse_iter: int = 3):
     """Rigid map of ``moving`` onto ``fixed`` by ICP on joint position + expression features.
 
     Each moving spot is matched to the fixed spot nearest in ``(position / pitch, expr_weight ·
-    embedding)``; the closest ``trim`` fraction of matches gives a Kabsch fit; repeat to convergence.
-    All ``n_angles`` starting rotations run 5 iterations, the ``n_keep_starts`` best run on.
+    embedding)``; the closest ``trim`` fraction of matches gives a Kabsch fit; repeat until the cost
+    stops falling (an iteration that does not lower it is discarded). All ``n_angles`` starting
+    rotations run ``coarse_iter`` iterations, the ``n_keep_starts`` best run on to convergence.
+    Matching is brute force on a float32 ``(n_moving, n_fixed)`` matrix whose expression and
+    fixed-position parts are computed once (faster than a k-d tree in 2 + k dimensions at these sizes).
 
     Parameters
     ----------
@@ -114,6 +150,8 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
         Weight of the embedding against position in the matching distance.
     n_angles : int
         Starting rotations (evenly spaced); the best final fit wins.
+    n_iter, coarse_iter, n_keep_starts : int
+        Iteration cap of the refinement; iterations of every start; starts refined.
     trim : float
         Fraction of the closest matches used in each Kabsch fit (partial overlap, tears).
 
@@ -124,39 +162,43 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
     """
     fx, mx = np.asarray(fixed_xy, float) / pitch_um, np.asarray(moving_xy, float) / pitch_um
     fe, me = np.asarray(fixed_emb, float), np.asarray(moving_emb, float)
-    # the expression part of the matching distance never changes: compute it once (n_moving, n_fixed)
-    d_expr = expr_weight ** 2 * np.maximum(
-        (me ** 2).sum(1)[:, None] + (fe ** 2).sum(1)[None, :] - 2 * me @ fe.T, 0.0)
+    # the squared joint distance = base + |moving position|² − 2 moving·fixed; base (expression + |fixed|²)
+    # never changes: computed once; |moving|² is constant along a row, added only to the chosen match
+    base = expr_weight ** 2 * ((me ** 2).sum(1)[:, None] + (fe ** 2).sum(1)[None, :] - 2 * me @ fe.T)
+    base = (base + (fx ** 2).sum(1)[None, :]).astype(np.float32)
+    fxt = (-2.0 * fx.T).astype(np.float32)
     n_keep = min(len(mx), max(3, int(trim * len(mx))))
     rows = np.arange(len(mx))
-    fx_sq = (fx ** 2).sum(1)
 
     def step(r, t):
         cur = mx @ r.T + t
-        d2 = d_expr + (cur ** 2).sum(1)[:, None] + fx_sq[None, :] - 2.0 * (cur @ fx.T)
-        j = np.argmin(d2, axis=1)
-        d = np.sqrt(np.maximum(d2[rows, j], 0.0))
+        d2 = cur.astype(np.float32) @ fxt
+        d2 += base
+        j = d2.argmin(1)
+        d = np.sqrt(np.maximum(d2[rows, j] + (cur ** 2).sum(1), 0.0))
         keep = np.argpartition(d, n_keep - 1)[:n_keep]
-        return keep, j, float(np.mean(d[keep]))
+        return keep, j, float(d[keep].mean())
 
     def run(r, t, iters):
-        prev = np.inf
+        keep, j, cost = step(r, t)
         for _ in range(iters):
-            keep, j, cost = step(r, t)
-            r, t = kabsch(mx[keep], fx[j[keep]])
-            if prev - cost < 1e-4 * cost:
+            r2, t2 = kabsch(mx[keep], fx[j[keep]])
+            keep2, j2, cost2 = step(r2, t2)
+            if cost2 >= cost:
                 break
-            prev = cost
-        return r, t, step(r, t)[2]
+            converged = cost - cost2 < 1e-4 * cost2
+            r, t, keep, j, cost = r2, t2, keep2, j2, cost2
+            if converged:
+                break
+        return r, t, cost
 
     cf, cm = fx.mean(0), mx.mean(0)
     starts = []
     for theta in np.linspace(0, 2 * np.pi, n_angles, endpoint=False):
         r = _rot(theta)
-        starts.append(run(r, cf - cm @ r.T, 5))
+        starts.append(run(r, cf - cm @ r.T, coarse_iter))
     starts.sort(key=lambda s: s[2])
-    best = min((run(r, t, n_iter) for r, t, _ in starts[:n_keep_starts]), key=lambda s: s[2])
-    r, t, cost = best
+    r, t, cost = min((run(r, t, n_iter) for r, t, _ in starts[:n_keep_starts]), key=lambda s: s[2])
     return r, t * pitch_um, cost
 
 
@@ -235,9 +277,15 @@ def common_genes(adatas) -> list[str]:
 
 
 def _counts(adata, genes):
-    """Counts of ``genes`` (``layers['counts']`` if present, else ``X``), sparse or dense as stored."""
+    """Counts of ``genes`` (``layers['counts']`` if present, else ``X``), sparse CSR without duplicate entries."""
     idx = adata.var_names.get_indexer(genes)
     X = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    X = X if sp.issparse(X) and X.format == "csr" else sp.csr_matrix(X)
+    if not X.has_canonical_format:  # a cheap O(nnz) check for stored matrices; sums duplicates only if any
+        X = X.copy()
+        X.sum_duplicates()
+    if len(idx) == X.shape[1] and np.array_equal(idx, np.arange(len(idx))):
+        return X  # all genes shared, same order: no column copy
     return X[:, idx]
 
 
@@ -286,7 +334,7 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
     genes = common_genes(adatas)
     t0 = time.perf_counter()
     xys = [section_xy_um(a) for a in adatas]
-    embs = joint_embedding([_counts(a, genes) for a in adatas], n_components=n_components)
+    embs = joint_embedding([_counts(a, genes) for a in adatas], n_components=n_components, dedup=False)
     if pitch_um is None:
         d, _ = cKDTree(xys[0]).query(xys[0], k=2)
         pitch_um = float(np.median(d[:, 1]))
