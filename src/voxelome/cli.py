@@ -18,6 +18,7 @@ import numpy as np
 import typer
 
 from voxelome.cli_common import friendly as _friendly
+from voxelome.cli_common import parse_numbers
 from voxelome.cli_common import parse_sets as _parse_sets
 from voxelome.errors import VoxelomeError
 from voxelome.train.config import field_docs
@@ -26,16 +27,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="voxelome: 3D niche-signature and expression maps from one ST section and a volume.")
 
 
-
 def _triplet(text: Optional[str], name: str):
-    if text is None:
+    vals = parse_numbers(text, name, (1, 3), example="100,200,50")
+    if vals is None:
         return None
-    try:
-        vals = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise VoxelomeError(f"--{name}={text!r} must be numbers separated by commas, e.g. 100,200,50.") from None
-    if len(vals) not in (1, 3):
-        raise VoxelomeError(f"--{name}={text!r} must hold 1 or 3 numbers.")
     return vals[0] if len(vals) == 1 else tuple(vals)
 
 

@@ -1,4 +1,4 @@
-"""Pieces shared by the CLI modules: user errors as one line + exit code 2, ``--set key=value`` parsing."""
+"""Pieces shared by the CLI modules: user errors as one line + exit code 2, ``--set key=value`` and number lists."""
 
 from __future__ import annotations
 
@@ -35,3 +35,17 @@ def parse_sets(items, example: str = "epochs=20") -> dict:
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def parse_numbers(text, name: str, counts=(1, 3), example: str | None = None) -> list[float] | None:
+    """``"a,b,c"`` → ``[a, b, c]`` (``None`` stays ``None``); the count must be one of ``counts``."""
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        eg = f", e.g. {example}" if example else ""
+        raise VoxelomeError(f"--{name}={text!r} must be numbers separated by commas{eg}.") from None
+    if len(vals) not in counts:
+        raise VoxelomeError(f"--{name}={text!r} must hold {' or '.join(map(str, counts))} numbers.")
+    return vals

@@ -17,7 +17,7 @@ import numpy as np
 import typer
 
 from voxelome.cli_common import friendly as _friendly
-from voxelome.cli_common import parse_sets
+from voxelome.cli_common import parse_numbers, parse_sets
 from voxelome.errors import VoxelomeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -25,15 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _numbers(text: Optional[str], name: str, n: tuple[int, ...]):
-    if text is None:
-        return None
-    try:
-        vals = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise VoxelomeError(f"--{name}={text!r} must be numbers separated by commas.") from None
-    if len(vals) not in n:
-        raise VoxelomeError(f"--{name}={text!r} must hold {' or '.join(map(str, n))} numbers.")
-    return vals
+    return parse_numbers(text, name, n)
 
 
 def _genes(text: Optional[str]):
