@@ -17,6 +17,7 @@ from voxelome.errors import VoxelomeError, check_choice, did_you_mean
 
 TARGETS = ("genes", "signatures")
 GENE_SELECTIONS = ("variance", "moran")
+VAL_METRICS = ("pcc", "loss")
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,39 @@ class Dense2DConfig:
     """``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda[:n]``."""
     num_threads: int = 0
     """CPU threads for torch (0: leave torch's default)."""
+    val_fraction: float = 0.0
+    """Validation: fraction of each training section's spots held out at random (seeded) and scored after
+    every epoch. Neighbouring spots are correlated, so this is optimistic; ``val_sections`` is the cleaner split."""
+    val_sections: tuple = ()
+    """Validation: names of whole sections (``SlideData.name``) used only for validation, never fitted
+    (and left out of target-gene selection)."""
+    val_metric: str = "pcc"
+    """Validation score: ``pcc`` (mean per-gene Pearson r on the validation spots, higher is better) or
+    ``loss`` (the training loss over all validation spots, lower is better)."""
+    patience: int = 0
+    """Early stopping: stop after this many epochs without a validation improvement (0: run every epoch).
+    With validation on, the final checkpoint holds the best epoch's weights (``best.pt``)."""
+    min_delta: float = 0.0
+    """Early stopping: the smallest change of the validation score that counts as an improvement."""
 
     def __post_init__(self):
         check_choice("targets", self.targets, TARGETS)
         check_choice("gene_selection", self.gene_selection, GENE_SELECTIONS)
         check_choice("blend", self.blend, ("gaussian", "constant"))
+        check_choice("val_metric", self.val_metric, VAL_METRICS)
+        names = self.val_sections
+        if names is None:
+            names = ()
+        elif isinstance(names, str):
+            names = [n.strip() for n in names.split(",") if n.strip()]
+        object.__setattr__(self, "val_sections", tuple(str(n) for n in names))
+        if not 0 <= float(self.val_fraction) < 1:
+            raise VoxelomeError(f"val_fraction={self.val_fraction!r} must lie in [0, 1); e.g. 0.15.")
+        if int(self.patience) < 0 or float(self.min_delta) < 0:
+            raise VoxelomeError(f"patience={self.patience!r} and min_delta={self.min_delta!r} must be ≥ 0.")
+        if self.patience and not self.validates:
+            raise VoxelomeError(f"patience={self.patience} needs validation spots: set val_fraction (e.g. 0.15) or "
+                                "val_sections (names of sections to validate on).")
         for name in ("n_genes", "width", "decoder_width", "epochs", "steps_per_epoch", "batch_size",
                      "tile_px", "predict_tile_px"):
             if int(getattr(self, name)) < 1:
@@ -99,8 +128,15 @@ class Dense2DConfig:
         """Map pixel size in µm (nominal; the exact one follows from the image's pixel size)."""
         return float(self.input_um) * int(self.output_stride)
 
+    @property
+    def validates(self) -> bool:
+        """Whether training scores validation spots after every epoch."""
+        return float(self.val_fraction) > 0 or bool(self.val_sections)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["val_sections"] = list(self.val_sections)
+        return d
 
 
 PRESETS: dict[str, Dense2DConfig] = {

@@ -157,6 +157,66 @@ def _learning_rate(config: Dense2DConfig, epoch: int) -> float:
     return float(config.lr * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * epoch / max(config.epochs - 1, 1)))))
 
 
+BEST_CHECKPOINT_FILE = "best.pt"
+
+
+def validation_split(slides: list[SlideData], config: Dense2DConfig):
+    """Split the slides' spots into fitted and validation spots as ``config`` asks.
+
+    Whole sections named in ``config.val_sections`` are validation only; of the other sections' training
+    spots a ``config.val_fraction`` is drawn (seeded by ``config.seed`` and the section's index).
+
+    Returns
+    -------
+    fit : list of SlideData
+        Copies of the slides whose ``train`` masks hold the fitted spots only.
+    val_masks : list of ndarray of bool
+        Per slide, its validation spots (all False without validation).
+    """
+    import dataclasses
+
+    from voxelome.errors import did_you_mean
+
+    if not config.validates:
+        return list(slides), [np.zeros(len(s.centres_xy), bool) for s in slides]
+    names = [s.name for s in slides]
+    for name in config.val_sections:
+        if name not in names:
+            raise VoxelomeError(f"val_sections names {name!r}, which is not one of the sections {names}."
+                                f"{did_you_mean(name, names)}")
+    fit, val = [], []
+    for k, s in enumerate(slides):
+        train = np.asarray(s.train, bool).copy()
+        held = np.zeros_like(train)
+        if s.name in config.val_sections:
+            held, train = train, np.zeros_like(train)
+        elif config.val_fraction > 0:
+            idx = np.flatnonzero(train)
+            n = int(round(config.val_fraction * len(idx)))
+            pick = np.random.default_rng([config.seed, 104_729, k]).choice(idx, n, replace=False)
+            held[pick], train[pick] = True, False
+        fit.append(dataclasses.replace(s, train=train))
+        val.append(held)
+    if not any(v.any() for v in val):
+        raise VoxelomeError("validation is on but no spot was held out; raise val_fraction or name val_sections.")
+    if not any(f.train.any() for f in fit):
+        raise VoxelomeError("every section is a validation section; leave at least one to train on.")
+    return fit, val
+
+
+def validation_scores(trained: "TrainedDense2D", slides: list[SlideData], val_masks) -> dict:
+    """``{'val_pcc': mean per-gene Pearson r, 'val_loss': training loss}`` over all validation spots."""
+    preds, trues = [], []
+    for s, m in zip(slides, val_masks):
+        if m.any():
+            preds.append(trained.predict_spots(s, s.centres_xy[m]))
+            trues.append(s.targets[m])
+    pred, true = np.vstack(preds), np.vstack(trues)
+    loss = dense2d_loss(torch.from_numpy(pred).double(), torch.from_numpy(true).double(),
+                        trained.config.pearson_weight)
+    return {"val_pcc": expression_scores(pred, true)["pcc_mean"], "val_loss": float(loss)}
+
+
 def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes, *, progress: bool = False,
                   log=None, resume: bool = True) -> TrainedDense2D:
     """Fit a dense model on the training spots of ``slides`` and write the run folder.
@@ -182,6 +242,14 @@ def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes
     resume : bool
         Continue from ``run_dir/last.pt`` when it exists (it must come from the same config);
         ``False`` starts over.
+
+    Notes
+    -----
+    With validation (``config.val_fraction`` or ``config.val_sections``, see :func:`validation_split`)
+    every epoch ends by scoring the validation spots (``val_pcc``, ``val_loss`` in the history); the
+    best epoch's weights are kept in ``best.pt`` and become ``checkpoint.pt``; with ``config.patience``
+    training stops after that many epochs without an improvement of more than ``config.min_delta``.
+    Validation draws no random numbers, so resuming stays exact.
     """
     if not slides:
         raise VoxelomeError("no slides to train on.")
@@ -194,6 +262,7 @@ def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes
         torch.set_num_threads(int(config.num_threads))
     torch.manual_seed(config.seed)
     device = _device(config.device)
+    slides, val_masks = validation_split(slides, config)
     train_y = np.vstack([s.targets[s.train] for s in slides])
     stride = config.output_stride
     radius_out = float(np.median([s.radius_px for s in slides])) / stride
@@ -210,11 +279,14 @@ def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes
             "map_unit": "target units (e.g. log1p-normalised counts) per map pixel; a region's value is the sum",
             "n_train_spots": int(len(train_y)), "sections": [s.name for s in slides],
             "train_mean": train_y.mean(0).tolist()}
+    if config.validates:
+        meta.update(n_val_spots=int(sum(m.sum() for m in val_masks)), val_metric=config.val_metric)
     history, start_epoch = [], 0
     last_path = run_dir / LAST_CHECKPOINT_FILE
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
-        if state["config"] != plain(config.to_dict()) or state["meta"]["genes"] != meta["genes"]:
+        same = plain(dense2d_config_from_dict(state["config"]).to_dict()) == plain(config.to_dict())
+        if not same or state["meta"]["genes"] != meta["genes"]:
             raise VoxelomeError(f"{last_path} belongs to a run with another config or other genes; resume with the "
                                 "same settings, use a new run folder, or pass resume=False to start over.")
         model.load_state_dict(state["model_state"])
@@ -222,6 +294,11 @@ def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
     (run_dir / CONFIG_FILE).write_text(dense2d_config_to_yaml(config))
     t0 = time.time() - (history[-1]["seconds"] if history else 0.0)
+    best_path = run_dir / BEST_CHECKPOINT_FILE
+    best_epoch = history[-1].get("best_epoch") if history else None
+    best_score = history[-1].get("best_score") if history else None
+    if config.patience and best_epoch is not None and history[-1]["epoch"] - best_epoch >= config.patience:
+        start_epoch = config.epochs  # the interrupted run had already stopped early
     for epoch in range(start_epoch, config.epochs):
         for group in opt.param_groups:
             group["lr"] = _learning_rate(config, epoch)
@@ -239,8 +316,17 @@ def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        rec = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": _learning_rate(config, epoch),
-               "seconds": round(time.time() - t0, 1)}
+        rec = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": _learning_rate(config, epoch)}
+        if config.validates:
+            rec.update(validation_scores(TrainedDense2D(model, config, genes, meta["input_um"], device), slides,
+                                         val_masks))
+            score = rec["val_pcc"] if config.val_metric == "pcc" else -rec["val_loss"]
+            if best_score is None or score > best_score + config.min_delta:
+                best_epoch, best_score = epoch, float(score)
+                save_checkpoint(best_path, model_state=model.state_dict(), config=config.to_dict(), meta=meta,
+                                epoch=epoch)  # before last.pt: a crash in between redoes this epoch
+            rec.update(best_epoch=best_epoch, best_score=best_score)
+        rec["seconds"] = round(time.time() - t0, 1)
         history.append(rec)
         save_checkpoint(last_path, model_state=model.state_dict(), config=config.to_dict(), meta=meta,
                         optimizer_state=opt.state_dict(), epoch=epoch, history=history)
@@ -248,8 +334,17 @@ def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes
             log(rec)
         if progress:
             print(json.dumps(rec), flush=True)
+        if config.patience and epoch - best_epoch >= config.patience:
+            break
+    metrics = {"history": history}
+    if config.validates:
+        model.load_state_dict(load_checkpoint(best_path)["model_state"])
+        meta.update(best_epoch=int(best_epoch), best_score=float(best_score))
+        metrics["validation"] = {"metric": config.val_metric, "best_epoch": int(best_epoch),
+                                 "best_score": float(best_score), "epochs_run": len(history),
+                                 "stopped_early": len(history) < config.epochs, "n_val_spots": meta["n_val_spots"]}
     save_checkpoint(run_dir / CHECKPOINT_FILE, model_state=model.state_dict(), config=config.to_dict(), meta=meta)
-    (run_dir / METRICS_FILE).write_text(json.dumps({"history": history}, indent=1))
+    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
     return TrainedDense2D(model, config, genes, meta["input_um"], device)
 
 
@@ -290,14 +385,15 @@ def train_dense2d_sections(sections, images, config: Dense2DConfig, run_dir, *, 
 
     if len(sections) != len(images) or not sections:
         raise VoxelomeError(f"give one image per section (got {len(sections)} sections and {len(images)} images).")
-    if config.targets == "genes":
-        genes = select_target_genes(sections, config.n_genes, config.gene_selection)
+    names = [str(next(iter(a.uns.get("spatial", {})), i)) for i, a in enumerate(sections)]
+    if config.targets == "genes":  # validation sections take no part in choosing the targets
+        fit_sections = [a for a, n in zip(sections, names) if n not in config.val_sections] or sections
+        genes = select_target_genes(fit_sections, config.n_genes, config.gene_selection)
         targets = [gene_targets(a, genes) for a in sections]
     else:
         targets = [signature_targets(a) for a in sections]
         k = targets[0].shape[1]
         genes = [f"signature_{i}" for i in range(k)]
-    slides = [slide_from_section(img, a, t, input_um=config.input_um, pixel_size_um=pixel_size_um,
-                                 name=str(next(iter(a.uns.get("spatial", {})), i)))
-              for i, (a, img, t) in enumerate(zip(sections, images, targets))]
+    slides = [slide_from_section(img, a, t, input_um=config.input_um, pixel_size_um=pixel_size_um, name=n)
+              for a, img, t, n in zip(sections, images, targets, names)]
     return train_dense2d(slides, config, run_dir, genes, progress=progress)
