@@ -283,6 +283,8 @@ from voxelome.cli_register import app as _register_app  # noqa: E402 - `register
 app.add_typer(_register_app, name="register")
 from voxelome.cli_dense2d import app as _dense2d_app  # noqa: E402 - dense 2D maps from H&E (PixNet)
 app.add_typer(_dense2d_app, name="dense2d")
+from voxelome.cli_superres import app as _superres_app  # noqa: E402 - super-resolution by cross-modal diffusion
+app.add_typer(_superres_app, name="superres")
 
 
 def main():  # pragma: no cover - entry point

@@ -1,0 +1,122 @@
+"""`voxelome superres fit / predict` on synthetic square-array sections with H&E images, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from test_dense2d_train import PITCH_PX, synthetic_section
+from typer.testing import CliRunner
+
+from voxelome.cli import app
+from voxelome.datasets.superres_sections import array_grid, beyond_pair, restore_pair
+from voxelome.errors import VoxelomeError
+from voxelome.infer.slide import read_slide_map
+from voxelome.io.omezarr import read_ome_zarr
+
+runner = CliRunner()
+TINY = ["--preset", "superres-tiny", "--set", "iterations=20", "--set", "device=cpu", "--n-genes", "3"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _section(seed: int, d):
+    img, adata, values, _ = synthetic_section(seed, size=320)
+    counts = np.random.default_rng(seed).poisson(np.column_stack([values * 40, np.full(len(values), 200.0)]))
+    xy = adata.obsm["spatial"] + 0.5
+    grid = np.round((xy - xy.min(0)) / PITCH_PX).astype(int)
+    sec = ad.AnnData(X=counts.astype(np.float32), obsm={"spatial": adata.obsm["spatial"]},
+                     uns={"voxelome": dict(adata.uns["voxelome"])})
+    sec.obs["array_x"], sec.obs["array_y"] = grid[:, 0] + 1, grid[:, 1] + 1
+    sec.var_names = ["TUM", "STR", "GRAD", "HOUSE"]
+    sec.write_h5ad(d / f"s{seed}.h5ad")
+    Image.fromarray(img).save(d / f"s{seed}.png")
+    return d / f"s{seed}.h5ad", d / f"s{seed}.png"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("superres_cli")
+    return {s: _section(s, d) for s in (1, 2, 3, 4)}
+
+
+@pytest.fixture(scope="module")
+def run(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("superres_run") / "run"
+    (s1, i1), (s2, i2), (s3, i3) = files[1], files[2], files[3]
+    r = invoke("superres", "fit", "--section", s1, "--image", i1, "--section", s2, "--image", i2,
+               "--calibration-section", s3, "--calibration-image", i3, "--out", out, *TINY)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_fit_writes_a_calibrated_run(run):
+    assert {"checkpoint.pt", "config.yaml", "calibration.json", "histology_features.json"} <= {
+        p.name for p in run.iterdir()}
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["level"] == 0.9 and len(cal["multipliers"]) == 3 and all(m > 0 for m in cal["multipliers"])
+
+
+def test_predict_restore_scores_the_measured_spots(run, files, tmp_path):
+    s, i = files[4]
+    r = invoke("superres", "predict", run, "--section", s, "--image", i, "--mode", "restore", "--out",
+               tmp_path / "r.zarr", "--samples", 3, "--steps", 4)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.zarr" / "report.json").read_text())
+    scores = rep["sections"]["s4"]["scores"]
+    assert set(scores) == {"rmse", "ssim", "pearson", "pearson_median"} and np.isfinite(scores["rmse"])
+    data, px, names = read_slide_map(tmp_path / "r.zarr" / "mean.ome.zarr")
+    assert names == json.loads((tmp_path / "r.zarr" / "summary.json").read_text())["genes"]
+    assert abs(px[0] - PITCH_PX * 4.0) < 1.0  # the array pitch in µm (24 px × 4 µm)
+
+
+def test_predict_beyond_refines_the_grid_and_aggregates_labels(run, files, tmp_path):
+    s, i = files[4]
+    n_x = int(ad.read_h5ad(s).obs["array_x"].max())
+    labels = np.zeros((2 * n_x, 2 * n_x), np.int32)
+    labels[:4, :4] = 1
+    labels[4:8, :4] = 2
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    r = invoke("superres", "predict", run, "--section", s, "--image", i, "--out", tmp_path / "b.zarr", "--samples", 3,
+               "--steps", 4, "--labels", tmp_path / "labels.tif")
+    assert r.exit_code == 0, r.output
+    data, px, _ = read_slide_map(tmp_path / "b.zarr" / "mean.ome.zarr")
+    assert data.shape[1:] == (2 * n_x, 2 * n_x) and abs(px[0] - PITCH_PX * 2.0) < 0.5
+    cells = ad.read_h5ad(tmp_path / "b.zarr" / "labels.h5ad")
+    assert cells.n_obs == 2 and np.allclose(cells.X[0], np.asarray(data[:, :4, :4]).mean((1, 2)), atol=1e-4)
+
+
+def test_predict_several_sections_writes_a_volume(run, files, tmp_path):
+    (s3, i3), (s4, i4) = files[3], files[4]
+    r = invoke("superres", "predict", run, "--section", s3, "--image", i3, "--section", s4, "--image", i4,
+               "--section-spacing-um", 16, "--out", tmp_path / "v.zarr", "--samples", 2, "--steps", 3)
+    assert r.exit_code == 0, r.output
+    arr, spacing, _ = read_ome_zarr(tmp_path / "v.zarr" / "upper.ome.zarr")
+    assert arr.shape[:2] == (3, 2) and spacing[0] == 16.0
+
+
+def test_bad_input_gets_clear_errors(run, files, tmp_path):
+    s, i = files[4]
+    r = invoke("superres", "predict", run, "--section", s, "--out", tmp_path / "x.zarr")
+    assert r.exit_code == 2 and "pass --image" in r.output
+    r = invoke("superres", "predict", run, "--section", s, "--image", i, "--mode", "sharpen", "--out", tmp_path / "y")
+    assert r.exit_code == 2 and "mode" in r.output
+    r = invoke("superres", "predict", run, "--section", s, "--image", i, "--section", s, "--image", i,
+               "--out", tmp_path / "z.zarr", "--samples", 2, "--steps", 2)
+    assert r.exit_code == 2 and "section_spacing_um" in r.output
+    hexa = ad.read_h5ad(s)
+    hexa.obs = hexa.obs.rename(columns={"array_x": "array_col", "array_y": "array_row"})
+    hexa.obs["array_col"] = hexa.obs["array_col"] * 2 + hexa.obs["array_row"] % 2
+    with pytest.raises(VoxelomeError, match="hexagonal"):
+        array_grid(hexa)
+    sec = ad.read_h5ad(s)
+    with pytest.raises(VoxelomeError, match="lacks 1 of the model's genes"):
+        restore_pair(sec, ["TUM", "NOPE"])
+    with pytest.raises(VoxelomeError, match="does not contain every spot"):
+        beyond_pair(sec, ["TUM"], box=(5, 5, 2, 2))
