@@ -1,9 +1,10 @@
 """From expression pairs to the network's tensors and back: upsampling, per-gene scaling, residuals.
 
 The diffusion runs on the *normalised residual* ``r = (high − up(low)) / σ_g``: what the low-res map does
-not already say, per gene in units of its training spread. ``up`` is bicubic upsampling of the low-res map
-after filling unobserved low-res pixels with their nearest observed neighbour (so borders do not drag the
-interpolation towards zero). The low-res condition itself is standardised per gene.
+not already say, per gene in units of its training spread. ``up`` is the bicubic baseline (unobserved
+low-res pixels filled with their nearest observed neighbour first, so borders do not drag the interpolation
+towards zero), so the model learns exactly what bicubic upsampling misses. The low-res condition itself is
+standardised per gene.
 """
 
 from __future__ import annotations
@@ -11,28 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from scipy import ndimage
-from torch.nn import functional as F
-
-from voxelome.errors import VoxelomeError
-
-
-def fill_unobserved(low: np.ndarray, low_mask: np.ndarray) -> np.ndarray:
-    """Replace unobserved low-res pixels by their nearest observed one; ``(G, h, w)`` → same shape."""
-    if not low_mask.any():
-        raise VoxelomeError("low_mask has no observed pixel; the low-res map is empty.")
-    if low_mask.all():
-        return low.astype(np.float32, copy=True)
-    _, (iy, ix) = ndimage.distance_transform_edt(~low_mask, return_indices=True)
-    return low[:, iy, ix].astype(np.float32)
 
 
 def upsample_low(low: np.ndarray, low_mask: np.ndarray, factor: int) -> np.ndarray:
-    """Bicubic upsampling of a filled low-res map by ``factor``: ``(G, h, w)`` → ``(G, h·f, w·f)``."""
-    filled = torch.from_numpy(fill_unobserved(low, low_mask))[None]
-    up = F.interpolate(filled, scale_factor=int(factor), mode="bicubic", align_corners=False)
-    return up[0].numpy()
+    """The condition's base: the bicubic baseline itself (:func:`voxelome.evaluate.superres_baselines.
+    bicubic_upsample`, unobserved low-res pixels filled by their nearest observed one), ``(G, h·f, w·f)``."""
+    from voxelome.evaluate.superres_baselines import bicubic_upsample
+
+    return bicubic_upsample(low, low_mask, factor)
 
 
 @dataclass(frozen=True)
