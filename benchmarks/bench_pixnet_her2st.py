@@ -241,6 +241,13 @@ def main():
     ap.add_argument("--output-stride", type=int, default=4)
     ap.add_argument("--tta", action="store_true", help="dense: average over the 8 flips/rotations at prediction")
     ap.add_argument("--skip-baselines", action="store_true", help="dense only (for variants of the dense model)")
+    ap.add_argument("--baselines", default="features_ridge,patch_cnn",
+                    help="baselines besides the training mean (comma-separated; --skip-baselines drops them all)")
+    ap.add_argument("--val-fraction", type=float, default=0.0,
+                    help="dense: fraction of the training spots held out for validation / early stopping")
+    ap.add_argument("--patience", type=int, default=0, help="dense: early-stopping patience (epochs; 0 = off)")
+    ap.add_argument("--min-delta", type=float, default=0.0, help="dense: smallest validation gain that counts")
+    ap.add_argument("--val-metric", default="pcc", help="dense: validation score, pcc or loss")
     ap.add_argument("--runs-from", type=Path, default=None,
                     help="load the dense runs (run_<section>/) of an earlier --out instead of training")
     args = ap.parse_args()
@@ -252,7 +259,10 @@ def main():
                           f"{args.threads} thread(s)", "args": {k: str(v) for k, v in vars(args).items()}, "folds": {}}
     cfg = make_dense2d_config("dense2d", n_genes=args.n_genes, input_um=args.input_um, epochs=args.epochs,
                               steps_per_epoch=args.steps_per_epoch, seed=args.seed, device="cpu",
-                              tile_px=args.tile_px, output_stride=args.output_stride)
+                              tile_px=args.tile_px, output_stride=args.output_stride,
+                              val_fraction=args.val_fraction, patience=args.patience, min_delta=args.min_delta,
+                              val_metric=args.val_metric)
+    baselines = [] if args.skip_baselines else [b for b in args.baselines.split(",") if b]
     for held in args.folds.split(","):
         t0 = time.time()
         train_names = [n for n in SECTIONS if n != held]
@@ -267,10 +277,11 @@ def main():
         t = time.time()
         mean_pred = np.repeat(np.vstack([s.targets for s in train]).mean(0, keepdims=True), len(true), 0)
         fold["methods"]["mean"] = evaluate(mean_pred, true, groups, 50)
-        if not args.skip_baselines:
+        if "features_ridge" in baselines:
             t = time.time()
             fold["methods"]["features_ridge"] = evaluate(features_ridge(train, test, args.seed), true, groups, 50)
             fold["seconds"]["features_ridge"] = round(time.time() - t, 1)
+        if "patch_cnn" in baselines:
             t = time.time()
             fold["methods"]["patch_cnn"] = evaluate(patch_cnn(train, test, args.seed, args.cnn_steps), true, groups, 50)
             fold["seconds"]["patch_cnn"] = round(time.time() - t, 1)
@@ -283,6 +294,10 @@ def main():
             trained = train_dense2d(train, cfg, args.out / f"run_{held}", genes)
         trained.tta = args.tta
         fold["seconds"]["dense_train"] = round(time.time() - t, 1)
+        run_metrics = json.loads((args.out / f"run_{held}" / "metrics.json").read_text()) if args.runs_from is None else {}
+        if "validation" in run_metrics:
+            fold["validation"] = run_metrics["validation"]
+            fold["val_pcc_per_epoch"] = [round(h["val_pcc"], 4) for h in run_metrics["history"]]
         t = time.time()
         dense = trained.predict_spots(test)
         fold["methods"]["dense"] = evaluate(dense, true, groups, 50)

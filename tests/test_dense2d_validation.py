@@ -13,7 +13,11 @@ from test_dense2d_train import TINY, _slides
 from voxelome.errors import VoxelomeError
 from voxelome.train.checkpoint import load_checkpoint
 from voxelome.train.dense2d_config import make_dense2d_config
-from voxelome.train.dense2d_trainer import train_dense2d, validation_scores, validation_split
+from voxelome.train.dense2d_trainer import (
+    train_dense2d,
+    validation_scores,
+    validation_split,
+)
 
 GENES = ["TUM", "STR", "GRAD"]
 

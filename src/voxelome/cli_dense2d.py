@@ -2,6 +2,7 @@
 
     voxelome dense2d train    --section S.h5ad --image HE.jpg [--section ... --image ...] --out RUN
     voxelome dense2d predict  RUN --image HE.jpg --pixel-size-um 0.69 --out map.ome.zarr [--section S --spots-out pred.h5ad]
+    voxelome dense2d predict  RUN --stack registered.ome.zarr --out volume.ome.zarr [--genes ERBB2,... | --n-genes 50]
     voxelome dense2d evaluate RUN --section S --image HE.jpg --out DIR
 
 ``voxelome train --preset dense2d``, ``voxelome predict RUN --image ...`` and ``voxelome evaluate RUN --image ...``
@@ -134,6 +135,44 @@ def run_predict(run: Path, image: Path, out: Path, *, pixel_size_um: Optional[fl
     return result
 
 
+def run_predict_stack(run: Path, stack: Path, out: Path, *, genes: Optional[list[str]] = None,
+                      n_genes: Optional[int] = None, overwrite: bool = False, chunk: int = 256,
+                      progress: bool = False) -> dict:
+    """Registered RGB stack (OME-Zarr ``(3, z, y, x)``) → 3D expression volume OME-Zarr ``(G, z, y, x)`` in µm.
+
+    Each section is resampled to the model's working pixel size and mapped like one slide; the volume keeps
+    the stack's z spacing and µm frame (origin).
+    """
+    import time
+    import warnings
+
+    from voxelome.infer.slide import RGBStack
+    from voxelome.train.dense2d_trainer import TrainedDense2D
+
+    if genes is not None and n_genes is not None:
+        raise VoxelomeError("give --genes or --n-genes, not both.")
+    run_dir = _run_dir(run)
+    model = TrainedDense2D.load(run_dir)
+    if n_genes is not None:
+        if not 1 <= n_genes <= len(model.genes):
+            raise VoxelomeError(f"--n-genes={n_genes} must lie in 1…{len(model.genes)} (the model's outputs).")
+        genes = model.genes[:n_genes]
+    st = RGBStack(stack, pixel_size_um=model.input_um)
+    if min(st.store_pixel_size_um) > 1.5 * model.input_um:
+        warnings.warn(f"the stack is at {st.store_pixel_size_um[0]:.3g} µm/px, coarser than the model's "
+                      f"{model.input_um:.3g} µm/px: sections are enlarged and lose the detail the model was "
+                      "trained on; register at the model's resolution for faithful maps.", stacklevel=2)
+    t0 = time.perf_counter()
+    model.write_stack(out, st, genes=genes, overwrite=overwrite, chunk=chunk, progress=progress,
+                      extra_attrs={"voxelome": {"kind": "dense2d_stack", "run": str(run_dir), "stack": str(stack),
+                                                "unit": "target units per map pixel; a region's value is the sum"}})
+    names = genes or model.genes
+    return {"volume": str(out), "genes": len(names), "shape_czyx": [len(names), st.shape[0],
+            -(-st.shape[1] // model.stride), -(-st.shape[2] // model.stride)],
+            "spacing_um_zyx": [st.section_spacing_um, st.pixel_size_um * model.stride, st.pixel_size_um * model.stride],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def run_evaluate(run: Path, section: Path, image: Path, out: Path, *, pixel_size_um: Optional[float] = None,
                  spots: Optional[Path] = None) -> dict:
     """Scores on a section's spots beside the training-mean baseline; writes ``out/metrics.json``."""
@@ -170,18 +209,36 @@ def train_cmd(section: list[Path] = typer.Option(..., help="Section (.h5ad, Visi
 
 @app.command("predict")
 def predict_cmd(run: Path = typer.Argument(..., help="Run folder (or train --out folder)."),
-                image: Path = typer.Option(..., help="H&E image to map."),
-                out: Path = typer.Option(..., help="Output .ome.zarr (c, y, x) in µm."),
+                image: Optional[Path] = typer.Option(None, help="H&E image to map (or --stack)."),
+                out: Path = typer.Option(..., help="Output .ome.zarr: (c, y, x) for --image, (c, z, y, x) for --stack, in µm."),
+                stack: Optional[Path] = typer.Option(None, help="Registered RGB stack OME-Zarr (3, z, y, x), e.g. from "
+                                                     "`voxelome register stack --images … --zarr-out`: a 3D volume."),
+                genes: Optional[str] = typer.Option(None, help="--stack: comma-separated outputs to write (default all)."),
+                n_genes: Optional[int] = typer.Option(None, help="--stack: write the first N outputs (top-N genes)."),
                 pixel_size_um: Optional[float] = typer.Option(None, help="µm per image pixel (or from --section)."),
                 section: Optional[Path] = typer.Option(None, help="Also predict this section's spots into an .h5ad."),
                 spots: Optional[Path] = typer.Option(None, help="Legacy ST spot file for --section."),
                 spots_out: Optional[Path] = typer.Option(None, help="Where the per-spot .h5ad goes (default beside --out)."),
                 spot_radius_um: Optional[float] = typer.Option(None, help="Sum the map over disks of this radius instead of the section's spot radius."),
                 overwrite: bool = typer.Option(False, help="Replace an existing output store.")):
-    """Predict a whole slide, tile by tile with blending, into a multiscale OME-Zarr."""
-    _friendly(lambda: typer.echo(json.dumps(run_predict(run, image, out, pixel_size_um=pixel_size_um, section=section, spots=spots,
-                                                        spots_out=spots_out, spot_radius_um=spot_radius_um,
-                                                        overwrite=overwrite), indent=1)))()
+    """Predict a whole slide (--image), or every section of a registered stack (--stack), into a multiscale OME-Zarr."""
+
+    def go():
+        if (image is None) == (stack is None):
+            raise VoxelomeError("give either --image (one slide → (c, y, x) map) or --stack (a registered RGB "
+                                "OME-Zarr stack → (c, z, y, x) volume).")
+        if stack is not None:
+            if section is not None or spots is not None or spots_out is not None:
+                raise VoxelomeError("--section/--spots/--spots-out go with --image; per-spot values of a stack "
+                                    "section: predict that section's image.")
+            names = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
+            return run_predict_stack(run, stack, out, genes=names, n_genes=n_genes, overwrite=overwrite)
+        if genes is not None or n_genes is not None:
+            raise VoxelomeError("--genes/--n-genes go with --stack.")
+        return run_predict(run, image, out, pixel_size_um=pixel_size_um, section=section, spots=spots,
+                           spots_out=spots_out, spot_radius_um=spot_radius_um, overwrite=overwrite)
+
+    _friendly(lambda: typer.echo(json.dumps(go(), indent=1)))()
 
 
 @app.command("evaluate")

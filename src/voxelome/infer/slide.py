@@ -130,10 +130,11 @@ def predict_slide(image, predictor: Callable[[np.ndarray], np.ndarray], *, tile:
 
 
 # --- 2D OME-Zarr (c, y, x) ----------------------------------------------------------------------------------
-def _attrs_2d(name, spacing_yx, names, factors, windows=None):
+def _attrs_2d(name, spacing_yx, names, factors, windows=None, origin_yx=(0.0, 0.0)):
     datasets = [{"path": str(k), "coordinateTransformations": [
         {"type": "scale", "scale": [1.0, spacing_yx[0] * f, spacing_yx[1] * f]},
-        {"type": "translation", "translation": [0.0, (f - 1) / 2 * spacing_yx[0], (f - 1) / 2 * spacing_yx[1]]}]}
+        {"type": "translation", "translation": [0.0, origin_yx[0] + (f - 1) / 2 * spacing_yx[0],
+                                                origin_yx[1] + (f - 1) / 2 * spacing_yx[1]]}]}
         for k, f in enumerate(factors)]
     axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "micrometer"},
             {"name": "x", "type": "space", "unit": "micrometer"}]
@@ -212,7 +213,10 @@ def write_slide_map(path, image, predictor, *, tile: int, stride: int, channel_n
         factors.append(factors[-1] * 2)
     last = np.asarray(src[:])
     windows = [(float(np.nanmin(c)), float(np.nanmax(c))) for c in last]
-    attrs = _attrs_2d(path.name, spacing, names, factors, windows)
+    # map pixel (0, 0) covers input pixels [0, stride)², whose centre lies (stride − 1)/2 input pixels from
+    # the centre of input pixel (0, 0) — the image's origin
+    centre = (stride - 1) / 2 * float(pixel_size_um)
+    attrs = _attrs_2d(path.name, spacing, names, factors, windows, origin_yx=(centre, centre))
     attrs.update(extra_attrs or {})
     atomic_write_json(path / ".zattrs", attrs)
     return path
@@ -248,7 +252,8 @@ def read_slide_map(path, level: int = 0):
 
 def write_stack_map(path, stack, predictor, *, tile: int, stride: int, channel_names, pixel_size_um: float,
                     section_spacing_um: float, overlap: float = 0.25, blend: str = "gaussian", chunk: int = 256,
-                    batch_size: int = 4, overwrite: bool = False) -> Path:
+                    batch_size: int = 4, overwrite: bool = False, origin_um_zyx=(0.0, 0.0, 0.0),
+                    extra_attrs: dict | None = None, progress: bool = False) -> Path:
     """A registered image stack → 3D expression volume: each section's dense map, slice-wise, into ``(c, z, y, x)``.
 
     Parameters
@@ -258,6 +263,9 @@ def write_stack_map(path, stack, predictor, *, tile: int, stride: int, channel_n
         section-to-section registration), section ``k`` at ``z = k · section_spacing_um``.
     section_spacing_um : float
         Distance between consecutive sections (µm): the volume's z spacing.
+    origin_um_zyx : tuple of 3 float
+        Position (µm) of the centre of the stack's voxel ``(0, 0, 0)`` (e.g. :attr:`RGBStack.origin_um_zyx`);
+        the map's origin follows from it (a map pixel is centred on its ``stride × stride`` input pixels).
     Other parameters : see :func:`write_slide_map`.
 
     Returns
@@ -272,15 +280,105 @@ def write_stack_map(path, stack, predictor, *, tile: int, stride: int, channel_n
     Z, H, W = (int(s) for s in stack.shape[:3])
     out = (-(-H // stride), -(-W // stride))
     names = [str(n) for n in channel_names]
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise VoxelomeError(f"'{path}' exists; pass overwrite=True (CLI --overwrite) or choose another path.")
+    shift = (stride - 1) / 2 * float(pixel_size_um)
+    oz, oy, ox = (float(v) for v in origin_um_zyx)
     arr = create_ome_zarr(path, (len(names), Z, *out), chunks_czyx=(min(len(names), 16), 1, chunk, chunk),
                           spacing_um_zyx=(float(section_spacing_um), float(pixel_size_um) * stride,
-                                          float(pixel_size_um) * stride), channel_names=names, overwrite=overwrite)
-    for z in range(Z):
-        section = stack[z]
+                                          float(pixel_size_um) * stride), origin_um_zyx=(oz, oy + shift, ox + shift),
+                          channel_names=names, overwrite=overwrite)
+    zs = range(Z)
+    if progress:
+        from tqdm.auto import tqdm
+
+        zs = tqdm(zs, desc="sections")
+    for z in zs:
+        section = np.asarray(stack[z])
         for by, bx in product(range(0, out[0], chunk), range(0, out[1], chunk)):
             region = (slice(by, min(by + chunk, out[0])), slice(bx, min(bx + chunk, out[1])))
             arr[(slice(None), z, *region)] = predict_slide(section, predictor, tile=tile, stride=stride,
                                                            n_channels=len(names), overlap=overlap, blend=blend,
                                                            out_region=region, batch_size=batch_size)
     build_pyramid(path)
-    return Path(path)
+    if extra_attrs:
+        import json
+
+        attrs = json.loads((path / ".zattrs").read_text())
+        attrs.update(extra_attrs)
+        atomic_write_json(path / ".zattrs", attrs)
+    return path
+
+
+class RGBStack:
+    """A registered RGB stack stored as OME-Zarr ``(c=3, z, y, x)``, read lazily as ``(z, y, x, 3)`` sections
+    resampled to a working pixel size (what :func:`write_stack_map` takes).
+
+    ``voxelome register stack --images … --zarr-out`` writes such a store (uint8, µm scale and translation).
+    Only the section asked for is read and resampled (box filter when shrinking, bilinear when enlarging).
+
+    Parameters
+    ----------
+    path : path
+        OME-Zarr store with 3 channels (R, G, B), uint8 (or float in [0, 1]).
+    pixel_size_um : float, optional
+        Working µm per pixel of the returned sections; default the store's own.
+
+    Attributes
+    ----------
+    shape : (z, y, x, 3)
+    pixel_size_um : float
+        Exact working µm per pixel (mean of y and x after rounding the size).
+    section_spacing_um : float
+        The store's z spacing.
+    origin_um_zyx : tuple of 3 float
+        Centre of working voxel ``(0, 0, 0)`` in the store's µm frame.
+    store_pixel_size_um : (float, float)
+        The store's ``(dy, dx)``.
+    """
+
+    ndim = 4
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, path, pixel_size_um: float | None = None):
+        from voxelome.io.omezarr import read_ome_zarr
+        from voxelome.io.volumes import read_volume
+
+        data, spacing, _ = read_ome_zarr(path)
+        if data.shape[0] != 3:
+            raise VoxelomeError(f"'{path}' has {data.shape[0]} channel(s); an RGB stack (c=3, z, y, x) is needed, e.g. "
+                                "from `voxelome register stack --images … --zarr-out`.")
+        origin = read_volume(path, key=0).origin_um
+        dz, dy, dx = (float(v) for v in spacing)
+        target = float(pixel_size_um) if pixel_size_um is not None else (dy + dx) / 2
+        if not target > 0:
+            raise VoxelomeError(f"pixel_size_um={pixel_size_um!r} must be > 0.")
+        Z, H, W = (int(v) for v in data.shape[1:])
+        h, w = max(1, int(round(H * dy / target))), max(1, int(round(W * dx / target)))
+        py, px = H * dy / h, W * dx / w
+        self.data, self.path = data, Path(path)
+        self.shape = (Z, h, w, 3)
+        self.pixel_size_um = (py + px) / 2
+        self.section_spacing_um = dz
+        self.store_pixel_size_um = (dy, dx)
+        self.origin_um_zyx = (float(origin[0]), float(origin[1]) + (py - dy) / 2, float(origin[2]) + (px - dx) / 2)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, z) -> np.ndarray:
+        """Section ``z`` as ``(y, x, 3)`` uint8 at the working pixel size."""
+        from PIL import Image
+
+        if not isinstance(z, (int, np.integer)) or not -self.shape[0] <= z < self.shape[0]:
+            raise VoxelomeError(f"section index {z!r} is not one of the {self.shape[0]} sections.")
+        sec = np.moveaxis(np.asarray(self.data[:, int(z)]), 0, -1)
+        if sec.dtype != np.uint8:
+            sec = np.clip(np.asarray(sec, float) * (255.0 if np.nanmax(sec) <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        h, w = self.shape[1:3]
+        if sec.shape[:2] == (h, w):
+            return np.ascontiguousarray(sec)
+        shrink = h < sec.shape[0]
+        img = Image.fromarray(np.ascontiguousarray(sec)).resize((w, h), Image.BOX if shrink else Image.BILINEAR)
+        return np.asarray(img, np.uint8)

@@ -16,15 +16,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxelome.constants import CHECKPOINT_FILE, CONFIG_FILE, LAST_CHECKPOINT_FILE, METRICS_FILE
+from voxelome.constants import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    LAST_CHECKPOINT_FILE,
+    METRICS_FILE,
+)
 from voxelome.errors import VoxelomeError
 from voxelome.infer.slide import predict_slide
 from voxelome.models.dense2d import DenseExpressionNet2D
 from voxelome.models.spot_aggregation import aggregate_disks
 from voxelome.train.checkpoint import _plain as plain
 from voxelome.train.checkpoint import load_checkpoint, save_checkpoint
-from voxelome.train.dense2d_config import Dense2DConfig, dense2d_config_from_dict, dense2d_config_to_yaml
+from voxelome.train.dense2d_config import (
+    Dense2DConfig,
+    dense2d_config_from_dict,
+    dense2d_config_to_yaml,
+)
 from voxelome.train.dense2d_data import SlideData, TileSampler
+from voxelome.train.dense2d_validation import (
+    BEST_CHECKPOINT_FILE,
+    validation_scores,
+    validation_split,
+)
 
 
 def pearson_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -89,7 +103,7 @@ class TrainedDense2D:
         return self.input_um * self.stride
 
     @classmethod
-    def load(cls, run_dir, device: str | None = None) -> "TrainedDense2D":
+    def load(cls, run_dir, device: str | None = None) -> TrainedDense2D:
         """Rebuild from a run folder (``checkpoint.pt``, loaded with ``weights_only=True``)."""
         run_dir = Path(run_dir)
         path = run_dir / CHECKPOINT_FILE if run_dir.is_dir() else run_dir
@@ -124,14 +138,46 @@ class TrainedDense2D:
                              n_channels=len(self.genes), overlap=self.config.overlap, blend=self.config.blend,
                              out_region=out_region)
 
-    def write_stack(self, path, stack, section_spacing_um: float, **kwargs):
-        """Registered RGB sections ``(z, y, x, 3)`` at the working resolution → ``(G, z, y, x)`` OME-Zarr in µm."""
+    def write_stack(self, path, stack, section_spacing_um: float | None = None, *, genes=None, **kwargs):
+        """Registered RGB sections → ``(G, z, y, x)`` OME-Zarr volume in µm, one dense map per section.
+
+        Parameters
+        ----------
+        stack : array-like ``(z, y, x, 3)`` at the working resolution, or :class:`voxelome.infer.slide.RGBStack`
+            (opened with ``pixel_size_um=self.input_um``; its z spacing and origin are used).
+        section_spacing_um : float, optional
+            z spacing (µm); default the stack's ``section_spacing_um``.
+        genes : list of str, optional
+            Write only these output channels (default all).
+        **kwargs
+            Passed to :func:`voxelome.infer.slide.write_stack_map` (``overwrite``, ``chunk``, ``extra_attrs``…).
+        """
+        from voxelome.errors import did_you_mean
         from voxelome.infer.slide import write_stack_map
 
-        return write_stack_map(path, stack, self.predictor, tile=self.config.predict_tile_px, stride=self.stride,
-                               channel_names=self.genes, pixel_size_um=self.input_um,
-                               section_spacing_um=section_spacing_um, overlap=self.config.overlap,
-                               blend=self.config.blend, **kwargs)
+        if section_spacing_um is None:
+            section_spacing_um = getattr(stack, "section_spacing_um", None)
+            if section_spacing_um is None:
+                raise VoxelomeError("section_spacing_um is needed (µm between consecutive sections).")
+        px = float(getattr(stack, "pixel_size_um", self.input_um))
+        if abs(px / self.input_um - 1) > 0.02:
+            raise VoxelomeError(f"the stack is at {px:.4g} µm/px but the model works at {self.input_um:.4g} µm/px; open it "
+                                f"with RGBStack(path, pixel_size_um={self.input_um:g}).")
+        kwargs.setdefault("origin_um_zyx", getattr(stack, "origin_um_zyx", (0.0, 0.0, 0.0)))
+        names, predictor = self.genes, self.predictor
+        if genes is not None:
+            for g in genes:
+                if g not in self.genes:
+                    raise VoxelomeError(f"gene {g!r} is not an output of this model.{did_you_mean(g, self.genes)}")
+            idx = [self.genes.index(g) for g in genes]
+            names = [self.genes[i] for i in idx]
+
+            def predictor(x):
+                return self.predictor(x)[:, idx]
+
+        return write_stack_map(path, stack, predictor, tile=self.config.predict_tile_px, stride=self.stride,
+                               channel_names=names, pixel_size_um=px, section_spacing_um=section_spacing_um,
+                               overlap=self.config.overlap, blend=self.config.blend, **kwargs)
 
     def predict_spots(self, slide: SlideData, centres_xy=None, radius_px=None, *, reduce: str = "sum",
                       return_map: bool = False):
@@ -155,66 +201,6 @@ class TrainedDense2D:
 def _learning_rate(config: Dense2DConfig, epoch: int) -> float:
     floor = 0.05
     return float(config.lr * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * epoch / max(config.epochs - 1, 1)))))
-
-
-BEST_CHECKPOINT_FILE = "best.pt"
-
-
-def validation_split(slides: list[SlideData], config: Dense2DConfig):
-    """Split the slides' spots into fitted and validation spots as ``config`` asks.
-
-    Whole sections named in ``config.val_sections`` are validation only; of the other sections' training
-    spots a ``config.val_fraction`` is drawn (seeded by ``config.seed`` and the section's index).
-
-    Returns
-    -------
-    fit : list of SlideData
-        Copies of the slides whose ``train`` masks hold the fitted spots only.
-    val_masks : list of ndarray of bool
-        Per slide, its validation spots (all False without validation).
-    """
-    import dataclasses
-
-    from voxelome.errors import did_you_mean
-
-    if not config.validates:
-        return list(slides), [np.zeros(len(s.centres_xy), bool) for s in slides]
-    names = [s.name for s in slides]
-    for name in config.val_sections:
-        if name not in names:
-            raise VoxelomeError(f"val_sections names {name!r}, which is not one of the sections {names}."
-                                f"{did_you_mean(name, names)}")
-    fit, val = [], []
-    for k, s in enumerate(slides):
-        train = np.asarray(s.train, bool).copy()
-        held = np.zeros_like(train)
-        if s.name in config.val_sections:
-            held, train = train, np.zeros_like(train)
-        elif config.val_fraction > 0:
-            idx = np.flatnonzero(train)
-            n = int(round(config.val_fraction * len(idx)))
-            pick = np.random.default_rng([config.seed, 104_729, k]).choice(idx, n, replace=False)
-            held[pick], train[pick] = True, False
-        fit.append(dataclasses.replace(s, train=train))
-        val.append(held)
-    if not any(v.any() for v in val):
-        raise VoxelomeError("validation is on but no spot was held out; raise val_fraction or name val_sections.")
-    if not any(f.train.any() for f in fit):
-        raise VoxelomeError("every section is a validation section; leave at least one to train on.")
-    return fit, val
-
-
-def validation_scores(trained: "TrainedDense2D", slides: list[SlideData], val_masks) -> dict:
-    """``{'val_pcc': mean per-gene Pearson r, 'val_loss': training loss}`` over all validation spots."""
-    preds, trues = [], []
-    for s, m in zip(slides, val_masks):
-        if m.any():
-            preds.append(trained.predict_spots(s, s.centres_xy[m]))
-            trues.append(s.targets[m])
-    pred, true = np.vstack(preds), np.vstack(trues)
-    loss = dense2d_loss(torch.from_numpy(pred).double(), torch.from_numpy(true).double(),
-                        trained.config.pearson_weight)
-    return {"val_pcc": expression_scores(pred, true)["pcc_mean"], "val_loss": float(loss)}
 
 
 def train_dense2d(slides: list[SlideData], config: Dense2DConfig, run_dir, genes, *, progress: bool = False,
@@ -381,7 +367,12 @@ def train_dense2d_sections(sections, images, config: Dense2DConfig, run_dir, *, 
     pixel_size_um : float, optional
         µm per image pixel when the sections do not record it.
     """
-    from voxelome.train.dense2d_data import gene_targets, select_target_genes, signature_targets, slide_from_section
+    from voxelome.train.dense2d_data import (
+        gene_targets,
+        select_target_genes,
+        signature_targets,
+        slide_from_section,
+    )
 
     if len(sections) != len(images) or not sections:
         raise VoxelomeError(f"give one image per section (got {len(sections)} sections and {len(images)} images).")
