@@ -71,6 +71,14 @@ def test_dense_input_and_gene_selection():
     np.testing.assert_allclose(d.library, a.X.sum(1))
 
 
+def test_all_genes_in_order_keep_the_matrix_without_a_copy():
+    a = _stack()
+    d = PointData.from_anndata(a)
+    assert d.values is a.X and d.genes == list(a.var_names)  # no column copy of a large CSR
+    np.testing.assert_array_equal(d.rows([4, 1]), a.X[[4, 1]].toarray())
+    assert PointData.from_anndata(a, genes=["Gene5", "Gene0"]).values is not a.X
+
+
 def test_errors_are_actionable():
     a = _stack()
     b = a.copy()

@@ -1,6 +1,7 @@
 """Field fitting on a small seeded synthetic stack: quality vs baselines, exact resume, save/load,
 resumable chunk-invariant OME-Zarr export, virtual sections, denoising, CLI."""
 
+import json
 import shutil
 
 import anndata as ad
@@ -154,6 +155,26 @@ def test_resume_is_exact(split, tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
     with pytest.raises(Exception, match="different config"):
         fit_field(data, make_field_config("cpu", iterations=12, **{**cfg, "lr": 0.5}), tmp_path / "b", progress=False)
+
+
+def test_held_out_loss_is_recorded_and_leaves_training_unchanged(split, tmp_path):
+    train, test = split
+    data = PointData.from_anndata(train, genes=GENES[:4])
+    held = PointData.from_anndata(test, genes=GENES[:4], min_sections=1)
+    cfg = make_field_config("cpu", iterations=60, batch_size=256, n_levels=4, log2_table_size=10, log_every=20,
+                            jitter_um=(20.0, 20.0, 20.0))
+    fit_field(data, cfg, tmp_path / "plain", progress=False)
+    fit_field(data, cfg, tmp_path / "val", progress=False, validation=held, validation_points=100)
+    hist = json.loads((tmp_path / "val" / "history.json").read_text())
+    assert [h["iteration"] for h in hist] == [0, 20, 40, 60] and hist[0]["loss"] is None
+    assert all(np.isfinite(h["val_loss"]) for h in hist) and hist[-1]["val_loss"] < hist[0]["val_loss"]
+    a = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)["model_state"]
+    b = torch.load(tmp_path / "val" / "checkpoint.pt", weights_only=True)["model_state"]
+    for k in a:  # evaluating the held-out loss draws no training randomness and takes no step
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    with pytest.raises(Exception, match="same genes"):
+        fit_field(data, cfg, tmp_path / "bad", progress=False,
+                  validation=PointData.from_anndata(test, genes=GENES[1:5], min_sections=1))
 
 
 def test_volume_export_matches_points_is_chunk_invariant_and_resumable(fitted, tmp_path):

@@ -229,6 +229,17 @@ class _Batches:
         self.jitter = torch.tensor(np.asarray(config.jitter_um) / self.extent, dtype=torch.float32, device=device)
         self.gauss_log1p = config.likelihood == "gaussian" and data.is_counts
 
+    def fixed(self, data: PointData, n: int):
+        """Up to ``n`` points of ``data`` (a seeded subset), unjittered, as ``(x, y, log_lib)`` for a held-out loss."""
+        rng = np.random.default_rng([self.config.seed, 2**31])
+        idx = np.sort(rng.choice(len(data), min(n, len(data)), replace=False))
+        x = torch.from_numpy(((data.xyz_um[idx] - self.lo) / self.extent).astype(np.float32)).to(self.device)
+        y = torch.from_numpy(data.rows(idx)).to(self.device)
+        log_lib = torch.from_numpy(np.log(data.library[idx]).astype(np.float32)).to(self.device)
+        if self.config.likelihood == "gaussian" and data.is_counts:
+            y = torch.log1p(y * (self.config.target_sum / torch.exp(log_lib))[:, None])
+        return x, y, log_lib
+
     def __call__(self, it: int):
         rng = np.random.default_rng([self.config.seed, it])
         idx = torch.from_numpy(rng.integers(0, len(self.data), self.config.batch_size)).to(self.device)
@@ -261,7 +272,8 @@ def _init_bias(model: TranscriptomicField, data: PointData, config: FieldConfig)
 
 def fit_field(data: PointData | object, config: FieldConfig, run_dir, *, loadings=None, resume: bool = True,
               progress: bool = True, genes=None, obsm_key=None, layer=None,
-              section_key: str = DEFAULT_SECTION_KEY) -> Path:
+              section_key: str = DEFAULT_SECTION_KEY, validation: PointData | None = None,
+              validation_points: int = 16384) -> Path:
     """Fit a field and write a run folder.
 
     Parameters
@@ -279,6 +291,12 @@ def fit_field(data: PointData | object, config: FieldConfig, run_dir, *, loading
         to the modelled genes, or the phantom's profiles); ``None`` gives one output per gene.
     resume : bool
         Continue from ``run_dir/last.pt`` when it exists (same config and data required).
+    validation : PointData, optional
+        Held-out points (same genes): every ``log_every`` iterations the history also records
+        ``val_loss``, the negative log-likelihood (mean over points and genes) of up to
+        ``validation_points`` of them (a seeded subset, coordinates not jittered, the average section),
+        and a first entry at iteration 0 (``loss`` None) holds the untrained field's; the time it takes
+        is left out of the history's ``seconds`` (wall) and ``cpu_seconds`` (process CPU time).
 
     Returns
     -------
@@ -309,6 +327,9 @@ def fit_field(data: PointData | object, config: FieldConfig, run_dir, *, loading
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.99), eps=1e-15)
     batches = _Batches(data, config, meta, device)
     amp = _amp_dtype(config, device)
+    if validation is not None and list(validation.genes) != list(data.genes):
+        raise VoxelomeError("validation points must have the same genes, in the same order, as the training points.")
+    held_out = None if validation is None else batches.fixed(validation, validation_points)
 
     def loss_fn(x, y, log_lib, sec):
         nll = -model.log_prob(x, y, log_lib, sec).mean()
@@ -335,8 +356,15 @@ def fit_field(data: PointData | object, config: FieldConfig, run_dir, *, loading
         save_checkpoint(last_path, model_state=model.state_dict(), config=config.to_dict(), meta=meta,
                         optimizer_state=opt.state_dict(), iteration=it, history=history)
 
+    def held_out_loss() -> float:
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return float(-model.log_prob(*held_out).mean())
+
+    if held_out is not None and start == 0:
+        history.append({"iteration": 0, "loss": None, "lr": learning_rate(config, 0), "seconds": 0.0,
+                        "val_loss": held_out_loss()})
     model.train()
-    window, t0 = [], time.perf_counter()
+    window, t0, c0 = [], time.perf_counter(), time.process_time()
     for it in tqdm(range(start, config.iterations), desc="fit field", disable=not progress, initial=start,
                    total=config.iterations):
         for group in opt.param_groups:
@@ -350,8 +378,10 @@ def fit_field(data: PointData | object, config: FieldConfig, run_dir, *, loading
         window.append(float(loss.detach()))
         if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
             history.append({"iteration": it + 1, "loss": float(np.mean(window)), "lr": learning_rate(config, it),
-                            "seconds": time.perf_counter() - t0})
-            window, t0 = [], time.perf_counter()
+                            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0})
+            if held_out is not None:
+                history[-1]["val_loss"] = held_out_loss()
+            window, t0, c0 = [], time.perf_counter(), time.process_time()
         if (it + 1) % config.checkpoint_every == 0 and it + 1 < config.iterations:
             save(it + 1)
     save(config.iterations)

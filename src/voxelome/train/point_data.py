@@ -119,7 +119,10 @@ class PointData:
             idx = np.asarray([lookup[g] for g in genes])
         is_counts = _looks_like_counts(counts)
         library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-        values = counts[:, idx] if sp.issparse(counts) else np.ascontiguousarray(counts[:, idx], dtype=np.float32)
+        if len(idx) == len(var) and (idx == np.arange(len(var))).all():  # all genes, in order: no column copy
+            values = counts if sp.issparse(counts) else np.ascontiguousarray(counts, dtype=np.float32)
+        else:
+            values = counts[:, idx] if sp.issparse(counts) else np.ascontiguousarray(counts[:, idx], dtype=np.float32)
         if is_counts and (library <= 0).any():
             raise VoxelomeError(f"{int((library <= 0).sum())} points have no counts at all; drop empty spots/cells "
                                 "(adata = adata[adata.X.sum(1) > 0]).")
