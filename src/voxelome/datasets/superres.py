@@ -381,6 +381,9 @@ HER2ST_IMAGES = {"C2": "C2/5714_HE_BT_C2.jpg", "C3": "C3/5714_HE_BT_D1.jpg", "C4
                  "C5": "C5/5714_HE_BT_E1.jpg", "C6": "C6/5714_HE_BT_E2.jpg"}
 
 
+_READ: dict = {}  #: her2st sections read in this process (read-only use)
+
+
 def _data_dir(data_dir, name: str) -> Path:
     d = Path(data_dir) if data_dir is not None else _SHARED / name
     if not d.is_dir():
@@ -487,8 +490,13 @@ def her2st_pairs(test_section: str = "C2", *, sections=tuple(HER2ST_IMAGES), n_g
         return hit
     d = _data_dir(data_dir, "her2st")
     train_names = [s for s in sections if s != test_section]
-    ads = {s: read_legacy_st(d / "ST-cnts" / f"{s}.tsv.gz", d / "ST-spotfiles" / f"{s}_selection.tsv")
-           for s in sections}
+    ads = {}
+    for s in sections:  # the count tables take seconds each: read once per process (folds share them)
+        files = (d / "ST-cnts" / f"{s}.tsv.gz", d / "ST-spotfiles" / f"{s}_selection.tsv")
+        key = tuple(str(f.resolve()) for f in files)
+        if key not in _READ:
+            _READ[key] = read_legacy_st(*files)
+        ads[s] = _READ[key]
     genes = select_target_genes([ads[s] for s in train_names], int(n_genes), "variance")
     raw = {}
     for s in sections:
@@ -508,11 +516,14 @@ def her2st_pairs(test_section: str = "C2", *, sections=tuple(HER2ST_IMAGES), n_g
         A = np.column_stack([ax, ay, np.ones(len(ax))])
         aff = np.linalg.lstsq(A, np.asarray(ad.obsm["spatial"], float)[:, :2], rcond=None)[0].T  # (2, 3)
         img_path = d / "ST-imgs" / "C" / HER2ST_IMAGES[s]
-        rgb, (sx, sy) = load_he_image(img_path, px_um, input_um)
-        gy, gx = np.mgrid[0:H, 0:W]
-        full = np.column_stack([gx.ravel() + x0, gy.ravel() + y0, np.ones(H * W)]) @ aff.T
-        centres = np.column_stack([(full[:, 0] + 0.5) * sx, (full[:, 1] + 0.5) * sy])
-        feats = grid_features(rgb, centres, diam / 2 / (px_um / ((sx + sy) / 2)))
+        fkey = (str(img_path.resolve()), float(input_um), "features")
+        if fkey not in _READ:  # image features do not depend on the fold either
+            rgb, (sx, sy) = load_he_image(img_path, px_um, input_um)
+            gy, gx = np.mgrid[0:H, 0:W]
+            full = np.column_stack([gx.ravel() + x0, gy.ravel() + y0, np.ones(H * W)]) @ aff.T
+            centres = np.column_stack([(full[:, 0] + 0.5) * sx, (full[:, 1] + 0.5) * sy])
+            _READ[fkey] = grid_features(rgb, centres, diam / 2 / (px_um / ((sx + sy) / 2)))
+        feats = _READ[fkey]
         raw[s] = dict(high=high, mask=mask, low=low.astype(np.float32), low_mask=low_mask, cnt=cnt, feats=feats,
                       extra={"array_origin": (x0, y0), "grid_to_px": aff, "image_path": str(img_path),
                              "image_pixel_size_um": float(px_um), "spot_diameter_um": float(diam),
