@@ -89,15 +89,17 @@ def test_cli_maps_a_registered_stack_into_a_volume_equal_to_the_per_section_maps
 
 
 @pytest.mark.filterwarnings("ignore:the stack is at")
-def test_a_coarser_stack_is_enlarged_with_a_warning_and_bad_requests_fail_clearly(run, tmp_path):
+def test_a_coarser_stack_is_refused_unless_allowed_and_bad_requests_fail_clearly(run, tmp_path):
     store = _stack_store(tmp_path / "coarse.ome.zarr", 2 * PX_UM, n=2, size=56)
+    with pytest.raises(VoxelomeError, match="--allow-coarse"):
+        run_predict_stack(run, store, tmp_path / "v.ome.zarr", n_genes=1)
     with pytest.warns(UserWarning, match="coarser than the model"):
-        res = run_predict_stack(run, store, tmp_path / "v.ome.zarr", n_genes=1)
+        res = run_predict_stack(run, store, tmp_path / "v.ome.zarr", n_genes=1, allow_coarse=True)
     assert res["shape_czyx"] == [1, 2, 56, 56] and res["genes"] == 1
     with pytest.raises(VoxelomeError, match="Did you mean 'GRAD'"):
-        run_predict_stack(run, store, tmp_path / "v2.ome.zarr", genes=["GRAF"])
+        run_predict_stack(run, store, tmp_path / "v2.ome.zarr", genes=["GRAF"], allow_coarse=True)
     with pytest.raises(VoxelomeError, match="exists"):
-        run_predict_stack(run, store, tmp_path / "v.ome.zarr", n_genes=1)
+        run_predict_stack(run, store, tmp_path / "v.ome.zarr", n_genes=1, allow_coarse=True)
     r = CliRunner().invoke(app, ["dense2d", "predict", str(run), "--stack", str(store), "--image", str(store),
                                  "--out", str(tmp_path / "x.ome.zarr")])
     assert r.exit_code == 2 and "either --image" in r.output

@@ -137,11 +137,13 @@ def run_predict(run: Path, image: Path, out: Path, *, pixel_size_um: Optional[fl
 
 def run_predict_stack(run: Path, stack: Path, out: Path, *, genes: Optional[list[str]] = None,
                       n_genes: Optional[int] = None, overwrite: bool = False, chunk: int = 256,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, allow_coarse: bool = False) -> dict:
     """Registered RGB stack (OME-Zarr ``(3, z, y, x)``) → 3D expression volume OME-Zarr ``(G, z, y, x)`` in µm.
 
     Each section is resampled to the model's working pixel size and mapped like one slide; the volume keeps
-    the stack's z spacing and µm frame (origin).
+    the stack's z spacing and µm frame (origin). A stack more than 1.5× coarser than the model's working
+    pixel is refused unless ``allow_coarse`` (enlarged sections lack the texture the model reads: on her2st a
+    20 µm stack enlarged to 4 µm gave negative held-out r, see BENCHMARKS.md).
     """
     import time
     import warnings
@@ -159,9 +161,12 @@ def run_predict_stack(run: Path, stack: Path, out: Path, *, genes: Optional[list
         genes = model.genes[:n_genes]
     st = RGBStack(stack, pixel_size_um=model.input_um)
     if min(st.store_pixel_size_um) > 1.5 * model.input_um:
-        warnings.warn(f"the stack is at {st.store_pixel_size_um[0]:.3g} µm/px, coarser than the model's "
-                      f"{model.input_um:.3g} µm/px: sections are enlarged and lose the detail the model was "
-                      "trained on; register at the model's resolution for faithful maps.", stacklevel=2)
+        msg = (f"the stack is at {st.store_pixel_size_um[0]:.3g} µm/px, coarser than the model's {model.input_um:.3g} "
+               "µm/px: enlarged sections lack the texture the model reads (maps are not meaningful); render the "
+               "registered sections at the model's pixel size (benchmarks/bench_pixnet_stack.py shows how)")
+        if not allow_coarse:
+            raise VoxelomeError(msg + ", or pass --allow-coarse to map it anyway.")
+        warnings.warn(msg + ".", stacklevel=2)
     t0 = time.perf_counter()
     model.write_stack(out, st, genes=genes, overwrite=overwrite, chunk=chunk, progress=progress,
                       extra_attrs={"voxelome": {"kind": "dense2d_stack", "run": str(run_dir), "stack": str(stack),
@@ -215,6 +220,7 @@ def predict_cmd(run: Path = typer.Argument(..., help="Run folder (or train --out
                                                      "`voxelome register stack --images … --zarr-out`: a 3D volume."),
                 genes: Optional[str] = typer.Option(None, help="--stack: comma-separated outputs to write (default all)."),
                 n_genes: Optional[int] = typer.Option(None, help="--stack: write the first N outputs (top-N genes)."),
+                allow_coarse: bool = typer.Option(False, help="--stack: map a stack > 1.5× coarser than the model's pixel size."),
                 pixel_size_um: Optional[float] = typer.Option(None, help="µm per image pixel (or from --section)."),
                 section: Optional[Path] = typer.Option(None, help="Also predict this section's spots into an .h5ad."),
                 spots: Optional[Path] = typer.Option(None, help="Legacy ST spot file for --section."),
@@ -232,7 +238,8 @@ def predict_cmd(run: Path = typer.Argument(..., help="Run folder (or train --out
                 raise VoxelomeError("--section/--spots/--spots-out go with --image; per-spot values of a stack "
                                     "section: predict that section's image.")
             names = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
-            return run_predict_stack(run, stack, out, genes=names, n_genes=n_genes, overwrite=overwrite)
+            return run_predict_stack(run, stack, out, genes=names, n_genes=n_genes, overwrite=overwrite,
+                                     allow_coarse=allow_coarse)
         if genes is not None or n_genes is not None:
             raise VoxelomeError("--genes/--n-genes go with --stack.")
         return run_predict(run, image, out, pixel_size_um=pixel_size_um, section=section, spots=spots,
