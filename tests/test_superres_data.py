@@ -84,11 +84,15 @@ def test_phantom_noiseless_low_is_block_mean_and_noise_is_unbiased_enough(pairs,
 
 def test_phantom_pairs_are_seeded_and_cached(phantom, tmp_path):
     a = phantom_pairs(phantom=phantom, he=False, cache_dir=tmp_path, **KW)
-    assert len(list(tmp_path.glob("phantom_pairs_*.pkl"))) == 1
+    assert len(list(tmp_path.glob("phantom_pairs_*.npz"))) == 1
     b = phantom_pairs(phantom=phantom, he=False, cache_dir=tmp_path, **KW)  # from the cache
     c = phantom_pairs(phantom=phantom, he=False, **KW)  # rebuilt
     for x, y in ((a, b), (a, c)):
-        np.testing.assert_array_equal(x["test"][0].low, y["test"][0].low)
+        for px, py in zip(itertools.chain(*x.values()), itertools.chain(*y.values()), strict=True):
+            for f in ("high", "high_mask", "low", "low_mask", "truth"):
+                np.testing.assert_array_equal(getattr(px, f), getattr(py, f))
+                assert getattr(px, f).dtype == getattr(py, f).dtype
+            assert (px.name, px.genes, px.factor, px.image, px.extra) == (py.name, py.genes, py.factor, None, py.extra)
 
 
 def test_validate_names_the_problem(clean):

@@ -167,19 +167,50 @@ def _key(**kw) -> str:
     return hashlib.sha1(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _save(path: Path, pairs: dict) -> None:
-    import pickle
+_FIELDS = ("high", "high_mask", "low", "low_mask", "image", "truth")
 
+
+def _save(path: Path, pairs: dict) -> None:
+    """Cache ``{split: [SuperResPair]}`` as one ``.npz`` (arrays, no pickle) with a JSON header; atomic."""
+    arrays, index = {}, {}
+    for split, items in pairs.items():
+        index[split] = []
+        for k, p in enumerate(items):
+            tag = f"{split}{k}"
+            meta = {"name": p.name, "genes": list(p.genes), "factor": int(p.factor),
+                    "pixel_size_um": float(p.pixel_size_um), "extra": {}, "extra_arrays": []}
+            for f in _FIELDS:
+                if getattr(p, f) is not None:
+                    arrays[f"{tag}/{f}"] = getattr(p, f)
+            for key, v in p.extra.items():
+                if isinstance(v, np.ndarray):
+                    arrays[f"{tag}/extra/{key}"] = v
+                    meta["extra_arrays"].append(key)
+                else:
+                    meta["extra"][key] = v
+            index[split].append(meta)
+    arrays["index.json"] = np.frombuffer(json.dumps(index).encode(), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL))
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
     tmp.replace(path)
 
 
 def _load(path: Path):
-    import pickle
-
-    return pickle.loads(path.read_bytes()) if path.exists() else None
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        index = json.loads(bytes(z["index.json"]).decode())
+        out = {}
+        for split, metas in index.items():
+            out[split] = []
+            for k, m in enumerate(metas):
+                tag = f"{split}{k}"
+                arr = {f: (z[f"{tag}/{f}"] if f"{tag}/{f}" in z.files else None) for f in _FIELDS}
+                extra = dict(m["extra"]) | {key: z[f"{tag}/extra/{key}"] for key in m["extra_arrays"]}
+                out[split].append(SuperResPair(m["name"], m["genes"], m["factor"], m["pixel_size_um"], extra=extra,
+                                               **arr))
+    return out
 
 
 # --- phantom --------------------------------------------------------------------------------------------------
@@ -325,7 +356,7 @@ def phantom_pairs(config: str = "default", *, seed: int = 0, n_genes: int = 32, 
     args = dict(config=config, seed=seed, n_genes=n_genes, pixel_um=pixel_um, factor=factor, z_step=z_step,
                 z_margin=z_margin, splits=list(splits), gap_um=gap_um, noise=noise, library_size=library_size, he=he,
                 he_um=he_um, v=1, phantom=None if phantom is None else dataclasses.asdict(phantom.config))
-    path = Path(cache_dir) / f"phantom_pairs_{_key(**args)}.pkl" if cache_dir else None
+    path = Path(cache_dir) / f"phantom_pairs_{_key(**args)}.npz" if cache_dir else None
     if path is not None and (hit := _load(path)) is not None:
         return hit
     ph = make_lung_phantom(config, seed=seed) if phantom is None else phantom
@@ -485,7 +516,7 @@ def her2st_pairs(test_section: str = "C2", *, sections=tuple(HER2ST_IMAGES), n_g
         raise VoxelomeError(f"sections {unknown} have no H&E image; use some of {list(HER2ST_IMAGES)}.")
     args = dict(test=test_section, sections=sections, n_genes=n_genes, n_features=n_features, min_spots=min_spots,
                 input_um=input_um, data_dir=str(data_dir), v=1)
-    path = Path(cache_dir) / f"her2st_pairs_{_key(**args)}.pkl" if cache_dir else None
+    path = Path(cache_dir) / f"her2st_pairs_{_key(**args)}.npz" if cache_dir else None
     if path is not None and (hit := _load(path)) is not None:
         return hit
     d = _data_dir(data_dir, "her2st")
