@@ -100,15 +100,20 @@ def score_pairs(model, det, pairs, *, seed: int, dense=None, n_samples: int = 8,
 
 
 def run_split(name: str, train, val, test, out: Path, overrides: dict, *, dense=None, seed: int = 0,
-              calibrate_on=None) -> dict:
-    model, t_fit = _fit(train, out / f"{name}_diffusion", overrides, False)
-    det, t_det = _fit(train, out / f"{name}_deterministic", overrides, True)
+              calibrate_on=None, phases: str | None = None, score_val: bool = False) -> dict:
+    fit_pairs = train
+    if phases is not None:  # every block phase of the training pairs (datasets.superres_augment)
+        from voxelome.datasets.superres_augment import all_phases
+
+        fit_pairs = all_phases(train, weights_key=phases or None)
+    model, t_fit = _fit(fit_pairs, out / f"{name}_diffusion", overrides, False)
+    det, t_det = _fit(fit_pairs, out / f"{name}_deterministic", overrides, True)
     cal = calibrate_on if calibrate_on is not None else val
     t = time.time()
     model.calibrate(cal, seed=seed + 1000)
     t_cal = time.time() - t
     val_summary = None
-    if val:
+    if val and score_val:
         val_summary, _ = score_pairs(model, det, val, seed=seed + 2000, dense=None)
     summary, extra = score_pairs(model, det, test, seed=seed, dense=dense)
     return {"test": summary, "val": val_summary, "extra": extra, "fit_seconds": t_fit, "fit_seconds_deterministic": t_det,
@@ -118,18 +123,24 @@ def run_split(name: str, train, val, test, out: Path, overrides: dict, *, dense=
             "train": [p.name for p in train], "calibration": [p.name for p in cal], "test_pairs": [p.name for p in test]}
 
 
+def _dense_maps(args, pairs) -> dict:
+    """The dense-model maps written by ``benchmarks/superres_dense_baseline.py`` (same pairs, same names)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from superres_dense_baseline import attach_dense
+
+    if attach_dense(pairs, args.dense_dir) != len(pairs):
+        raise SystemExit(f"dense maps missing in {args.dense_dir}: run benchmarks/superres_dense_baseline.py first "
+                         "(or pass --no-dense).")
+    return {p.name: p.extra["dense"] for p in pairs}
+
+
 def bench_phantom(args, out: Path) -> dict:
     from voxelome.datasets.superres import phantom_pairs
 
     t = time.time()
     pairs = phantom_pairs(args.phantom, cache_dir=out / "cache")
     t_data = time.time() - t
-    dense = None
-    if not args.no_dense:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from superres_dense_baseline import phantom_dense_baseline
-
-        dense = phantom_dense_baseline(pairs["train"], pairs["test"], out / "phantom_dense")
+    dense = None if args.no_dense else _dense_maps(args, pairs["test"])
     res = run_split("phantom", pairs["train"], pairs["val"], pairs["test"], out, args.overrides, dense=dense)
     res["data_seconds"] = t_data
     return res
@@ -137,7 +148,6 @@ def bench_phantom(args, out: Path) -> dict:
 
 def bench_her2st(args, out: Path) -> dict:
     from voxelome.datasets.superres import her2st_pairs
-    from voxelome.evaluate.superres_baselines import her2st_dense_baseline
 
     folds = {}
     for test in args.sections:
@@ -146,12 +156,9 @@ def bench_her2st(args, out: Path) -> dict:
         cal_name = SECTIONS[(SECTIONS.index(test) + 1) % len(SECTIONS)]  # the next section calibrates
         cal = [p for p in train if p.name.endswith(cal_name)]
         fit = [p for p in train if not p.name.endswith(cal_name)]
-        dense = None
-        run = ROOT / "benchmarks" / "out" / "pixnet_her2st" / f"run_{test}"
-        if run.exists() and not args.no_dense:
-            dense = {p.name: her2st_dense_baseline(p, run) for p in pairs["test"]}
+        dense = None if args.no_dense else _dense_maps(args, pairs["test"])
         folds[test] = run_split(f"her2st_{test}", fit, [], pairs["test"], out, args.overrides, dense=dense,
-                                calibrate_on=cal)
+                                calibrate_on=cal, phases="" if args.phases else None)
         print(json.dumps({test: {k: v for k, v in folds[test]["test"].items()}}, default=float), flush=True)
     methods = folds[next(iter(folds))]["test"].keys()
     mean = {m: {k: float(np.mean([f["test"][m][k] for f in folds.values()])) for k in ("rmse", "ssim", "pearson")}
@@ -166,7 +173,8 @@ def bench_starmap(args, out: Path) -> dict:
     from voxelome.datasets.superres import starmap_pairs
 
     pairs = starmap_pairs()
-    return run_split("starmap", pairs["train"], pairs["val"], pairs["test"], out, args.overrides)
+    return run_split("starmap", pairs["train"], pairs["val"], pairs["test"], out, args.overrides,
+                     phases="n_cells" if args.phases else None)
 
 
 def bench_steps(args, out: Path) -> dict:
@@ -204,6 +212,10 @@ def main():
     ap.add_argument("--steps", nargs="+", type=int, default=[1, 2, 5, 10, 20, 50])
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (e.g. iterations=800)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense-model baseline")
+    ap.add_argument("--dense-dir", type=Path, default=ROOT / "benchmarks" / "out" / "superres_dense",
+                    help="output folder of benchmarks/superres_dense_baseline.py")
+    ap.add_argument("--phases", action="store_true", help="train on every block phase of the training pairs "
+                                                          "(her2st, starmap: low = block mean of high)")
     args = ap.parse_args()
     args.overrides = {}
     for kv in args.set:

@@ -30,6 +30,8 @@ class SuperResConfig:
     """Dropout inside residual blocks."""
     deterministic: bool = False
     """Train the same network as a plain MSE regressor of the clean map (the deterministic baseline)."""
+    self_condition: bool = False
+    """Feed the network its previous clean-map estimate (self-conditioning; ignored when deterministic)."""
     num_train_timesteps: int = 1000
     """Forward-process steps."""
     beta_schedule: str = "squaredcos_cap_v2"

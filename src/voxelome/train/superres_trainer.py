@@ -45,7 +45,8 @@ def build_superres_model(config: SuperResConfig, n_genes: int, n_image_features:
     """The denoiser a config describes."""
     return SuperResDenoiser(n_genes, n_image_features, width=config.width, levels=config.levels,
                             adjacency=adjacency if config.graph_neighbours else None, tokens=config.tokens,
-                            heads=config.heads, deterministic=config.deterministic, dropout=config.dropout)
+                            heads=config.heads, deterministic=config.deterministic, dropout=config.dropout,
+                            self_condition=config.self_condition)
 
 
 def check_pairs(pairs, what: str = "pairs") -> None:

@@ -199,22 +199,26 @@ class SuperResDenoiser(nn.Module):
         clean map, the baseline "deterministic network of the same size".
     dropout : float
         Dropout inside the residual blocks.
+    self_condition : bool
+        Also take the previous clean-map estimate as input (self-conditioning, Chen et al., "Analog Bits",
+        ICLR 2023): ``G`` more input channels of the first convolution; zeros when there is none yet.
     """
 
     def __init__(self, n_genes: int, n_image_features: int = 0, *, width: int = 32, levels: int = 2,
                  adjacency=None, tokens: int = 6, heads: int = 4, deterministic: bool = False,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, self_condition: bool = False):
         super().__init__()
         if n_genes < 1 or width < 8 or levels < 1:
             raise VoxelomeError(f"need n_genes ≥ 1, width ≥ 8, levels ≥ 1 (got {n_genes}, {width}, {levels}).")
         self.n_genes, self.n_image_features = int(n_genes), int(n_image_features)
         self.levels, self.deterministic = int(levels), bool(deterministic)
+        self.self_condition = bool(self_condition) and not self.deterministic
         emb = 4 * width
         self.time_mlp = nn.Sequential(nn.Linear(width, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.expr_encoder = ModalityEncoder(n_genes + 1, width)
         self.image_encoder = ModalityEncoder(n_image_features, width) if n_image_features else None
         cond_ch = 3 * width  # shared + expression-specific + image-specific
-        in_ch = n_genes + 1 + (0 if deterministic else n_genes)
+        in_ch = n_genes + 1 + (0 if deterministic else n_genes) + (n_genes if self.self_condition else 0)
         self.stem = nn.Conv2d(in_ch, width, 3, padding=1)
         chans = [width * 2 ** i for i in range(levels)]
         self.down = nn.ModuleList()
@@ -231,6 +235,8 @@ class SuperResDenoiser(nn.Module):
             cout = chans[i - 1] if i else width
             self.up.append(ModulatedResBlock(chans[i] * 2, cout, cond_ch, emb, dropout))
         self.head = nn.Sequential(nn.GroupNorm(_groups(width), width), nn.SiLU(), nn.Conv2d(width, n_genes, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)  # start at "no residual": the bicubic base (clean-map models)
+        nn.init.zeros_(self.head[-1].bias)
         self.graph = GeneGraphLayer(adjacency) if adjacency is not None else None
         self._width = width
 
@@ -245,10 +251,12 @@ class SuperResDenoiser(nn.Module):
         return torch.cat([(shared_e + shared_i) / 2, spec_e, spec_i], 1)
 
     def forward(self, x_t: torch.Tensor | None, t: torch.Tensor, low_up: torch.Tensor, low_mask: torch.Tensor,
-                image: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+                image: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                x_self: torch.Tensor | None = None) -> torch.Tensor:
         """Predict ``(B, G, H, W)`` (noise, clean map or velocity: the process decides what it means).
 
-        ``cond`` may be passed precomputed (:meth:`condition`) to save work across sampling steps.
+        ``cond`` may be passed precomputed (:meth:`condition`) to save work across sampling steps; ``x_self``
+        is the previous clean-map estimate for a self-conditioned network (None = zeros).
         """
         h0, w0 = low_up.shape[-2:]
         m = 2 ** (self.levels - 1)
@@ -257,6 +265,7 @@ class SuperResDenoiser(nn.Module):
             low_up, low_mask = F.pad(low_up, pad, mode="replicate"), F.pad(low_mask, pad)
             image = F.pad(image, pad, mode="replicate") if image is not None else None
             x_t = F.pad(x_t, pad) if x_t is not None else None
+            x_self = F.pad(x_self, pad) if x_self is not None else None
             cond = F.pad(cond, pad, mode="replicate") if cond is not None else None
         if cond is None:
             cond = self.condition(low_up, low_mask, image)
@@ -264,7 +273,10 @@ class SuperResDenoiser(nn.Module):
             t = torch.zeros(low_up.shape[0], device=low_up.device)
             h = self.stem(torch.cat([low_up, low_mask], 1))
         else:
-            h = self.stem(torch.cat([x_t, low_up, low_mask], 1))
+            parts = [x_t, low_up, low_mask]
+            if self.self_condition:
+                parts.append(x_self if x_self is not None else torch.zeros_like(x_t))
+            h = self.stem(torch.cat(parts, 1))
         emb = self.time_mlp(timestep_embedding(t, self._width))
         conds = [cond]
         for _ in range(self.levels - 1):

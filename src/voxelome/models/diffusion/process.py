@@ -87,7 +87,14 @@ class GaussianDiffusion:
         t = torch.randint(0, self.num_train_timesteps, (b,), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = sched.add_noise(x0, noise, t)
-        out = model(x_t, t, **conditions)
+        x_self = None
+        if getattr(model, "self_condition", False):
+            # half of the items see the network's own estimate from a first, gradient-free pass
+            use = (torch.rand(b, generator=generator, device=x0.device) < 0.5).to(x0.dtype)[:, None, None, None]
+            with torch.no_grad():
+                first = self.clean_estimate(sched, model(x_t, t, **conditions), x_t, t)
+            x_self = first * use
+        out = model(x_t, t, **conditions, x_self=x_self)
         if self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "sample":
@@ -96,6 +103,18 @@ class GaussianDiffusion:
             target = sched.get_velocity(x0, noise, t)
         err = (out - target) ** 2 * mask
         return err.sum() / (mask.sum() * x0.shape[1]).clamp_min(1.0)
+
+    def clean_estimate(self, sched, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean map implied by the network's output at step ``t`` (clipped like the sampler)."""
+        if self.prediction_type == "sample":
+            x0 = out
+        else:
+            abar = sched.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)[:, None, None, None]
+            if self.prediction_type == "epsilon":
+                x0 = (x_t - (1 - abar).sqrt() * out) / abar.sqrt().clamp_min(1e-4)
+            else:
+                x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * out
+        return x0.clamp(-self.clip_range, self.clip_range)
 
     @torch.no_grad()
     def sample(self, model, shape: tuple[int, int, int, int], conditions: dict, *, steps: int = 20,
@@ -109,8 +128,13 @@ class GaussianDiffusion:
         device = conditions["low_up"].device
         x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         cond = model.condition(conditions["low_up"], conditions["low_mask"], conditions.get("image"))
+        x_self = None
         for t in sched.timesteps:
             tt = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
-            out = model(x, tt, conditions["low_up"], conditions["low_mask"], conditions.get("image"), cond=cond)
-            x = sched.step(out, t, x, eta=eta, generator=generator).prev_sample
+            out = model(x, tt, conditions["low_up"], conditions["low_mask"], conditions.get("image"), cond=cond,
+                        x_self=x_self)
+            step = sched.step(out, t, x, eta=eta, generator=generator)
+            x = step.prev_sample
+            if getattr(model, "self_condition", False):
+                x_self = step.pred_original_sample
         return x
