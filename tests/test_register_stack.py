@@ -211,7 +211,7 @@ def test_image_stack_recovers_rotation_and_writes_ome_zarr(tmp_path, phantom):
     for name in res.names[1:]:
         err = np.sqrt(np.mean(np.sum((xyz[sec == name, :2] - ref) ** 2, 1)))
         assert err < 20.0, (name, err)
-    data, spacing, axes = read_ome_zarr(tmp_path / "stack.ome.zarr")
+    data, spacing, _axes = read_ome_zarr(tmp_path / "stack.ome.zarr")
     assert tuple(data.shape) == res.rgb.shape and data.shape[:2] == (3, 3)
     np.testing.assert_allclose(spacing, (20.0, 20.0, 20.0))
 
@@ -235,3 +235,47 @@ def test_cli_register_stack(tmp_path, phantom_section):
     bad = CliRunner().invoke(app, ["register", "stack", str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad"),
                                    "--z", "10,0", "--out", str(out)])
     assert bad.exit_code == 2 and "strictly increasing" in bad.output
+
+
+def test_joint_embedding_matches_dense_pca_and_stack_options(phantom_section):
+    """The sparse statistics + Lanczos (eigsh) PCA equal a dense exact PCA; gene matching, n_genes, icp_options."""
+    import anndata as ad
+
+    x0 = np.asarray(phantom_section.X)
+    half = x0.shape[0] // 2
+    counts = [x0[:half], x0[half:]]
+    emb = np.vstack(joint_embedding(counts, n_components=10, n_genes=150))
+    dense = log_normalise(x0).astype(np.float64)
+    top = np.argsort(dense.var(0))[::-1][:150]
+    xc = dense[:, top] - dense[:, top].mean(0)
+    _, v = np.linalg.eigh(xc.T @ xc)
+    ref = xc @ v[:, ::-1][:, :10]
+    ref /= ref[:, 0].std()
+    for k in range(10):  # same components up to sign (the solver is ARPACK here: 150 genes > 4 × 10 PCs)
+        assert abs(np.corrcoef(emb[:, k], ref[:, k])[0, 1]) > 0.999
+    np.testing.assert_allclose(np.abs(emb[:, 0]), np.abs(ref[:, 0]), atol=1e-3)
+
+    # genes in another order and some missing: the stack keeps the shared ones, each section's own columns
+    moved = _moved_copy(phantom_section, 35.0, (300.0, -200.0))
+    rng = np.random.default_rng(1)
+    order = rng.permutation(moved.n_vars)[:-12]
+    moved_perm = moved[:, order].copy()
+    with pytest.warns(UserWarning, match=f"using the {phantom_section.n_vars - 12} genes"):
+        st = stack_sections([phantom_section, moved_perm], [0.0, 10.0], names=["fixed", "moved"], n_genes=100,
+                            icp_options={"n_angles": 8, "coarse_iter": 3})
+    genes = list(st.var_names)
+    assert genes == [g for g in phantom_section.var_names if g in set(moved_perm.var_names)]
+    sel = (st.obs["section"] == "moved").to_numpy()
+    np.testing.assert_array_equal(st.X[sel].toarray(), np.asarray(moved_perm[:, genes].X))
+    err = _recovery_error(st, phantom_section, None)
+    assert err < 50.0 and err < _recovery_error(_identity_stack(phantom_section, moved), phantom_section, None) / 5
+
+    with pytest.raises(VoxelomeError, match="icp_options key"):
+        stack_sections([phantom_section, moved], [0.0, 10.0], icp_options={"n_angle": 8})
+    with pytest.raises(VoxelomeError, match="n_genes"):
+        stack_sections([phantom_section, moved], [0.0, 10.0], n_genes=0)
+    dup = ad.AnnData(X=x0, obs=phantom_section.obs.copy(), uns=phantom_section.uns, obsm=dict(phantom_section.obsm),
+                     var=phantom_section.var.copy())
+    dup.var_names = ["g0"] * 2 + [str(g) for g in phantom_section.var_names[2:]]
+    with pytest.raises(VoxelomeError, match="repeats gene names"):
+        stack_sections([phantom_section, dup], [0.0, 10.0])

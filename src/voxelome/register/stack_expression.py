@@ -25,10 +25,11 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from voxelome.constants import PIXEL_SIZE_KEY, SPATIAL_3D_KEY, SPATIAL_KEY, UNS_KEY
-from voxelome.errors import VoxelomeError, check_choice
+from voxelome.errors import VoxelomeError, check_choice, check_positive
 
 STACK_KEY = "stack"  #: adata.uns['voxelome']['stack']: sections, z, transforms, method
 METHODS = ("icp", "fgw")
+ICP_OPTIONS = ("n_angles", "coarse_iter", "n_keep_starts", "n_iter")  #: search budget keys of align_icp
 
 
 # --- shared pieces ----------------------------------------------------------------------
@@ -40,12 +41,10 @@ def log_normalise(X) -> np.ndarray:
     return np.log1p(1e4 * X / np.maximum(lib, 1)).astype(np.float32)
 
 
-def _log_normalise_data(X, dedup: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
-    """Sparse counts → ``log1p(1e4 · counts / library size)`` as CSR arrays ``(data float32, indices, indptr, shape)``.
+def _log_normalised_csr(X, dedup: bool = True) -> sp.csr_matrix:
+    """Sparse counts ``(n, g)`` → CSR of ``log1p(1e4 · counts / library size)`` (float32), sharing ``X``'s index arrays.
 
-    Works on the arrays directly (no copy of the matrix, no densification). Duplicate entries are
-    summed first unless ``dedup=False`` (the caller guarantees none; sorting them out costs more than
-    the rest).
+    Duplicate entries are summed first unless ``dedup=False`` (the caller guarantees none).
     """
     X = X if sp.issparse(X) and X.format == "csr" else sp.csr_matrix(X)
     if dedup and not X.has_canonical_format:
@@ -53,17 +52,35 @@ def _log_normalise_data(X, dedup: bool = True) -> tuple[np.ndarray, np.ndarray, 
         X.sum_duplicates()
     lib = np.asarray(X.sum(1), dtype=np.float64).ravel()
     scale = (1e4 / np.maximum(lib, 1)).astype(np.float32)
-    data = X.data.astype(np.float32) * np.repeat(scale, np.diff(X.indptr))
+    data = np.multiply(X.data, np.repeat(scale, np.diff(X.indptr)), dtype=np.float32)
     np.log1p(data, out=data)
-    return data, X.indices, X.indptr, X.shape
+    return sp.csr_matrix((data, X.indices, X.indptr), shape=X.shape)
 
 
-def joint_embedding(counts: list, n_components: int = 20, n_genes: int = 500, *,
+def _top_pcs(cov: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` leading eigenvectors ``(g, k)`` of a symmetric PSD matrix, largest first.
+
+    ARPACK Lanczos (``scipy.sparse.linalg.eigsh``, fixed start vector: deterministic; converged to the
+    matrix's precision) when only a few of many are wanted, else the full ``eigh``.
+    """
+    g = cov.shape[0]
+    if g > 4 * k:
+        from scipy.sparse.linalg import eigsh
+
+        w, v = eigsh(cov, k=k, which="LA", v0=np.ones(g, cov.dtype))
+    else:
+        w, v = np.linalg.eigh(cov)
+    return v[:, np.argsort(w)[::-1][:k]]
+
+
+def joint_embedding(counts: list, n_components: int = 20, n_genes: int = 300, *,
                     dedup: bool = True) -> list[np.ndarray]:
     """PCA of all sections together (log-normalised counts, ``n_genes`` most variable genes).
 
-    Gene means/variances come from the sparse data (``bincount`` over column indices); only the
-    ``n_genes`` kept columns are ever densified.
+    One CSR of all sections is log-normalised in place of its data; gene means/variances are sparse
+    column sums (float32, then combined in float64); only the ``n_genes`` kept columns are densified;
+    the ``n_components`` leading eigenvectors of their ``(n_genes, n_genes)`` covariance (float32)
+    come from :func:`_top_pcs`.
 
     Parameters
     ----------
@@ -77,37 +94,31 @@ def joint_embedding(counts: list, n_components: int = 20, n_genes: int = 500, *,
     list of ndarray, each (n_i, k)
         Embeddings in one space, scaled so that PC1 has unit standard deviation.
     """
-    parts = [_log_normalise_data(c, dedup) for c in counts]
-    g = parts[0][3][1]
-    n = sum(p[3][0] for p in parts)
-    s1, s2 = np.zeros(g), np.zeros(g)
-    for data, ind, _, _ in parts:
-        d = data.astype(np.float64)
-        s1 += np.bincount(ind, weights=d, minlength=g)
-        s2 += np.bincount(ind, weights=d * d, minlength=g)
+    X = sp.vstack([c if sp.issparse(c) else sp.csr_matrix(c) for c in counts], format="csr")
+    return _split(_embed(X, n_components, n_genes, dedup), [c.shape[0] for c in counts])
+
+
+def _split(emb, sizes):
+    return np.split(emb, np.cumsum(sizes)[:-1])
+
+
+def _embed(X, n_components: int, n_genes: int, dedup: bool) -> np.ndarray:
+    """:func:`joint_embedding` of one stacked CSR ``(n, g)``; returns ``(n, k)`` float64."""
+    L = _log_normalised_csr(X, dedup)
+    n, g = L.shape
+    one = np.ones(n, np.float32)
+    s1 = np.asarray(L.T @ one, dtype=np.float64)
+    L2 = sp.csr_matrix((L.data * L.data, L.indices, L.indptr), shape=L.shape)
+    s2 = np.asarray(L2.T @ one, dtype=np.float64)
     mean = s1 / n
     var = s2 / n - mean ** 2
-    keep = np.argsort(var)[::-1][: min(n_genes, g)]
-    col = np.full(g, -1)
-    col[keep] = np.arange(len(keep))
-    x = np.zeros((n, len(keep)))
-    r0 = 0
-    for data, ind, ptr, shape in parts:
-        rows = np.repeat(np.arange(r0, r0 + shape[0]), np.diff(ptr))
-        c = col[ind]
-        sel = c >= 0
-        x[rows[sel], c[sel]] = data[sel]
-        r0 += shape[0]
-    x -= mean[keep]
+    keep = np.sort(np.argsort(var, kind="stable")[::-1][: min(n_genes, g)])
+    x = L[:, keep].toarray()
+    x -= mean[keep].astype(np.float32)
     k = int(min(n_components, x.shape[0] - 1, x.shape[1]))
-    _, evecs = np.linalg.eigh(x.T @ x)  # genes × genes covariance: cheap for a few hundred genes
-    emb = x @ evecs[:, ::-1][:, :k]
+    emb = (x @ _top_pcs(x.T @ x, k)).astype(np.float64)  # genes × genes covariance: cheap for a few hundred genes
     emb /= emb[:, 0].std() + 1e-12
-    out, i = [], 0
-    for c in counts:
-        out.append(emb[i:i + c.shape[0]])
-        i += c.shape[0]
-    return out
+    return emb
 
 
 def kabsch(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -126,17 +137,23 @@ def _rot(theta: float) -> np.ndarray:
     return np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
 
 
+def _rots(theta: np.ndarray) -> np.ndarray:
+    c, s = np.cos(theta), np.sin(theta)
+    return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+
+
 # --- pairwise aligners ------------------------------------------------------------------
 def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, expr_weight: float = 1.0,
-              n_angles: int = 12, n_iter: int = 40, trim: float = 0.8, n_keep_starts: int = 2, coarse_iter: int = 3):
+              n_angles: int = 12, n_iter: int = 40, trim: float = 0.8, n_keep_starts: int = 2, coarse_iter: int = 2):
     """Rigid map of ``moving`` onto ``fixed`` by ICP on joint position + expression features.
 
     Each moving spot is matched to the fixed spot nearest in ``(position / pitch, expr_weight ·
     embedding)``; the closest ``trim`` fraction of matches gives a Kabsch fit; repeat until the cost
     stops falling (an iteration that does not lower it is discarded). All ``n_angles`` starting
-    rotations run ``coarse_iter`` iterations, the ``n_keep_starts`` best run on to convergence.
-    Matching is brute force on a float32 ``(n_moving, n_fixed)`` matrix whose expression and
-    fixed-position parts are computed once (faster than a k-d tree in 2 + k dimensions at these sizes).
+    rotations run ``coarse_iter`` iterations together (one batched matching step per iteration), the
+    ``n_keep_starts`` best run on to convergence (also batched). Matching is brute force on float32
+    ``(starts, n_moving, n_fixed)`` arrays whose expression and fixed-position parts are computed once
+    (faster than a k-d tree in 2 + k dimensions at these sizes).
 
     Parameters
     ----------
@@ -167,39 +184,58 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
     base = expr_weight ** 2 * ((me ** 2).sum(1)[:, None] + (fe ** 2).sum(1)[None, :] - 2 * me @ fe.T)
     base = (base + (fx ** 2).sum(1)[None, :]).astype(np.float32)
     fxt = (-2.0 * fx.T).astype(np.float32)
-    n_keep = min(len(mx), max(3, int(trim * len(mx))))
-    rows = np.arange(len(mx))
+    n, m = len(mx), len(fx)
+    n_keep = min(n, max(3, int(trim * n)))
+    buf = np.empty((max(n_angles, n_keep_starts), n, m), np.float32)  # reused distance matrices
+    flat_rows = np.arange(buf.shape[0] * n)
+    batch = np.arange(buf.shape[0])[:, None]
 
     def step(r, t):
-        cur = mx @ r.T + t
-        d2 = cur.astype(np.float32) @ fxt
+        """Matches of ``b`` poses at once: kept rows (b, n_keep), matches (b, n), costs (b,)."""
+        b = len(r)
+        cur = mx @ r.transpose(0, 2, 1)
+        cur += t[:, None, :]
+        d2 = np.matmul(cur.astype(np.float32), fxt, out=buf[:b])
         d2 += base
-        j = d2.argmin(1)
-        d = np.sqrt(np.maximum(d2[rows, j] + (cur ** 2).sum(1), 0.0))
-        keep = np.argpartition(d, n_keep - 1)[:n_keep]
-        return keep, j, float(d[keep].mean())
+        j = d2.argmin(2)
+        d = d2.reshape(b * n, m)[flat_rows[:b * n], j.ravel()].reshape(b, n) + np.einsum("bni,bni->bn", cur, cur)
+        d = np.sqrt(np.maximum(d, 0.0))
+        keep = np.argpartition(d, n_keep - 1, axis=1)[:, :n_keep]
+        return keep, j, d[batch[:b], keep].mean(1)
+
+    def fit(keep, j):
+        """Batched Kabsch of the kept matches (uniform weights): r (b, 2, 2), t (b, 2)."""
+        src, dst = mx[keep], fx[j[batch[:len(keep)], keep]]
+        ms, md = src.mean(1), dst.mean(1)
+        src -= ms[:, None]
+        dst -= md[:, None]
+        dot = np.einsum("bki,bki->b", src, dst)
+        cross = np.einsum("bk,bk->b", src[..., 0], dst[..., 1]) - np.einsum("bk,bk->b", src[..., 1], dst[..., 0])
+        r = _rots(np.arctan2(cross, dot))
+        return r, md - np.einsum("bij,bj->bi", r, ms)
 
     def run(r, t, iters):
         keep, j, cost = step(r, t)
+        active = np.arange(len(r))
         for _ in range(iters):
-            r2, t2 = kabsch(mx[keep], fx[j[keep]])
+            if not len(active):
+                break
+            r2, t2 = fit(keep[active], j[active])
             keep2, j2, cost2 = step(r2, t2)
-            if cost2 >= cost:
-                break
-            converged = cost - cost2 < 1e-4 * cost2
-            r, t, keep, j, cost = r2, t2, keep2, j2, cost2
-            if converged:
-                break
+            better = cost2 < cost[active]
+            done = ~better | (cost[active] - cost2 < 1e-4 * cost2)
+            up = active[better]
+            r[up], t[up], keep[up], j[up], cost[up] = r2[better], t2[better], keep2[better], j2[better], cost2[better]
+            active = active[~done]
         return r, t, cost
 
     cf, cm = fx.mean(0), mx.mean(0)
-    starts = []
-    for theta in np.linspace(0, 2 * np.pi, n_angles, endpoint=False):
-        r = _rot(theta)
-        starts.append(run(r, cf - cm @ r.T, coarse_iter))
-    starts.sort(key=lambda s: s[2])
-    r, t, cost = min((run(r, t, n_iter) for r, t, _ in starts[:n_keep_starts]), key=lambda s: s[2])
-    return r, t * pitch_um, cost
+    r = _rots(np.linspace(0, 2 * np.pi, n_angles, endpoint=False))
+    r, t, cost = run(r, cf - np.einsum("bij,j->bi", r, cm), coarse_iter)
+    best = np.argsort(cost, kind="stable")[:n_keep_starts]
+    r, t, cost = run(r[best], t[best], n_iter)
+    i = int(np.argmin(cost))
+    return r[i], t[i] * pitch_um, float(cost[i])
 
 
 def align_fgw(fixed_xy, fixed_emb, moving_xy, moving_emb, *, alpha: float = 0.1, seed: int = 0):
@@ -259,13 +295,33 @@ def check_stack_inputs(adatas, z_um, names=None):
     return names, z
 
 
-def common_genes(adatas) -> list[str]:
-    """Genes present in every section (order of the first); warns with the count when sets differ."""
-    first = list(map(str, adatas[0].var_names))
-    shared = set(first)
-    for a in adatas[1:]:
-        shared &= set(map(str, a.var_names))
-    genes = [g for g in first if g in shared]
+def _gene_positions(adatas):
+    """Genes present in every section (a ``pandas.Index``, order of the first) and, per section, their column
+    positions (int arrays). ``None`` stands for "all columns, in order" (no copy needed). Warns with the count when the gene sets
+    differ; raises when fewer than 10 are shared or a section repeats a gene name.
+    """
+    import pandas as pd
+
+    idxs = [pd.Index((v if v.inferred_type == "string" else v.astype(str)).to_numpy())
+            for v in (a.var_names for a in adatas)]
+    first, raw = idxs[0], []
+    for k, idx in enumerate(idxs):
+        try:
+            if (k == 0 or idx.equals(first)) and idx.is_unique:
+                raw.append(None)
+                continue
+            raw.append(idx.get_indexer(first))  # raises on repeated names
+        except pd.errors.InvalidIndexError:
+            pass
+        if not idx.is_unique:
+            dup = idx[idx.duplicated()][:3].tolist()
+            raise VoxelomeError(f"section {k} repeats gene names (e.g. {dup}); make them unique first "
+                                "(adata.var_names_make_unique()) or sum the duplicated genes.")
+    shared = np.ones(len(first), bool)
+    for p in raw:
+        if p is not None:
+            shared &= p >= 0
+    genes = first[shared]
     sizes = [a.n_vars for a in adatas]
     if len(genes) < 10:
         raise VoxelomeError(f"the sections share only {len(genes)} genes (sizes {sizes}); check that they are of the "
@@ -273,20 +329,35 @@ def common_genes(adatas) -> list[str]:
     if any(s != len(genes) for s in sizes):
         warnings.warn(f"gene sets differ between sections ({sizes} genes); using the {len(genes)} genes they share.",
                       stacklevel=3)
-    return genes
+    all_first = bool(shared.all())
+    cols = np.flatnonzero(shared)
+    pos = []
+    for p, a in zip(raw, adatas):
+        if p is None:
+            pos.append(None if all_first else cols)
+        else:
+            q = p[shared]
+            pos.append(None if len(q) == a.n_vars and np.array_equal(q, np.arange(len(q))) else q)
+    return genes, pos
 
 
-def _counts(adata, genes):
-    """Counts of ``genes`` (``layers['counts']`` if present, else ``X``), sparse CSR without duplicate entries."""
-    idx = adata.var_names.get_indexer(genes)
-    X = adata.layers["counts"] if "counts" in adata.layers else adata.X
+def common_genes(adatas) -> list[str]:
+    """Genes present in every section (order of the first); warns with the count when sets differ."""
+    return _gene_positions(adatas)[0].tolist()
+
+
+def _csr(X, cols=None):
+    """``X`` (dense or sparse) as CSR without duplicate entries, restricted to column positions ``cols`` if given."""
     X = X if sp.issparse(X) and X.format == "csr" else sp.csr_matrix(X)
     if not X.has_canonical_format:  # a cheap O(nnz) check for stored matrices; sums duplicates only if any
         X = X.copy()
         X.sum_duplicates()
-    if len(idx) == X.shape[1] and np.array_equal(idx, np.arange(len(idx))):
-        return X  # all genes shared, same order: no column copy
-    return X[:, idx]
+    return X if cols is None else X[:, cols]
+
+
+def _counts(adata, cols=None):
+    """Counts (``layers['counts']`` if present, else ``X``) at column positions ``cols`` (all if ``None``), CSR."""
+    return _csr(adata.layers.get("counts", adata.X), cols)
 
 
 def adjacent_overlap(fixed_xy, moving_xy, radius_um: float) -> float:
@@ -296,8 +367,8 @@ def adjacent_overlap(fixed_xy, moving_xy, radius_um: float) -> float:
 
 
 def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: float | None = None,
-                   expr_weight: float = 1.0, trim: float = 0.8, alpha: float = 0.1, n_components: int = 20, seed: int = 0,
-                   min_overlap: float = 0.3):
+                   expr_weight: float = 1.0, trim: float = 0.8, alpha: float = 0.1, n_components: int = 20,
+                   n_genes: int = 300, icp_options: dict | None = None, seed: int = 0, min_overlap: float = 0.3):
     """Align serial sections (without images) into one 3D frame from their expression.
 
     Parameters
@@ -315,6 +386,11 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
         Spot spacing (µm); default the median nearest-neighbour distance of the first section.
     expr_weight, trim, alpha : float
         ICP embedding weight and kept fraction of matches; FGW structure weight (PASTE's alpha).
+    n_components, n_genes : int
+        Principal components of the joint expression embedding, and the most variable genes it uses
+        (300: the best mean accuracy on the held-out her2st patients E–H, see BENCHMARKS.md).
+    icp_options : dict, optional
+        Search budget of :func:`align_icp` (``n_angles``, ``coarse_iter``, ``n_keep_starts``, ``n_iter``).
     min_overlap : float
         Warn when fewer than this fraction of a section's aligned spots lie within one pitch of the
         previous section's spots (sections that do not overlap cannot be aligned).
@@ -323,18 +399,30 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
     -------
     AnnData
         All spots, shared genes, ``obs['section']``; ``obsm['spatial_3d']`` (x, y, z) µm in the frame of
-        section 0; ``uns['voxelome']['stack']`` with names, z, method, seconds, n_common_genes and per
-        section ``transform`` (3 × 3, section px → stack µm x, y homogeneous) and ``overlap``.
+        section 0; ``uns['voxelome']['stack']`` with names, z, method, ``seconds`` (the whole call),
+        ``seconds_align`` (embedding + alignment, without input checks, gene matching and the output
+        AnnData), n_common_genes and per section ``transform`` (3 × 3, section px → stack µm x, y
+        homogeneous) and ``overlap``.
     """
     import anndata as ad
     import pandas as pd
 
     check_choice("method", method, METHODS)
-    names, z = check_stack_inputs(adatas, z_um, names)
-    genes = common_genes(adatas)
+    for key, value in (icp_options or {}).items():
+        check_choice("icp_options key", key, ICP_OPTIONS)
+        check_positive(f"icp_options[{key!r}]", value, allow_zero=key in ("n_iter", "coarse_iter"))
+    check_positive("n_genes", n_genes)
     t0 = time.perf_counter()
+    names, z = check_stack_inputs(adatas, z_um, names)
+    genes, cols = _gene_positions(adatas)
+    t1 = time.perf_counter()
+    xs = [_csr(a.X, c) for a, c in zip(adatas, cols)]  # the output's X; also the counts unless a counts layer exists
+    counts = [_counts(a, c) if "counts" in a.layers else x for a, c, x in zip(adatas, cols, xs)]
     xys = [section_xy_um(a) for a in adatas]
-    embs = joint_embedding([_counts(a, genes) for a in adatas], n_components=n_components, dedup=False)
+    sizes = [a.n_obs for a in adatas]
+    x_all = sp.vstack(xs, format="csr")
+    c_all = x_all if all(c is x for c, x in zip(counts, xs)) else sp.vstack(counts, format="csr")
+    embs = _split(_embed(c_all, n_components, n_genes, dedup=False), sizes)
     if pitch_um is None:
         d, _ = cKDTree(xys[0]).query(xys[0], k=2)
         pitch_um = float(np.median(d[:, 1]))
@@ -344,7 +432,7 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
     for k in range(1, len(adatas)):
         if method == "icp":
             r, t, _ = align_icp(aligned[-1], embs[k - 1], xys[k], embs[k], pitch_um=pitch_um, expr_weight=expr_weight,
-                                trim=trim)
+                                trim=trim, **(icp_options or {}))
         else:
             r, t, _ = align_fgw(aligned[-1], embs[k - 1], xys[k], embs[k], alpha=alpha, seed=seed)
         aligned.append(xys[k] @ r.T + t)
@@ -354,26 +442,21 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
             warnings.warn(f"section {names[k]!r} overlaps the previous one little after alignment "
                           f"({overlaps[-1]:.0%} of its spots within one pitch): check the order and that both are of "
                           "the same block.", stacklevel=2)
-    seconds = time.perf_counter() - t0
+    seconds_align = time.perf_counter() - t1
     transforms = []
     for a, (r, t) in zip(adatas, rts):
         px = float(a.uns[UNS_KEY][PIXEL_SIZE_KEY])
         m = np.eye(3)
         m[:2, :2], m[:2, 2] = r * px, t
         transforms.append(m)
-    blocks = []
-    for k, a in enumerate(adatas):
-        b = ad.AnnData(X=sp.csr_matrix(a[:, genes].X), obs=pd.DataFrame(index=[f"{names[k]}:{i}" for i in a.obs_names]),
-                       var=pd.DataFrame(index=pd.Index(genes)))
-        b.obs["section"] = names[k]
-        b.obsm[SPATIAL_KEY] = np.asarray(a.obsm[SPATIAL_KEY], float)
-        b.obsm[SPATIAL_3D_KEY] = np.column_stack([aligned[k], np.full(len(aligned[k]), z[k])])
-        blocks.append(b)
-    out = ad.concat(blocks, merge="first")
-    out.obs["section"] = pd.Categorical(out.obs["section"], categories=names)
+    obs = pd.DataFrame(index=pd.Index([f"{nm}:{i}" for nm, a in zip(names, adatas) for i in a.obs_names]))
+    obs["section"] = pd.Categorical.from_codes(np.repeat(np.arange(len(adatas)), sizes), categories=names)
+    out = ad.AnnData(X=x_all, obs=obs, var=pd.DataFrame(index=genes))
+    out.obsm[SPATIAL_KEY] = np.vstack([np.asarray(a.obsm[SPATIAL_KEY], float) for a in adatas])
+    out.obsm[SPATIAL_3D_KEY] = np.column_stack([np.vstack(aligned), np.repeat(z, sizes)])
     out.uns[UNS_KEY] = {STACK_KEY: {
-        "sections": names, "z_um": z.tolist(), "method": method, "seconds": seconds, "pitch_um": pitch_um,
-        "n_common_genes": len(genes), "overlap": overlaps,
+        "sections": names, "z_um": z.tolist(), "method": method, "seconds": time.perf_counter() - t0,
+        "seconds_align": seconds_align, "pitch_um": pitch_um, "n_common_genes": len(genes), "overlap": overlaps,
         "transforms": [m.tolist() for m in transforms],
         "transform_doc": "per section: 3x3 homogeneous map of obsm['spatial'] pixels (x, y, 1) to stack µm (x, y, 1); "
                          "z from z_um"}}
