@@ -12,7 +12,7 @@ Datasets (``--only``; each writes ``<out>/results_<name>.json``):
 - ``starmap``: STARmap cells rasterised to 20 µm, 100 µm pseudo-spots, expression only; train / val / test strips.
 - ``steps``: the phantom model re-sampled with 1–50 DDIM steps (quality, CRPS, coverage, time).
 
-Methods, same pairs: ``bicubic`` (upsampled low-res map), ``dense`` (the dense model of the dense-prediction
+Methods, same pairs: ``nearest`` (block replication of the low-res map), ``bicubic`` (upsampled low-res map), ``dense`` (the dense model of the dense-prediction
 issue: her2st = the issue-5 fold runs in ``benchmarks/out/pixnet_her2st``; phantom = a DenseExpressionNet2D
 trained on the training slices' H&E with the spot targets, ``benchmarks/superres_dense_baseline.py``),
 ``deterministic`` (the same network trained with MSE on the clean map), ``diffusion`` (mean of ``S`` samples),
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxelome.evaluate.superres_baselines import bicubic_upsample
+from voxelome.evaluate.superres_baselines import bicubic_upsample, nearest_upsample
 from voxelome.evaluate.superres_metrics import mean_scores, superres_scores
 from voxelome.models.diffusion.calibration import coverage, gaussian_interval, sample_crps
 from voxelome.models.diffusion.normalise import block_consistency
@@ -66,7 +66,8 @@ def score_pairs(model, det, pairs, *, seed: int, dense=None, n_samples: int = 8,
              "coverage_calibrated_consistency": [], "width_calibrated": [], "per_pair": []}
     for k, p in enumerate(pairs):
         truth, mask = _target(p), p.high_mask
-        preds = {"bicubic": bicubic_upsample(p.low, p.low_mask, p.factor)}
+        preds = {"nearest": nearest_upsample(p.low, p.low_mask, p.factor),
+                 "bicubic": bicubic_upsample(p.low, p.low_mask, p.factor)}
         if dense is not None:
             preds["dense"] = dense[p.name]
         preds["deterministic"] = det.sample(p, 1)[0]
@@ -174,7 +175,7 @@ def bench_starmap(args, out: Path) -> dict:
 
     pairs = starmap_pairs()
     return run_split("starmap", pairs["train"], pairs["val"], pairs["test"], out, args.overrides,
-                     phases="n_cells" if args.phases else None)
+                     phases="n_cells" if args.phases else None, score_val=True)
 
 
 def bench_steps(args, out: Path) -> dict:

@@ -221,6 +221,8 @@ def test_bad_pairs_are_refused_with_the_reason(trained, tmp_path):
         train_superres([], make_superres_config("superres-tiny"), tmp_path / "r")
     with pytest.raises(VoxelomeError, match="prediction_type"):
         make_superres_config("superres", prediction_type="noise")
+    with pytest.raises(VoxelomeError, match="base"):
+        make_superres_config("superres", base="lanczos")
     with pytest.raises(VoxelomeError, match="calibrate a diffusion run"):
         det = train_superres([_pair(0, size=16)], make_superres_config("superres-tiny", iterations=2,
                                                                        deterministic=True), tmp_path / "det")

@@ -28,6 +28,8 @@ class SuperResConfig:
     """Genes linked to each gene in the co-expression graph layer (0: no graph layer)."""
     dropout: float = 0.0
     """Dropout inside residual blocks."""
+    base: str = "bicubic"
+    """Upsampling the network refines: ``bicubic`` or ``nearest`` (block replication; keeps block means)."""
     deterministic: bool = False
     """Train the same network as a plain MSE regressor of the clean map (the deterministic baseline)."""
     self_condition: bool = False
@@ -75,6 +77,7 @@ class SuperResConfig:
     def __post_init__(self):
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("beta_schedule", self.beta_schedule, SCHEDULES)
+        check_choice("base", self.base, ("bicubic", "nearest"))
         for name in ("width", "levels", "heads", "iterations", "batch_size", "crop_px", "checkpoint_every",
                      "sample_steps", "n_samples", "num_train_timesteps"):
             if int(getattr(self, name)) < 1:

@@ -150,7 +150,7 @@ def train_superres(pairs, config: SuperResConfig, run_dir, *, progress: bool = F
     factor = int(pairs[0].factor)
     crop = max(factor, (config.crop_px // factor) * factor)
     n_feat = 0 if pairs[0].image is None else int(pairs[0].image.shape[0])
-    scaling = ExpressionScaling.fit(pairs)
+    scaling = ExpressionScaling.fit(pairs, config.base)
     adjacency = coexpression_graph([p.high for p in pairs], [p.high_mask for p in pairs], config.graph_neighbours)
     torch.manual_seed(config.seed)
     model = build_superres_model(config, len(genes), n_feat, adjacency).to(device)

@@ -13,13 +13,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from voxelome.errors import check_choice
 
-def upsample_low(low: np.ndarray, low_mask: np.ndarray, factor: int) -> np.ndarray:
-    """The condition's base: the bicubic baseline itself (:func:`voxelome.evaluate.superres_baselines.
-    bicubic_upsample`, unobserved low-res pixels filled by their nearest observed one), ``(G, h·f, w·f)``."""
-    from voxelome.evaluate.superres_baselines import bicubic_upsample
 
-    return bicubic_upsample(low, low_mask, factor)
+BASES = ("bicubic", "nearest")
+
+
+def upsample_low(low: np.ndarray, low_mask: np.ndarray, factor: int, method: str = "bicubic") -> np.ndarray:
+    """The condition's base, ``(G, h·f, w·f)``: one of the upsampling baselines itself
+    (:mod:`voxelome.evaluate.superres_baselines`; unobserved low-res pixels filled by their nearest observed one).
+    ``nearest`` (block replication) keeps every block's mean exactly, so the residual is within-block detail."""
+    from voxelome.evaluate.superres_baselines import bicubic_upsample, nearest_upsample
+
+    check_choice("base", method, BASES)
+    return (bicubic_upsample if method == "bicubic" else nearest_upsample)(low, low_mask, factor)
 
 
 @dataclass(frozen=True)
@@ -29,22 +36,24 @@ class ExpressionScaling:
     low_mean: np.ndarray  #: mean of the observed low-res values
     low_std: np.ndarray  #: their standard deviation
     residual_std: np.ndarray  #: spread of ``high − up(low)`` over measured high-res pixels
+    base: str = "bicubic"  #: the upsampling ``up`` (see :func:`upsample_low`)
 
     @classmethod
-    def fit(cls, pairs) -> "ExpressionScaling":
+    def fit(cls, pairs, base: str = "bicubic") -> "ExpressionScaling":
         lows = np.concatenate([p.low[:, p.low_mask] for p in pairs], axis=1)
-        res = np.concatenate([(p.high - upsample_low(p.low, p.low_mask, p.factor))[:, p.high_mask] for p in pairs],
-                             axis=1)
+        res = np.concatenate([(p.high - upsample_low(p.low, p.low_mask, p.factor, base))[:, p.high_mask]
+                              for p in pairs], axis=1)
         floor = 1e-3
         return cls(lows.mean(1).astype(np.float32), np.maximum(lows.std(1), floor).astype(np.float32),
-                   np.maximum(res.std(1), floor).astype(np.float32))
+                   np.maximum(res.std(1), floor).astype(np.float32), base)
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k).tolist() for k in ("low_mean", "low_std", "residual_std")}
+        return {**{k: getattr(self, k).tolist() for k in ("low_mean", "low_std", "residual_std")}, "base": self.base}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExpressionScaling":
-        return cls(*(np.asarray(d[k], np.float32) for k in ("low_mean", "low_std", "residual_std")))
+        return cls(*(np.asarray(d[k], np.float32) for k in ("low_mean", "low_std", "residual_std")),
+                   d.get("base", "bicubic"))
 
 
 def pair_tensors(pair, scaling: ExpressionScaling) -> dict[str, np.ndarray]:
@@ -59,7 +68,7 @@ def pair_tensors(pair, scaling: ExpressionScaling) -> dict[str, np.ndarray]:
         upsampled low-res map that samples are added to.
     """
     f = int(pair.factor)
-    base = upsample_low(pair.low, pair.low_mask, f)
+    base = upsample_low(pair.low, pair.low_mask, f, scaling.base)
     g = (slice(None), None, None)
     out = {
         "low_up": ((base - scaling.low_mean[g]) / scaling.low_std[g]).astype(np.float32),
