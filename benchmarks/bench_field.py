@@ -343,13 +343,18 @@ STARMAP_GRID = {
     "jitter xy ×1.5 z ×8, no section effects": {"jitter_scale": (1.5, 8)},
     "jitter xy ×1.5 z ×6, with section effects": {**_X, "jitter_scale": (1.5, 6)},
     "jitter xy ×1.5 z ×6, no section effects, hidden 128": {"jitter_scale": (1.5, 6), "hidden": 128},
+    # third pass (NB on the raw integer values; scored with value="measured")
+    "NB, jitter xy ×1.5 z ×6, no section effects": {"likelihood": "nb"},
+    "NB, jitter xy ×1.5 z ×6, section effects": {"likelihood": "nb", "section_dim": 8},
+    "NB, jitter xy ×0.5 z ×1, section effects": {"likelihood": "nb", "section_dim": 8, "jitter_scale": (0.5, 1)},
+    "NB, jitter xy ×1.5 z ×6, low rank (NMF 8 of counts)": {"likelihood": "nb", "nmf": 8},
 }
 
 
 def starmap_fit(tr_a, run: Path, seeds, **settings):
     settings = {**STARMAP_FIELD, **settings}
-    k = settings.pop("pca", 0)
-    loadings = None
+    k, n_nmf = settings.pop("pca", 0), settings.pop("nmf", 0)
+    loadings = nmf_loadings(tr_a.X, n_nmf) if n_nmf else None
     if k:
         loadings, settings["low_rank"] = pca_loadings(log_norm(tr_a.X), k), "linear"
     return fit(PointData.from_anndata(tr_a), run, seeds=seeds, loadings=loadings, **settings)
@@ -391,7 +396,7 @@ def tune_starmap(out: Path, fold="slab2"):
                                          truth)["mean_r"] for k in K_3D}}
     for name, settings in STARMAP_GRID.items():
         f, _ = starmap_fit(tr_a, out / "tune" / name.replace(" ", "_").replace(",", ""), (0,), **settings)
-        res[name] = per_gene_scores(f.predict(va_a.obsm["spatial_3d"]), truth)["mean_r"]
+        res[name] = per_gene_scores(f.predict(va_a.obsm["spatial_3d"], value="measured"), truth)["mean_r"]
         print(name, res[name], flush=True)
     return res
 
