@@ -59,8 +59,13 @@ def test_tensor_rows_match_scipy_including_empty_rows():
     m.eliminate_zeros()
     assert m[3].nnz == 0
     idx = rng.integers(0, 50, 40)
-    got = TensorRows.from_values(m, "cpu")(torch.from_numpy(idx)).numpy()
+    rows = TensorRows.from_values(m, "cpu")
+    got = rows(torch.from_numpy(idx)).numpy()
     np.testing.assert_array_equal(got, m[idx].toarray())
+    assert rows.data.data_ptr() == m.data.ctypes.data  # a float32 CSR is shared on the CPU, not copied
+    m64 = m.copy()
+    m64.indices = m64.indices.astype(np.int64)
+    np.testing.assert_array_equal(TensorRows.from_values(m64, "cpu")(torch.from_numpy(idx)).numpy(), got)
 
 
 def test_dense_input_and_gene_selection():

@@ -162,12 +162,15 @@ class TensorRows:
 
     @classmethod
     def from_values(cls, values, device) -> "TensorRows":
+        """Tensors of ``values`` on ``device``. On a CPU a float32 CSR is not copied: the tensors share the
+        scipy arrays (column indices keep their int32/int64 dtype), so the matrix is held once."""
         if sp.issparse(values):
             m = values.tocsr()
             m.sort_indices()
-            return cls(m.shape[1], indptr=torch.from_numpy(m.indptr.astype(np.int64)).to(device),
-                       indices=torch.from_numpy(m.indices.astype(np.int64)).to(device),
-                       data=torch.from_numpy(m.data.astype(np.float32)).to(device))
+            indices = m.indices if m.indices.dtype in (np.int32, np.int64) else m.indices.astype(np.int64)
+            return cls(m.shape[1], indptr=torch.from_numpy(np.asarray(m.indptr, np.int64)).to(device),
+                       indices=torch.from_numpy(indices).to(device),
+                       data=torch.from_numpy(np.asarray(m.data, np.float32)).to(device))
         return cls(values.shape[1], dense=torch.from_numpy(np.asarray(values, np.float32)).to(device))
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
