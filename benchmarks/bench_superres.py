@@ -38,7 +38,7 @@ import torch
 
 from voxelome.evaluate.superres_baselines import bicubic_upsample, nearest_upsample
 from voxelome.evaluate.superres_metrics import mean_scores, superres_scores
-from voxelome.models.diffusion.calibration import coverage, gaussian_interval, sample_crps
+from voxelome.models.diffusion.calibration import coverage, predictive_interval, sample_crps
 from voxelome.models.diffusion.normalise import block_consistency
 from voxelome.train.superres_config import make_superres_config
 from voxelome.train.superres_model import TrainedSuperRes
@@ -89,7 +89,7 @@ def score_pairs(model, det, pairs, *, seed: int, dense=None, n_samples: int = 8,
         extra["coverage_raw"].append(rows["diffusion"][-1]["coverage"])
         if model.multipliers is not None:
             for key, ss in (("coverage_calibrated", samples), ("coverage_calibrated_consistency", cons)):
-                lo, hi = gaussian_interval(ss.mean(0), ss.std(0, ddof=1), model.multipliers)
+                lo, hi = predictive_interval(ss.mean(0), ss.std(0, ddof=1), model.tau, model.multipliers)
                 extra[key].append(coverage(lo, hi, truth, mask))
                 if key == "coverage_calibrated":
                     extra["width_calibrated"].append(float((hi - lo)[:, mask].mean()))
@@ -118,7 +118,7 @@ def run_split(name: str, train, val, test, out: Path, overrides: dict, *, dense=
         val_summary, _ = score_pairs(model, det, val, seed=seed + 2000, dense=None)
     summary, extra = score_pairs(model, det, test, seed=seed, dense=dense)
     return {"test": summary, "val": val_summary, "extra": extra, "fit_seconds": t_fit, "fit_seconds_deterministic": t_det,
-            "calibrate_seconds": t_cal, "multipliers": model.multipliers.tolist(),
+            "calibrate_seconds": t_cal, "multipliers": model.multipliers.tolist(), "tau": model.tau.tolist(),
             "n_params": int(sum(p.numel() for p in model.model.parameters())),
             "n_params_deterministic": int(sum(p.numel() for p in det.model.parameters())),
             "train": [p.name for p in train], "calibration": [p.name for p in cal], "test_pairs": [p.name for p in test]}
@@ -193,7 +193,7 @@ def bench_steps(args, out: Path) -> dict:
         for k, p in enumerate(pairs["test"]):
             s = model.sample(p, 8, steps=steps, seed=k)
             sc = superres_scores(s.mean(0), _target(p), p.high_mask, samples=s)
-            lo, hi = gaussian_interval(s.mean(0), s.std(0, ddof=1), model.multipliers)
+            lo, hi = predictive_interval(s.mean(0), s.std(0, ddof=1), model.tau, model.multipliers)
             sc.update(crps=sample_crps(s, _target(p), p.high_mask),
                       coverage_calibrated=coverage(lo, hi, _target(p), p.high_mask))
             sc.pop("per_gene")

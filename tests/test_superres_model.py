@@ -12,7 +12,8 @@ from scipy import ndimage
 from voxelome.datasets.superres import SuperResPair
 from voxelome.errors import VoxelomeError
 from voxelome.models.diffusion.calibration import (
-    conformal_multipliers, coverage, gaussian_interval, sample_crps, sample_interval,
+    conformal_multipliers, coverage, fit_intervals, gaussian_interval, predictive_interval, sample_crps,
+    sample_interval,
 )
 from voxelome.models.diffusion.network import SuperResDenoiser, coexpression_graph
 from voxelome.models.diffusion.normalise import block_consistency, upsample_low
@@ -183,6 +184,24 @@ def test_conformal_multipliers_on_a_known_answer():
     assert 0.87 <= coverage(*sample_interval(samples, 0.9), new_truth, mask) <= 0.93
     with pytest.raises(VoxelomeError, match="level"):
         conformal_multipliers([mean], [std], [truth], [mask], level=1.5)
+
+
+def test_fitted_intervals_cover_when_the_spread_is_informative_or_useless():
+    rng = np.random.default_rng(2)
+    mask = np.ones((50, 50), bool)
+    mean = rng.normal(size=(2, 50, 50))
+    std = np.exp(rng.normal(size=(2, 50, 50)) * 0.5)
+    cal_truth = mean + std * rng.normal(size=mean.shape)
+    new_truth = mean + std * rng.normal(size=mean.shape)
+    for spread in (std, np.zeros_like(std)):  # the samples' spread right, or collapsed to zero
+        fit = fit_intervals([mean], [spread], [cal_truth], [mask], level=0.9, seed=0)
+        lo, hi = predictive_interval(mean, spread, fit["tau"], fit["multipliers"])
+        assert 0.87 <= coverage(lo, hi, new_truth, mask) <= 0.93
+    # with an informative spread, intervals are narrower where std is small
+    fit = fit_intervals([mean], [std], [cal_truth], [mask])
+    lo, hi = predictive_interval(mean, std, fit["tau"], fit["multipliers"])
+    small = std < np.quantile(std, 0.25)
+    assert (hi - lo)[small].mean() < 0.6 * (hi - lo)[~small].mean()
 
 
 def test_crps_prefers_the_right_spread():

@@ -12,7 +12,7 @@ import torch
 from voxelome.constants import CHECKPOINT_FILE
 from voxelome.errors import VoxelomeError
 from voxelome.io.atomic import atomic_write_json
-from voxelome.models.diffusion.calibration import conformal_multipliers, gaussian_interval, sample_interval
+from voxelome.models.diffusion.calibration import fit_intervals, predictive_interval, sample_interval
 from voxelome.models.diffusion.normalise import ExpressionScaling, block_consistency, pair_tensors, to_expression
 from voxelome.train.checkpoint import load_checkpoint
 from voxelome.train.superres_config import SuperResConfig, superres_config_from_dict
@@ -25,8 +25,9 @@ CALIBRATION_FILE = "calibration.json"
 class SuperResPrediction:
     """Predictive summaries of one map; every array is ``(G, H, W)`` on the targets' scale.
 
-    ``lower``/``upper`` bound the central ``level`` interval: calibrated ``mean ∓ q_g · std`` when the model
-    was calibrated, otherwise the sample quantiles (``calibrated`` says which).
+    ``lower``/``upper`` bound the central ``level`` interval: calibrated ``mean ∓ q_g · √(std² + τ_g²)`` when the
+    model was calibrated (:func:`voxelome.models.diffusion.calibration.fit_intervals`), otherwise the sample
+    quantiles (``calibrated`` says which).
     """
 
     mean: np.ndarray
@@ -49,11 +50,13 @@ class TrainedSuperRes:
         self.scaling = ExpressionScaling.from_dict(meta["scaling"])
         self.process = process_of(config)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.multipliers: np.ndarray | None = None
+        self.multipliers: np.ndarray | None = None  #: per-gene q_g of the calibrated intervals
+        self.tau: np.ndarray | None = None  #: per-gene τ_g of the calibrated intervals
         if self.run_dir is not None and (self.run_dir / CALIBRATION_FILE).exists():
             cal = json.loads((self.run_dir / CALIBRATION_FILE).read_text())
             if float(cal["level"]) == float(config.interval):
                 self.multipliers = np.asarray(cal["multipliers"], np.float32)
+                self.tau = np.asarray(cal["tau"], np.float32)
 
     @classmethod
     def load(cls, run_dir, device: str | None = None) -> "TrainedSuperRes":
@@ -117,7 +120,7 @@ class TrainedSuperRes:
         mean = samples.mean(0)
         std = samples.std(0, ddof=1) if len(samples) > 1 else np.zeros_like(mean)
         if self.multipliers is not None:
-            lower, upper = gaussian_interval(mean, std, self.multipliers)
+            lower, upper = predictive_interval(mean, std, self.tau, self.multipliers)
         else:
             lower, upper = sample_interval(samples, level)
         return SuperResPrediction(mean.astype(np.float32), std.astype(np.float32), lower, upper, level,
@@ -129,7 +132,7 @@ class TrainedSuperRes:
         return self.summarise(self.sample(pair, n_samples, steps=steps, seed=seed), keep_samples)
 
     def calibrate(self, pairs, *, seed: int = 0, target: str = "high") -> np.ndarray:
-        """Fit per-gene interval multipliers on held-out pairs (split conformal) and store them.
+        """Fit the per-gene interval parameters on held-out pairs (split conformal) and store them.
 
         Parameters
         ----------
@@ -143,7 +146,7 @@ class TrainedSuperRes:
         Returns
         -------
         array, shape (G,)
-            The multipliers (also written to ``calibration.json`` in the run folder).
+            The multipliers ``q_g`` (they and ``τ_g`` are also written to ``calibration.json`` in the run folder).
         """
         if self.config.deterministic:
             raise VoxelomeError("the deterministic baseline has no spread to calibrate; calibrate a diffusion run.")
@@ -157,9 +160,11 @@ class TrainedSuperRes:
                 raise VoxelomeError(f"pair {p.name!r} has no truth; use target='high'.")
             truths.append(t)
             masks.append(p.high_mask)
-        self.multipliers = conformal_multipliers(means, stds, truths, masks, self.config.interval)
+        fitted = fit_intervals(means, stds, truths, masks, self.config.interval, seed=seed)
+        self.multipliers, self.tau = fitted["multipliers"], fitted["tau"]
         if self.run_dir is not None:
             atomic_write_json(self.run_dir / CALIBRATION_FILE,
                               {"level": self.config.interval, "multipliers": self.multipliers.tolist(),
+                               "tau": self.tau.tolist(),
                                "pairs": [str(p.name) for p in pairs], "target": target, "seed": int(seed)})
         return self.multipliers
