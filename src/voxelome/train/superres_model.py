@@ -56,7 +56,8 @@ class TrainedSuperRes:
             cal = json.loads((self.run_dir / CALIBRATION_FILE).read_text())
             if float(cal["level"]) == float(config.interval):
                 self.multipliers = np.asarray(cal["multipliers"], np.float32)
-                self.tau = np.asarray(cal["tau"], np.float32)
+                # files from before τ existed hold plain ``mean ± q·std`` intervals (τ = 0)
+                self.tau = np.asarray(cal.get("tau", np.zeros_like(self.multipliers)), np.float32)
 
     @classmethod
     def load(cls, run_dir, device: str | None = None) -> "TrainedSuperRes":
