@@ -276,6 +276,6 @@ def test_joint_embedding_matches_dense_pca_and_stack_options(phantom_section):
         stack_sections([phantom_section, moved], [0.0, 10.0], n_genes=0)
     dup = ad.AnnData(X=x0, obs=phantom_section.obs.copy(), uns=phantom_section.uns, obsm=dict(phantom_section.obsm),
                      var=phantom_section.var.copy())
-    dup.var_names = ["g0"] * 2 + [str(g) for g in phantom_section.var_names[2:]]
+    dup.var_names = [str(phantom_section.var_names[0])] * 2 + [str(g) for g in phantom_section.var_names[2:]]
     with pytest.raises(VoxelomeError, match="repeats gene names"):
         stack_sections([phantom_section, dup], [0.0, 10.0])

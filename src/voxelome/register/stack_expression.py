@@ -17,6 +17,7 @@ AnnData with ``obsm['spatial_3d']`` (x, y, z µm) and the per-section transforms
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 
@@ -229,13 +230,43 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
             active = active[~done]
         return r, t, cost
 
+    rows, dist = np.arange(n), buf[0]
+
+    def refine(r, t, iters):
+        """:func:`run` for one pose, with 2D arrays (fewer, smaller numpy calls: the loop is overhead-bound)."""
+        def match(r, t):
+            cur = mx @ r.T + t
+            np.matmul(cur.astype(np.float32), fxt, out=dist)
+            np.add(dist, base, out=dist)
+            j = dist.argmin(1)
+            d = np.sqrt(np.maximum(dist[rows, j] + np.einsum("ni,ni->n", cur, cur), 0.0))
+            keep = np.argpartition(d, n_keep - 1)[:n_keep]
+            return keep, j, float(d[keep].mean())
+
+        keep, j, cost = match(r, t)
+        for _ in range(iters):
+            src, dst = mx[keep], fx[j[keep]]
+            ms, md = src.mean(0), dst.mean(0)
+            src -= ms
+            dst -= md
+            theta = math.atan2(float(src[:, 0] @ dst[:, 1] - src[:, 1] @ dst[:, 0]), float(np.einsum("ki,ki->", src, dst)))
+            r2 = _rot(theta)
+            t2 = md - r2 @ ms
+            keep2, j2, cost2 = match(r2, t2)
+            if cost2 >= cost:
+                break
+            converged = cost - cost2 < 1e-4 * cost2
+            r, t, keep, j, cost = r2, t2, keep2, j2, cost2
+            if converged:
+                break
+        return r, t, cost
+
     cf, cm = fx.mean(0), mx.mean(0)
     r = _rots(np.linspace(0, 2 * np.pi, n_angles, endpoint=False))
     r, t, cost = run(r, cf - np.einsum("bij,j->bi", r, cm), coarse_iter)
     best = np.argsort(cost, kind="stable")[:n_keep_starts]
-    r, t, cost = run(r[best], t[best], n_iter)
-    i = int(np.argmin(cost))
-    return r[i], t[i] * pitch_um, float(cost[i])
+    r, t, cost = min((refine(r[i], t[i], n_iter) for i in best), key=lambda s: s[2])
+    return r, t * pitch_um, cost
 
 
 def align_fgw(fixed_xy, fixed_emb, moving_xy, moving_emb, *, alpha: float = 0.1, seed: int = 0):
@@ -306,17 +337,18 @@ def _gene_positions(adatas):
             for v in (a.var_names for a in adatas)]
     first, raw = idxs[0], []
     for k, idx in enumerate(idxs):
-        try:
-            if (k == 0 or idx.equals(first)) and idx.is_unique:
-                raw.append(None)
-                continue
-            raw.append(idx.get_indexer(first))  # raises on repeated names
-        except pd.errors.InvalidIndexError:
-            pass
-        if not idx.is_unique:
-            dup = idx[idx.duplicated()][:3].tolist()
-            raise VoxelomeError(f"section {k} repeats gene names (e.g. {dup}); make them unique first "
-                                "(adata.var_names_make_unique()) or sum the duplicated genes.")
+        if k and idx.equals(first):
+            raw.append(None)
+            continue
+        where = first.get_indexer(idx) if first.is_unique else None  # one hash table (of section 0) for all
+        hit = None if where is None else where[where >= 0]
+        if where is None or np.bincount(hit, minlength=1).max(initial=0) > 1:
+            dup = idx[idx.duplicated()][:3].tolist() or first[first.duplicated()][:3].tolist()
+            raise VoxelomeError(f"section {0 if where is None else k} repeats gene names (e.g. {dup}); make them "
+                                "unique first (adata.var_names_make_unique()) or sum the duplicated genes.")
+        p = np.full(len(first), -1)
+        p[hit] = np.flatnonzero(where >= 0)
+        raw.append(None if k == 0 else p)
     shared = np.ones(len(first), bool)
     for p in raw:
         if p is not None:
