@@ -52,7 +52,12 @@ def _target(pair):
     return pair.truth if pair.truth is not None else pair.high
 
 
+REUSE = False  # --reuse-runs: load finished runs instead of training (re-scoring after a code change)
+
+
 def _fit(pairs, run_dir: Path, overrides: dict, deterministic: bool):
+    if REUSE and (run_dir / "checkpoint.pt").exists():
+        return TrainedSuperRes.load(run_dir, device="cpu"), float("nan")
     cfg = make_superres_config("superres", deterministic=deterministic, **overrides)
     t = time.time()
     model = train_superres(pairs, cfg, run_dir, progress=sys.stderr.isatty())
@@ -212,6 +217,8 @@ def main():
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), help="her2st held-out sections")
     ap.add_argument("--steps", nargs="+", type=int, default=[1, 2, 5, 10, 20, 50])
     ap.add_argument("--steps-pairs", type=int, default=4, help="test slices used by --only steps")
+    ap.add_argument("--reuse-runs", action="store_true", help="load finished run folders instead of training "
+                                                               "(fit times then read NaN)")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (e.g. iterations=800)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense-model baseline")
     ap.add_argument("--dense-dir", type=Path, default=ROOT / "benchmarks" / "out" / "superres_dense",
@@ -224,6 +231,8 @@ def main():
         k, v = kv.split("=", 1)
         args.overrides[k] = type(getattr(make_superres_config("superres"), k))(v) if v not in ("True", "False") \
             else v == "True"
+    global REUSE
+    REUSE = args.reuse_runs
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     t = time.time()

@@ -8,12 +8,12 @@ by name, unknown keys get a "did you mean", the YAML carries a schema version.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import yaml
 
-from voxelome.constants import CONFIG_SCHEMA_VERSION
-from voxelome.errors import VoxelomeError, check_choice, did_you_mean
+from voxelome.errors import VoxelomeError, check_choice
+from voxelome.train.config_io import fields_of, from_preset, to_yaml
 
 TARGETS = ("genes", "signatures")
 GENE_SELECTIONS = ("variance", "moran")
@@ -149,29 +149,18 @@ PRESETS: dict[str, Dense2DConfig] = {
 
 def make_dense2d_config(preset: str = "dense2d", **overrides) -> Dense2DConfig:
     """A preset with some fields replaced; unknown fields get a "did you mean"."""
-    check_choice("preset", preset, PRESETS)
-    names = {f.name for f in fields(Dense2DConfig)}
-    for key in overrides:
-        if key not in names:
-            raise VoxelomeError(f"config key {key!r} does not exist.{did_you_mean(key, names)}")
-    return dataclasses.replace(PRESETS[preset], **overrides)
+    return from_preset(PRESETS, preset, overrides)
 
 
 def dense2d_config_to_yaml(config: Dense2DConfig, extra: dict | None = None) -> str:
     """Plain YAML, schema version and kind first."""
-    payload = {"schema_version": CONFIG_SCHEMA_VERSION, "kind": "dense2d", **config.to_dict()}
-    payload.update(extra or {})
-    return yaml.safe_dump(payload, sort_keys=False, allow_unicode=True)
+    return to_yaml(config, "dense2d", extra)
 
 
 def dense2d_config_from_dict(d: dict) -> Dense2DConfig:
     """Rebuild a config from :func:`dense2d_config_to_yaml` output or a hand-written subset of fields."""
-    d = {k: v for k, v in dict(d).items() if k not in ("kind", "data", "voxelome_version")}
-    version = d.pop("schema_version", CONFIG_SCHEMA_VERSION)
-    if version != CONFIG_SCHEMA_VERSION:
-        raise VoxelomeError(f"config schema_version={version} is not supported (this voxelome reads "
-                            f"{CONFIG_SCHEMA_VERSION}).")
-    return make_dense2d_config(d.pop("preset", "dense2d"), **d)
+    values, preset = fields_of(d)
+    return make_dense2d_config(preset or "dense2d", **values)
 
 
 def load_dense2d_config_file(path) -> Dense2DConfig:

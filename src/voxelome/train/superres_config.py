@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-import yaml
-
-from voxelome.constants import CONFIG_SCHEMA_VERSION
-from voxelome.errors import VoxelomeError, check_choice, did_you_mean
+from voxelome.errors import VoxelomeError, check_choice
 from voxelome.models.diffusion.process import PREDICTION_TYPES, SCHEDULES
+from voxelome.train.config_io import fields_of, from_preset, to_yaml
 
 
 @dataclass(frozen=True)
@@ -113,24 +111,14 @@ PRESETS: dict[str, SuperResConfig] = {
 
 def make_superres_config(preset: str = "superres", **overrides) -> SuperResConfig:
     """A preset with some fields replaced; unknown fields get a "did you mean"."""
-    check_choice("preset", preset, PRESETS)
-    names = {f.name for f in fields(SuperResConfig)}
-    for key in overrides:
-        if key not in names:
-            raise VoxelomeError(f"config key {key!r} does not exist.{did_you_mean(key, names)}")
-    return dataclasses.replace(PRESETS[preset], **overrides)
+    return from_preset(PRESETS, preset, overrides)
 
 
 def superres_config_to_yaml(config: SuperResConfig, extra: dict | None = None) -> str:
-    payload = {"schema_version": CONFIG_SCHEMA_VERSION, "kind": "superres", **config.to_dict()}
-    payload.update(extra or {})
-    return yaml.safe_dump(payload, sort_keys=False, allow_unicode=True)
+    return to_yaml(config, "superres", extra)
 
 
 def superres_config_from_dict(d: dict) -> SuperResConfig:
-    d = {k: v for k, v in dict(d).items() if k not in ("kind", "data", "voxelome_version")}
-    version = d.pop("schema_version", CONFIG_SCHEMA_VERSION)
-    if version != CONFIG_SCHEMA_VERSION:
-        raise VoxelomeError(f"config schema_version={version} is not supported (this voxelome reads "
-                            f"{CONFIG_SCHEMA_VERSION}).")
-    return make_superres_config(d.pop("preset", "superres"), **d)
+    """Rebuild a config from :func:`superres_config_to_yaml` output or a hand-written subset of fields."""
+    values, preset = fields_of(d)
+    return make_superres_config(preset or "superres", **values)
