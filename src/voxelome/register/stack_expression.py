@@ -9,7 +9,7 @@ the previous, already aligned one:
   then a weighted Procrustes fit of the coupling.
 * ``"icp"`` — the fast path: iterative closest point on joint (position, expression-embedding)
   features from several starting rotations, each step a Kabsch fit of the mutual matches with
-  outliers trimmed (robust to partial overlap). Milliseconds per pair.
+  outliers trimmed (robust to partial overlap). Milliseconds per pair (:mod:`voxelome.register.stack_icp`).
 
 :func:`stack_sections` chains the pairwise maps (section 0 is the reference frame) and writes one
 AnnData with ``obsm['spatial_3d']`` (x, y, z µm) and the per-section transforms.
@@ -17,7 +17,6 @@ AnnData with ``obsm['spatial_3d']`` (x, y, z µm) and the per-section transforms
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 
@@ -27,6 +26,7 @@ from scipy.spatial import cKDTree
 
 from voxelome.constants import PIXEL_SIZE_KEY, SPATIAL_3D_KEY, SPATIAL_KEY, UNS_KEY
 from voxelome.errors import VoxelomeError, check_choice, check_positive
+from voxelome.register.stack_icp import align_icp, kabsch
 
 STACK_KEY = "stack"  #: adata.uns['voxelome']['stack']: sections, z, transforms, method
 METHODS = ("icp", "fgw")
@@ -122,153 +122,7 @@ def _embed(X, n_components: int, n_genes: int, dedup: bool) -> np.ndarray:
     return emb
 
 
-def kabsch(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted rigid fit ``dst ≈ src @ R.T + t`` (2D, proper rotation, closed form); ``(R (2, 2), t (2,))``."""
-    w = np.ones(len(src)) if w is None else np.asarray(w, float)
-    w = w / w.sum()
-    ms, md = w @ src, w @ dst
-    a, b = src - ms, dst - md
-    dot = np.sum(w * (a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1]))
-    cross = np.sum(w * (a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]))
-    r = _rot(np.arctan2(cross, dot))
-    return r, md - ms @ r.T
-
-
-def _rot(theta: float) -> np.ndarray:
-    return np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-
-
-def _rots(theta: np.ndarray) -> np.ndarray:
-    c, s = np.cos(theta), np.sin(theta)
-    return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
-
-
 # --- pairwise aligners ------------------------------------------------------------------
-def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, expr_weight: float = 1.0,
-              n_angles: int = 12, n_iter: int = 40, trim: float = 0.8, n_keep_starts: int = 2, coarse_iter: int = 2):
-    """Rigid map of ``moving`` onto ``fixed`` by ICP on joint position + expression features.
-
-    Each moving spot is matched to the fixed spot nearest in ``(position / pitch, expr_weight ·
-    embedding)``; the closest ``trim`` fraction of matches gives a Kabsch fit; repeat until the cost
-    stops falling (an iteration that does not lower it is discarded). All ``n_angles`` starting
-    rotations run ``coarse_iter`` iterations together (one batched matching step per iteration), the
-    ``n_keep_starts`` best run on to convergence (also batched). Matching is brute force on float32
-    ``(starts, n_moving, n_fixed)`` arrays whose expression and fixed-position parts are computed once
-    (faster than a k-d tree in 2 + k dimensions at these sizes).
-
-    Parameters
-    ----------
-    fixed_xy, moving_xy : array, shape (n, 2)
-        Spot centres in µm.
-    fixed_emb, moving_emb : array, shape (n, k)
-        Expression embeddings in a shared space (:func:`joint_embedding`).
-    pitch_um : float
-        Spot spacing; positions are measured in pitches so one pitch weighs like one embedding unit.
-    expr_weight : float
-        Weight of the embedding against position in the matching distance.
-    n_angles : int
-        Starting rotations (evenly spaced); the best final fit wins.
-    n_iter, coarse_iter, n_keep_starts : int
-        Iteration cap of the refinement; iterations of every start; starts refined.
-    trim : float
-        Fraction of the closest matches used in each Kabsch fit (partial overlap, tears).
-
-    Returns
-    -------
-    R : ndarray (2, 2), t : ndarray (2,), cost : float
-        ``aligned = moving_xy @ R.T + t``; cost = mean joint distance of the kept matches.
-    """
-    fx, mx = np.asarray(fixed_xy, float) / pitch_um, np.asarray(moving_xy, float) / pitch_um
-    fe, me = np.asarray(fixed_emb, float), np.asarray(moving_emb, float)
-    # the squared joint distance = base + |moving position|² − 2 moving·fixed; base (expression + |fixed|²)
-    # never changes: computed once; |moving|² is constant along a row, added only to the chosen match
-    base = expr_weight ** 2 * ((me ** 2).sum(1)[:, None] + (fe ** 2).sum(1)[None, :] - 2 * me @ fe.T)
-    base = (base + (fx ** 2).sum(1)[None, :]).astype(np.float32)
-    fxt = (-2.0 * fx.T).astype(np.float32)
-    n, m = len(mx), len(fx)
-    n_keep = min(n, max(3, int(trim * n)))
-    buf = np.empty((max(n_angles, n_keep_starts), n, m), np.float32)  # reused distance matrices
-    flat_rows = np.arange(buf.shape[0] * n)
-    batch = np.arange(buf.shape[0])[:, None]
-
-    def step(r, t):
-        """Matches of ``b`` poses at once: kept rows (b, n_keep), matches (b, n), costs (b,)."""
-        b = len(r)
-        cur = mx @ r.transpose(0, 2, 1)
-        cur += t[:, None, :]
-        d2 = np.matmul(cur.astype(np.float32), fxt, out=buf[:b])
-        d2 += base
-        j = d2.argmin(2)
-        d = d2.reshape(b * n, m)[flat_rows[:b * n], j.ravel()].reshape(b, n) + np.einsum("bni,bni->bn", cur, cur)
-        d = np.sqrt(np.maximum(d, 0.0))
-        keep = np.argpartition(d, n_keep - 1, axis=1)[:, :n_keep]
-        return keep, j, d[batch[:b], keep].mean(1)
-
-    def fit(keep, j):
-        """Batched Kabsch of the kept matches (uniform weights): r (b, 2, 2), t (b, 2)."""
-        src, dst = mx[keep], fx[j[batch[:len(keep)], keep]]
-        ms, md = src.mean(1), dst.mean(1)
-        src -= ms[:, None]
-        dst -= md[:, None]
-        dot = np.einsum("bki,bki->b", src, dst)
-        cross = np.einsum("bk,bk->b", src[..., 0], dst[..., 1]) - np.einsum("bk,bk->b", src[..., 1], dst[..., 0])
-        r = _rots(np.arctan2(cross, dot))
-        return r, md - np.einsum("bij,bj->bi", r, ms)
-
-    def run(r, t, iters):
-        keep, j, cost = step(r, t)
-        active = np.arange(len(r))
-        for _ in range(iters):
-            if not len(active):
-                break
-            r2, t2 = fit(keep[active], j[active])
-            keep2, j2, cost2 = step(r2, t2)
-            better = cost2 < cost[active]
-            done = ~better | (cost[active] - cost2 < 1e-4 * cost2)
-            up = active[better]
-            r[up], t[up], keep[up], j[up], cost[up] = r2[better], t2[better], keep2[better], j2[better], cost2[better]
-            active = active[~done]
-        return r, t, cost
-
-    rows, dist = np.arange(n), buf[0]
-
-    def refine(r, t, iters):
-        """:func:`run` for one pose, with 2D arrays (fewer, smaller numpy calls: the loop is overhead-bound)."""
-        def match(r, t):
-            cur = mx @ r.T + t
-            np.matmul(cur.astype(np.float32), fxt, out=dist)
-            np.add(dist, base, out=dist)
-            j = dist.argmin(1)
-            d = np.sqrt(np.maximum(dist[rows, j] + np.einsum("ni,ni->n", cur, cur), 0.0))
-            keep = np.argpartition(d, n_keep - 1)[:n_keep]
-            return keep, j, float(d[keep].mean())
-
-        keep, j, cost = match(r, t)
-        for _ in range(iters):
-            src, dst = mx[keep], fx[j[keep]]
-            ms, md = src.mean(0), dst.mean(0)
-            src -= ms
-            dst -= md
-            theta = math.atan2(float(src[:, 0] @ dst[:, 1] - src[:, 1] @ dst[:, 0]), float(np.einsum("ki,ki->", src, dst)))
-            r2 = _rot(theta)
-            t2 = md - r2 @ ms
-            keep2, j2, cost2 = match(r2, t2)
-            if cost2 >= cost:
-                break
-            converged = cost - cost2 < 1e-4 * cost2
-            r, t, keep, j, cost = r2, t2, keep2, j2, cost2
-            if converged:
-                break
-        return r, t, cost
-
-    cf, cm = fx.mean(0), mx.mean(0)
-    r = _rots(np.linspace(0, 2 * np.pi, n_angles, endpoint=False))
-    r, t, cost = run(r, cf - np.einsum("bij,j->bi", r, cm), coarse_iter)
-    best = np.argsort(cost, kind="stable")[:n_keep_starts]
-    r, t, cost = min((refine(r[i], t[i], n_iter) for i in best), key=lambda s: s[2])
-    return r, t * pitch_um, cost
-
-
 def align_fgw(fixed_xy, fixed_emb, moving_xy, moving_emb, *, alpha: float = 0.1, seed: int = 0):
     """Rigid map of ``moving`` onto ``fixed`` from a fused Gromov–Wasserstein coupling (PASTE-like).
 
