@@ -43,7 +43,6 @@ def _rmse(a, b):
 
 
 def _train(tmp_path_factory, prediction_type):
-    torch.set_num_threads(1)
     cfg = make_superres_config("superres-tiny", iterations=300, prediction_type=prediction_type, ema_decay=0.98,
                                lr=2e-3)
     run = tmp_path_factory.mktemp("superres") / "run"
@@ -142,7 +141,6 @@ def test_run_folder_reloads_to_the_same_samples(trained):
 
 
 def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path):
-    torch.set_num_threads(1)
     cfg = make_superres_config("superres-tiny", iterations=40, checkpoint_every=10)
     pairs = [_pair(s, size=16) for s in range(2)]
     whole = train_superres(pairs, cfg, tmp_path / "whole")
