@@ -74,7 +74,7 @@ class SectionImage:
     scale_xy: tuple[float, float]
 
     @classmethod
-    def read(cls, path, adata, input_um: float = 4.0) -> "SectionImage":
+    def read(cls, path, adata, input_um: float = 4.0) -> SectionImage:
         from voxelome.train.dense2d_data import load_he_image
 
         px, _ = _section_scale(adata)
@@ -101,7 +101,7 @@ class HistologyFeatures:
     sd: np.ndarray  #: (k,)
 
     @classmethod
-    def fit(cls, raw: np.ndarray, n_components: int = 8) -> "HistologyFeatures":
+    def fit(cls, raw: np.ndarray, n_components: int = 8) -> HistologyFeatures:
         from sklearn.decomposition import PCA
         from sklearn.preprocessing import StandardScaler
 
@@ -117,7 +117,7 @@ class HistologyFeatures:
         return {k: np.asarray(getattr(self, k)).tolist() for k in ("mean", "scale", "components", "sd")}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HistologyFeatures":
+    def from_dict(cls, d: dict) -> HistologyFeatures:
         return cls(*(np.asarray(d[k], np.float64) for k in ("mean", "scale", "components", "sd")))
 
 

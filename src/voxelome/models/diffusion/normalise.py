@@ -15,7 +15,6 @@ import numpy as np
 
 from voxelome.errors import check_choice
 
-
 BASES = ("bicubic", "nearest")
 
 
@@ -39,7 +38,7 @@ class ExpressionScaling:
     base: str = "bicubic"  #: the upsampling ``up`` (see :func:`upsample_low`)
 
     @classmethod
-    def fit(cls, pairs, base: str = "bicubic") -> "ExpressionScaling":
+    def fit(cls, pairs, base: str = "bicubic") -> ExpressionScaling:
         lows = np.concatenate([p.low[:, p.low_mask] for p in pairs], axis=1)
         res = np.concatenate([(p.high - upsample_low(p.low, p.low_mask, p.factor, base))[:, p.high_mask]
                               for p in pairs], axis=1)
@@ -51,7 +50,7 @@ class ExpressionScaling:
         return {**{k: getattr(self, k).tolist() for k in ("low_mean", "low_std", "residual_std")}, "base": self.base}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExpressionScaling":
+    def from_dict(cls, d: dict) -> ExpressionScaling:
         return cls(*(np.asarray(d[k], np.float32) for k in ("low_mean", "low_std", "residual_std")),
                    d.get("base", "bicubic"))
 
