@@ -45,6 +45,7 @@ from voxelome.train.superres_model import TrainedSuperRes
 from voxelome.train.superres_trainer import train_superres
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / ".." / "shared" / "data"
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 
 
@@ -157,7 +158,7 @@ def bench_her2st(args, out: Path) -> dict:
 
     folds = {}
     for test in args.sections:
-        pairs = her2st_pairs(test, cache_dir=out / "cache")
+        pairs = her2st_pairs(test, cache_dir=out / "cache", data_dir=DATA / "her2st")
         train = pairs["train"]
         cal_name = SECTIONS[(SECTIONS.index(test) + 1) % len(SECTIONS)]  # the next section calibrates
         cal = [p for p in train if p.name.endswith(cal_name)]
@@ -178,7 +179,7 @@ def bench_her2st(args, out: Path) -> dict:
 def bench_starmap(args, out: Path) -> dict:
     from voxelome.datasets.superres import starmap_pairs
 
-    pairs = starmap_pairs()
+    pairs = starmap_pairs(data_dir=DATA / "starmap3d_mini_giotto")
     return run_split("starmap", pairs["train"], pairs["val"], pairs["test"], out, args.overrides,
                      phases="n_cells" if args.phases else None, score_val=True)
 

@@ -110,7 +110,8 @@ def run_her2st(args, results):
     folds = {}
     for sec in args.folds.split(","):
         t = time.time()
-        p = her2st_pairs(sec, min_spots=args.min_spots, cache_dir=args.out / "cache")["test"][0]
+        p = her2st_pairs(sec, min_spots=args.min_spots, cache_dir=args.out / "cache",
+                         data_dir=Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st")["test"][0]
         d = her2st_dense_baseline(p, runs / f"run_{sec}", image_cache=runs / "cache" / f"{sec}_4um.npz")
         (args.out / "her2st_dense").mkdir(parents=True, exist_ok=True)
         np.save(args.out / "her2st_dense" / f"{p.name}.npy", d)

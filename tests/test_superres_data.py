@@ -185,9 +185,16 @@ def test_bicubic_recovers_a_ramp_and_fills_unobserved():
     assert bicubic_upsample(np.where(lm, low, 0), lm, f).shape == high.shape
 
 
+def test_real_data_builders_need_their_folder(tmp_path):
+    with pytest.raises(VoxelomeError, match="data_dir=None"):
+        starmap_pairs()
+    with pytest.raises(VoxelomeError, match="is not a folder"):
+        starmap_pairs(data_dir=tmp_path / "missing")
+
+
 @pytest.mark.skipif(not (SHARED / "starmap3d_mini_giotto").is_dir(), reason="shared/data/starmap3d_mini_giotto absent")
 def test_starmap_pairs():
-    p = starmap_pairs()
+    p = starmap_pairs(data_dir=SHARED / "starmap3d_mini_giotto")
     assert [len(p[s]) for s in ("train", "val", "test")] == [1, 1, 1]
     n = 0
     for q in itertools.chain(*p.values()):
@@ -210,7 +217,7 @@ def test_starmap_pairs():
 def test_her2st_pairs(tmp_path):
     from voxelome.datasets.superres import her2st_pairs
 
-    p = her2st_pairs("C2", cache_dir=tmp_path)
+    p = her2st_pairs("C2", cache_dir=tmp_path, data_dir=SHARED / "her2st")
     assert [q.name for q in p["test"]] == ["her2st_C2"] and len(p["train"]) == 4
     q = p["test"][0].validate()
     assert q.factor == 2 and q.pixel_size_um == 200.0 and q.image.shape[0] == 8 and len(q.genes) == 50

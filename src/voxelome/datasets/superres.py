@@ -405,7 +405,7 @@ def phantom_pairs(config: str = "default", *, seed: int = 0, n_genes: int = 32, 
     return out
 
 
-# Real-data builders live in their own module (they read files of ../shared/data); re-exported for callers.
+# Real-data builders live in their own module (they read public data folders); re-exported for callers.
 from voxelome.datasets.superres_real import (  # noqa: E402
     HER2ST_IMAGES, STARMAP_SPLIT, grid_features, her2st_pairs, starmap_pairs,
 )

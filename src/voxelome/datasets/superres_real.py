@@ -1,8 +1,8 @@
 """Super-resolution pairs from real public data: her2st C2–C6 (2×2 pseudo-spots → spots, H&E features) and
 STARmap 3D cells (100 µm pseudo-spots → 20 µm pixels, expression only).
 
-See :mod:`voxelome.datasets.superres` for :class:`SuperResPair` and the grid conventions. The data folders default to
-``../shared/data`` next to the repository (benchmarks); pass ``data_dir=`` elsewhere. Nothing here runs at import.
+See :mod:`voxelome.datasets.superres` for :class:`SuperResPair` and the grid conventions. Every builder takes the
+dataset's folder as ``data_dir`` (the package itself ships no data). Nothing here runs at import.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ import numpy as np
 from voxelome.datasets.superres import TARGET_SUM, SuperResPair, _key, _load, _save, block_mean
 from voxelome.errors import VoxelomeError, check_positive
 
-_SHARED = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
-
-
 # --- her2st ---------------------------------------------------------------------------------------------------
 #: her2st sections with an H&E image (patient C): section → image path under ST-imgs/C/
 HER2ST_IMAGES = {"C2": "C2/5714_HE_BT_C2.jpg", "C3": "C3/5714_HE_BT_D1.jpg", "C4": "C4/5714_HE_BT_D2.jpg",
@@ -27,9 +24,11 @@ _READ: dict = {}  #: her2st sections read in this process (read-only use)
 
 
 def _data_dir(data_dir, name: str) -> Path:
-    d = Path(data_dir) if data_dir is not None else _SHARED / name
+    if data_dir is None:
+        raise VoxelomeError(f"data_dir=None: pass the folder of your {name} copy (data_dir=...).")
+    d = Path(data_dir)
     if not d.is_dir():
-        raise VoxelomeError(f"data folder '{d}' not found; pass data_dir= (the {name} copy from shared/data).")
+        raise VoxelomeError(f"data_dir='{d}' is not a folder; pass the folder of your {name} copy.")
     return d
 
 
@@ -94,8 +93,10 @@ def her2st_pairs(test_section: str = "C2", *, sections=tuple(HER2ST_IMAGES), n_g
         pseudo-spots, which use complete blocks only = ``min_spots=4``). Incomplete blocks lie at the tissue edge.
     input_um : float
         Working µm/px the H&E is resampled to for the features.
-    data_dir, cache_dir : path, optional
-        her2st folder (default ``../shared/data/her2st``); cache of the built pairs.
+    data_dir : path
+        The her2st folder (``ST-cnts``, ``ST-spotfiles``, ``ST-imgs``).
+    cache_dir : path, optional
+        Cache of the built pairs.
 
     Returns
     -------
@@ -215,6 +216,8 @@ def starmap_pairs(*, pixel_um: float = 20.0, factor: int = 5, split: dict | None
     split : dict, optional
         ``{"train"|"val"|"test": (first, stop) low-res block rows}``; default :data:`STARMAP_SPLIT`
         (test y 0–400 µm, val 500–700 µm, train 800–1600 µm).
+    data_dir : path
+        The STARmap folder (``starmap_cell_loc.txt``, ``starmap_expr.txt.gz``).
 
     Returns
     -------
