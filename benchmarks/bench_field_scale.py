@@ -1,7 +1,9 @@
-"""Scale of the neural transcriptomic field on a CPU: synthetic sparse stacks of 10^6–10^7 cells × 500 genes.
+"""Scale of the neural transcriptomic field on a CPU: synthetic sparse stacks of 10^6–10^8 cells × 500 genes.
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE nice -n 15 python benchmarks/bench_field_scale.py \
         --cells 1000000 --out benchmarks/out/field_scale
+    # disk-backed: generated chunk by chunk into a point store (memmapped .npy CSR), fitted from it
+    ... bench_field_scale.py --disk --cells 100000000 --out benchmarks/out/field_scale_disk
 
 The stack has spatial structure (so that a held-out loss has something to converge to): 8 gene
 programs (Dirichlet(0.05) profiles over the genes) mixed by proportions that are a softmax of smooth
@@ -25,6 +27,9 @@ import argparse
 import json
 import os
 import platform
+import resource
+import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +41,7 @@ import torch
 
 from voxelome.train.field_trainer import fit_field, make_field_config
 from voxelome.train.point_data import PointData
+from voxelome.train.point_store import PointStoreWriter, open_point_store
 
 BOX_UM, GAP_UM, PROGRAMS, CHUNK = 5000.0, 100.0, 8, 1_000_000
 
@@ -88,6 +94,35 @@ def make_stack(gen: Generator, n: int, z_planes, seed: int):
                    var=pd.DataFrame(index=[f"g{i}" for i in range(gen.n_genes)]))
     a.obsm["spatial_3d"] = xyz
     return a
+
+
+def write_stack_store(gen: Generator, n: int, z_planes, seed: int, path: Path) -> Path:
+    """The same stack as :func:`make_stack` (same draws; coordinates stored as float32), written chunk by chunk
+    to a point store: only one chunk's counts are ever in RAM (plus the ``(n, 2)`` + ``(n,)`` coordinate draws)."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, BOX_UM, (n, 2))
+    z = rng.choice(np.asarray(z_planes, float), n)
+    planes = np.unique(np.asarray(z_planes, float))
+    with PointStoreWriter(path, [f"g{i}" for i in range(gen.n_genes)], [f"z{p:g}" for p in planes],
+                          overwrite=True) as w:
+        for i in range(0, n, CHUNK):
+            xyz = np.c_[xy[i:i + CHUNK], z[i:i + CHUNK]]
+            w.append(gen.counts(xyz, np.random.default_rng([seed, i])), xyz, np.searchsorted(planes, xyz[:, 2]))
+    return path
+
+
+class _MemoryPeaks(threading.Thread):
+    """Samples /proc/self/status every ``every`` s: peak RssAnon (process memory) and RssFile (memmapped pages)."""
+
+    def __init__(self, every: float = 0.5):
+        super().__init__(daemon=True)
+        self.every, self.peak, self.stop = every, {"RssAnon": 0.0, "RssFile": 0.0}, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], _rss_mb(k))
+            self.stop.wait(self.every)
 
 
 def _rss_mb(field: str) -> float:
@@ -147,6 +182,60 @@ def scale(out: Path, n=1_000_000, g=500, iterations=1500, batch=4096, log_every=
     return res
 
 
+def scale_disk(out: Path, n=1_000_000, g=500, iterations=1500, batch=4096, log_every=50, seed=0,
+               keep_store=False):
+    """As :func:`scale`, with the training stack generated straight to a point store on disk and fitted from
+    its memmaps (the held-out section stays in RAM). Reports peak anonymous and file-backed RSS apart."""
+    store = out / f"store_{n}"
+    t0 = time.perf_counter()
+    gen = Generator(g, seed)
+    z_train = [z for z in np.arange(0, BOX_UM + 1, GAP_UM) if z != 2500.0]
+    write_stack_store(gen, n, z_train, seed + 1, store)
+    held = make_stack(gen, 16_384, [2500.0], seed + 2)
+    gen_s = time.perf_counter() - t0
+    disk_mb = sum(f.stat().st_size for f in store.iterdir()) / 2**20
+    peak_gen = _rss_mb("VmHWM")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    mon = _MemoryPeaks()
+    mon.start()
+    t0 = time.perf_counter()
+    data = open_point_store(store)
+    open_s = time.perf_counter() - t0
+    val = PointData.from_anndata(held, min_sections=1)
+    prep = time.perf_counter() - t0
+    del held
+    cfg = make_field_config("cpu", iterations=iterations, batch_size=batch, jitter_um=(50.0, 50.0, 75.0),
+                            log_every=log_every, checkpoint_every=10**9, seed=seed)
+    flt0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    fit_field(data, cfg, out / f"scale_disk_{n}", resume=False, progress=False, validation=val,
+              validation_points=8192)
+    wall = time.perf_counter() - t0
+    flt1 = resource.getrusage(resource.RUSAGE_SELF)
+    mon.stop.set()
+    mon.join()
+    hist = json.loads((out / f"scale_disk_{n}" / "history.json").read_text())
+    train_s = float(sum(h["seconds"] for h in hist))
+    train_cpu_s = float(sum(h.get("cpu_seconds", 0.0) for h in hist))
+    res = {"n_cells": n, "n_genes": g, "nnz": data.values.nnz, "nnz_per_cell": data.values.nnz / n,
+           "input": "point store (memmapped .npy CSR)", "generate_and_write_s": gen_s, "store_disk_mb": disk_mb,
+           "open_store_with_checks_s": open_s, "prepare_s": prep, "iterations": iterations, "batch_size": batch,
+           "fit_wall_s": wall, "fit_setup_s": wall - train_s, "train_s": train_s,
+           "train_points_per_s": iterations * batch / train_s, "train_cpu_s": train_cpu_s,
+           "train_points_per_cpu_s": iterations * batch / train_cpu_s,
+           "fit_major_page_faults": flt1.ru_majflt - flt0.ru_majflt,
+           "fit_minor_page_faults": flt1.ru_minflt - flt0.ru_minflt,
+           "load_avg_1min_end": os.getloadavg()[0], "peak_rss_fit_mb": _rss_mb("VmHWM"),
+           "peak_rss_anon_fit_mb": mon.peak["RssAnon"], "peak_rss_file_fit_mb": mon.peak["RssFile"],
+           "peak_rss_with_generation_mb": max(peak_gen, _rss_mb("VmHWM")),
+           "convergence": convergence(hist), "history": hist}
+    print(json.dumps({k: v for k, v in res.items() if k != "history"}), flush=True)
+    del data
+    if not keep_store:
+        shutil.rmtree(store)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/field_scale"))
@@ -154,14 +243,20 @@ def main():
     ap.add_argument("--genes", type=int, default=500)
     ap.add_argument("--iterations", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--disk", action="store_true",
+                    help="generate the stack chunk by chunk into a point store and fit from its memmaps")
+    ap.add_argument("--keep-store", action="store_true", help="with --disk: keep the store (deleted by default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     for n in args.cells:
+        run = (scale_disk(args.out, n, args.genes, args.iterations, args.batch_size, keep_store=args.keep_store)
+               if args.disk else scale(args.out, n, args.genes, args.iterations, args.batch_size))
         res = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                          f"{torch.get_num_threads()} thread(s), no GPU", **scale(args.out, n, args.genes,
-                                                                                 args.iterations, args.batch_size)}
-        (args.out / f"results_{n}x{args.genes}.json").write_text(json.dumps(res, indent=1))
+                          f"{torch.get_num_threads()} thread(s), no GPU, {os.cpu_count()} cores, "
+                          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM", **run}
+        tag = "_disk" if args.disk else ""
+        (args.out / f"results{tag}_{n}x{args.genes}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

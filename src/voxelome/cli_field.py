@@ -1,6 +1,7 @@
 """``voxelome reconstruct``: fit a neural transcriptomic field to serial sections and query it.
 
     voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B] [--preset cpu] [--jitter auto]
+    voxelome reconstruct store STACK.h5ad --out STORE [--genes A,B]   # then: reconstruct fit STORE --out RUN
     voxelome reconstruct volume RUN --out field.ome.zarr --spacing 20 [--bbox x0,y0,z0,x1,y1,z1]
     voxelome reconstruct section RUN --out plane.npz --origin x,y,z --normal nx,ny,nz --pixel-size 10 --shape 100,100
     voxelome reconstruct predict RUN --points points.csv --out values.csv
@@ -38,7 +39,8 @@ def _sets(items: list[str]) -> dict:
 
 @app.command()
 @_friendly
-def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: obsm['spatial_3d'] (µm) + obs[section-key]."),
+def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: obsm['spatial_3d'] (µm) + obs[section-key]; "
+                                              "or a point store folder from `reconstruct store` (fitted from disk)."),
         out: Path = typer.Option(..., help="Run folder (config.yaml, checkpoint.pt, last.pt)."),
         genes: Optional[str] = typer.Option(None, help="Genes to model, comma-separated (default: all)."),
         obsm_key: Optional[str] = typer.Option(None, help="Model obsm[KEY] (e.g. signatures) instead of genes."),
@@ -58,7 +60,14 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
 
     if not stack.exists():
         raise VoxelomeError(f"stack file {stack} does not exist.")
-    adata = ad.read_h5ad(stack)
+    if stack.is_dir():  # a point store: memmapped, never loaded into RAM
+        if genes or obsm_key or layer or signatures_model:
+            raise VoxelomeError("--genes/--obsm-key/--layer/--signatures-model do not apply to a point store (its "
+                                "genes were chosen when it was written); pass them to `reconstruct store`.")
+        adata = None
+        data = PointData.from_store(stack)
+    else:
+        adata = ad.read_h5ad(stack)
     loadings, gene_list = None, _genes(genes)
     sig = None
     if signatures_model is not None:
@@ -66,7 +75,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
 
         sig = SignatureModel.load(signatures_model)
         gene_list = [g for g in (gene_list or sig.genes) if g in set(adata.var_names) and g in set(sig.genes)]
-    data = PointData.from_anndata(adata, genes=gene_list, obsm_key=obsm_key, layer=layer, section_key=section_key)
+    if adata is not None:
+        data = PointData.from_anndata(adata, genes=gene_list, obsm_key=obsm_key, layer=layer, section_key=section_key)
     overrides = _sets(set_)
     overrides.setdefault("likelihood", likelihood or ("gaussian" if obsm_key or not data.is_counts else "nb"))
     if jitter == "auto":
@@ -81,6 +91,24 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         loadings = np.expm1(load) / config.target_sum if config.likelihood != "gaussian" else load
     run = fit_field(data, config, out, loadings=loadings, resume=not no_resume)
     typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {len(data.section_names)} sections → {run}")
+
+
+@app.command()
+@_friendly
+def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections (read backed, chunk by chunk)."),
+          out: Path = typer.Option(..., help="Point store folder (memmapped .npy CSR + coordinates)."),
+          genes: Optional[str] = typer.Option(None, help="Genes to keep, comma-separated (default: all)."),
+          section_key: str = typer.Option("section", help="obs column naming each point's section."),
+          layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
+          chunk: int = typer.Option(1_000_000, help="Rows read at a time."),
+          overwrite: bool = typer.Option(False, help="Replace an existing store.")):
+    """Write a stack too large for RAM to a point store, for `reconstruct fit STORE`."""
+    from voxelome.train.point_store import open_point_store, write_point_store
+
+    write_point_store(stack, out, genes=_genes(genes), layer=layer, section_key=section_key, chunk=chunk,
+                      overwrite=overwrite)
+    data = open_point_store(out, min_sections=1)
+    typer.echo(f"point store of {len(data)} points × {data.n_genes} genes ({data.values.nnz} non-zeros) → {out}")
 
 
 def _load(run: Path):

@@ -165,7 +165,7 @@ def bounding_box(xyz_um: np.ndarray, margin: float, jitter_um, shape: str = "poi
 
     ``shape="cube"`` then widens the shorter axes about their centre to the longest one.
     """
-    lo, hi = xyz_um.min(0), xyz_um.max(0)
+    lo, hi = np.asarray(xyz_um.min(0), np.float64), np.asarray(xyz_um.max(0), np.float64)
     pad = margin * np.maximum(hi - lo, 1e-6) + 3 * np.asarray(jitter_um)
     pad = np.maximum(pad, 1.0)
     lo, hi = lo - pad, hi + pad
@@ -215,6 +215,15 @@ def _amp_dtype(config: FieldConfig, device: torch.device):
     return torch.float16 if config.amp == "fp16" else torch.bfloat16
 
 
+def _unit_coords(xyz_um, lo, extent, chunk: int = 1 << 20) -> np.ndarray:
+    """``(xyz_um - lo) / extent`` as float32 ``(n, 3)``, computed in float64 one chunk at a time (a memmap
+    of 10^8 points is read sequentially, with no ``(n, 3)`` float64 temporary)."""
+    out = np.empty((len(xyz_um), 3), np.float32)
+    for a in range(0, len(xyz_um), chunk):
+        out[a:a + chunk] = (np.asarray(xyz_um[a:a + chunk], np.float64) - lo) / extent
+    return out
+
+
 class _Batches:
     """Draws iteration ``it``'s batch from ``(seed, it)`` alone: indices, jittered unit-cube coords, targets."""
 
@@ -223,8 +232,8 @@ class _Batches:
         self.lo = np.asarray(meta["box_lo"])
         self.extent = np.asarray(meta["box_hi"]) - self.lo
         self.rows = data.to_tensors(device)
-        self.xyz = torch.from_numpy(((data.xyz_um - self.lo) / self.extent).astype(np.float32)).to(device)
-        self.section = torch.from_numpy(data.section).to(device)
+        self.xyz = torch.from_numpy(_unit_coords(data.xyz_um, self.lo, self.extent)).to(device)
+        self.section = torch.from_numpy(data.section).to(device)  # int64, or a point store's int32 memmap
         self.log_lib = torch.from_numpy(np.log(data.library).astype(np.float32)).to(device)
         self.jitter = torch.tensor(np.asarray(config.jitter_um) / self.extent, dtype=torch.float32, device=device)
         self.gauss_log1p = config.likelihood == "gaussian" and data.is_counts
@@ -249,7 +258,7 @@ class _Batches:
         log_lib = self.log_lib[idx]
         if self.gauss_log1p:
             y = torch.log1p(y * (self.config.target_sum / torch.exp(log_lib))[:, None])
-        return x, y, log_lib, self.section[idx]
+        return x, y, log_lib, self.section[idx].long()
 
 
 def _init_bias(model: TranscriptomicField, data: PointData, config: FieldConfig) -> None:

@@ -27,17 +27,17 @@ class PointData:
 
     Attributes
     ----------
-    xyz_um : ndarray, shape (n, 3), float64
+    xyz_um : ndarray, shape (n, 3), float64 (float32 memmap from a point store)
         Point (spot/cell) centres in µm ``(x, y, z)``.
-    section : ndarray, shape (n,), int64
+    section : ndarray, shape (n,), int64 (int32 memmap from a point store)
         Section code of each point (index into ``section_names``).
     section_names : list of str
         Section labels in code order.
     genes : list of str, length g
         Names of the modelled variables (genes, or signatures).
-    values : csr_matrix or ndarray, shape (n, g)
+    values : csr_matrix, DiskCSR or ndarray, shape (n, g)
         Observations of the modelled variables (counts, or normalised values).
-    library : ndarray, shape (n,), float64
+    library : ndarray, shape (n,), float64 (memmap from a point store)
         Library size of each point: the row sum over **all** genes of the counts matrix (1 when the
         values are not counts).
     is_counts : bool
@@ -141,10 +141,19 @@ class PointData:
         var = cand if len(cand) == vals.shape[1] else [f"{key}_{i}" for i in range(vals.shape[1])]
         return cls(xyz, codes, names, var, vals, np.ones(len(xyz)), False)
 
+    @classmethod
+    def from_store(cls, path, **kwargs) -> "PointData":
+        """Disk-backed points from a point store folder (see :mod:`voxelome.train.point_store`)."""
+        from voxelome.train.point_store import open_point_store
+
+        return open_point_store(path, **kwargs)
+
     # --- batches ----------------------------------------------------------------------
     def rows(self, idx) -> np.ndarray:
         """Dense float32 values ``(len(idx), g)`` of rows ``idx`` (only those rows are densified)."""
         idx = np.asarray(idx)
+        if _is_disk_csr(self.values):
+            return self.values.rows(idx)
         if sp.issparse(self.values):
             return self.values[idx].toarray().astype(np.float32, copy=False)
         return np.asarray(self.values[idx], dtype=np.float32)
@@ -163,7 +172,14 @@ class TensorRows:
     @classmethod
     def from_values(cls, values, device) -> "TensorRows":
         """Tensors of ``values`` on ``device``. On a CPU a float32 CSR is not copied: the tensors share the
-        scipy arrays (column indices keep their int32/int64 dtype), so the matrix is held once."""
+        scipy arrays (column indices keep their int32/int64 dtype), so the matrix is held once; the
+        memmaps of a point store (:class:`~voxelome.train.point_store.DiskCSR`) are shared likewise, so
+        a batch reads only its rows' pages."""
+        if _is_disk_csr(values):
+            tensors = [torch.from_numpy(a) for a in (values.indptr, values.indices, values.data)]
+            if torch.device(device).type == "cpu":
+                return cls(values.shape[1], indptr=tensors[0], indices=tensors[1], data=tensors[2])
+            return cls(values.shape[1], **{k: t.to(device) for k, t in zip(("indptr", "indices", "data"), tensors)})
         if sp.issparse(values):
             m = values.tocsr()
             m.sort_indices()
@@ -185,6 +201,12 @@ class TensorRows:
         out = torch.zeros(len(idx), self.n_cols, device=idx.device)
         out[row, self.indices[pos]] = self.data[pos]
         return out
+
+
+def _is_disk_csr(values) -> bool:
+    from voxelome.train.point_store import DiskCSR
+
+    return isinstance(values, DiskCSR)
 
 
 def _codes(column) -> tuple[np.ndarray, list]:
