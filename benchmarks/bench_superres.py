@@ -65,7 +65,7 @@ def _fit(pairs, run_dir: Path, overrides: dict, deterministic: bool):
     return model, time.time() - t
 
 
-def score_pairs(model, det, pairs, *, seed: int, dense=None, n_samples: int = 8, steps: int | None = None):
+def score_pairs(model, det, pairs, *, seed: int, dense=None, n_samples: int | None = None, steps: int | None = None):
     """Every method on every pair → {method: mean scores}, plus per-pair timings and coverage."""
     rows: dict[str, list] = {}
     extra = {"sample_seconds": [], "crps": [], "crps_consistency": [], "coverage_raw": [], "coverage_calibrated": [],
@@ -106,6 +106,9 @@ def score_pairs(model, det, pairs, *, seed: int, dense=None, n_samples: int = 8,
     return summary, extra
 
 
+SELECT_STEPS: list[int] = []  # --select-steps: DDIM step candidates chosen on the calibration pairs
+
+
 def run_split(name: str, train, val, test, out: Path, overrides: dict, *, dense=None, seed: int = 0,
               calibrate_on=None, phases: str | None = None, score_val: bool = False) -> dict:
     fit_pairs = train
@@ -116,6 +119,14 @@ def run_split(name: str, train, val, test, out: Path, overrides: dict, *, dense=
     model, t_fit = _fit(fit_pairs, out / f"{name}_diffusion", overrides, False)
     det, t_det = _fit(fit_pairs, out / f"{name}_deterministic", overrides, True)
     cal = calibrate_on if calibrate_on is not None else val
+    selection, n_samples = None, overrides.get("n_samples")  # --set n_samples also applies to reused runs
+    if SELECT_STEPS:  # chosen on the held-out calibration pairs only, before calibrating (intervals follow it)
+        t = time.time()
+        selection = model.select_steps(cal, SELECT_STEPS, n_samples=n_samples, seed=seed + 3000)
+        selection["seconds"] = time.time() - t
+        print(json.dumps({name: {"selected_steps": selection["steps"], "scores": selection["scores"]}}), flush=True)
+    else:  # a reused run folder may hold an earlier selection (sampler.json): use the config's sampler
+        model.sample_steps, model.n_samples = model.config.sample_steps, int(n_samples or model.config.n_samples)
     t = time.time()
     model.calibrate(cal, seed=seed + 1000)
     t_cal = time.time() - t
@@ -124,7 +135,8 @@ def run_split(name: str, train, val, test, out: Path, overrides: dict, *, dense=
         val_summary, _ = score_pairs(model, det, val, seed=seed + 2000, dense=None)
     summary, extra = score_pairs(model, det, test, seed=seed, dense=dense)
     return {"test": summary, "val": val_summary, "extra": extra, "fit_seconds": t_fit, "fit_seconds_deterministic": t_det,
-            "calibrate_seconds": t_cal, "multipliers": model.multipliers.tolist(), "tau": model.tau.tolist(),
+            "calibrate_seconds": t_cal, "step_selection": selection, "sample_steps": model.sample_steps,
+            "n_samples": model.n_samples, "multipliers": model.multipliers.tolist(), "tau": model.tau.tolist(),
             "n_params": int(sum(p.numel() for p in model.model.parameters())),
             "n_params_deterministic": int(sum(p.numel() for p in det.model.parameters())),
             "train": [p.name for p in train], "calibration": [p.name for p in cal], "test_pairs": [p.name for p in test]}
@@ -176,6 +188,25 @@ def bench_her2st(args, out: Path) -> dict:
     return {"folds": folds, "mean_over_folds": mean, "extra_mean_over_folds": cov}
 
 
+def bench_her2st_inner(args, out: Path) -> dict:
+    """Model selection without the test folds: C3 left out entirely, train C2, C4, C5 → score C6 (accuracy only)."""
+    from voxelome.datasets.superres import her2st_pairs
+
+    pairs = her2st_pairs("C6", sections=("C2", "C4", "C5", "C6"), cache_dir=out / "cache", data_dir=DATA / "her2st")
+    fit_pairs = pairs["train"]
+    if args.phases:
+        from voxelome.datasets.superres_augment import all_phases
+
+        fit_pairs = all_phases(pairs["train"])
+    model, t_fit = _fit(fit_pairs, out / "her2st_inner_diffusion", args.overrides, False)
+    det, t_det = _fit(fit_pairs, out / "her2st_inner_deterministic", args.overrides, True)
+    summary, extra = score_pairs(model, det, pairs["test"], seed=0)
+    print(json.dumps({m: {k: round(v[k], 4) for k in ("rmse", "ssim", "pearson")} for m, v in summary.items()}),
+          flush=True)
+    return {"test": summary, "fit_seconds": t_fit, "fit_seconds_deterministic": t_det,
+            "sample_seconds": extra["sample_seconds_mean"]}
+
+
 def bench_starmap(args, out: Path) -> dict:
     from voxelome.datasets.superres import starmap_pairs
 
@@ -213,7 +244,7 @@ def bench_steps(args, out: Path) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "superres")
-    ap.add_argument("--only", choices=("phantom", "her2st", "starmap", "steps"), required=True)
+    ap.add_argument("--only", choices=("phantom", "her2st", "her2st_inner", "starmap", "steps"), required=True)
     ap.add_argument("--phantom", default="default", help="phantom preset")
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), help="her2st held-out sections")
     ap.add_argument("--steps", nargs="+", type=int, default=[1, 2, 5, 10, 20, 50])
@@ -226,14 +257,17 @@ def main():
                     help="output folder of benchmarks/superres_dense_baseline.py")
     ap.add_argument("--phases", action="store_true", help="train on every block phase of the training pairs "
                                                           "(her2st, starmap: low = block mean of high)")
+    ap.add_argument("--select-steps", nargs="+", type=int, default=[],
+                    help="DDIM step candidates chosen on the calibration pairs before calibrating (e.g. 2 5 10 20)")
+    ap.add_argument("--tag", default="", help="suffix of the results file (results_<only><tag>.json)")
     args = ap.parse_args()
     args.overrides = {}
     for kv in args.set:
         k, v = kv.split("=", 1)
         args.overrides[k] = type(getattr(make_superres_config("superres"), k))(v) if v not in ("True", "False") \
             else v == "True"
-    global REUSE
-    REUSE = args.reuse_runs
+    global REUSE, SELECT_STEPS
+    REUSE, SELECT_STEPS = args.reuse_runs, list(args.select_steps)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     t = time.time()
@@ -241,7 +275,7 @@ def main():
     res["meta"] = {"command": " ".join(sys.argv), "wall_seconds": time.time() - t, "machine": platform.platform(),
                    "processor": platform.processor(), "torch_threads": torch.get_num_threads(),
                    "overrides": args.overrides}
-    path = args.out / f"results_{args.only}.json"
+    path = args.out / f"results_{args.only}{args.tag}.json"
     path.write_text(json.dumps(res, indent=1, default=float))
     print(json.dumps({k: v for k, v in res.items() if k in ("test", "mean_over_folds", "extra_mean_over_folds")},
                      indent=1, default=float))

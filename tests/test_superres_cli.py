@@ -51,7 +51,7 @@ def run(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("superres_run") / "run"
     (s1, i1), (s2, i2), (s3, i3) = files[1], files[2], files[3]
     r = invoke("superres", "fit", "--section", s1, "--image", i1, "--section", s2, "--image", i2,
-               "--calibration-section", s3, "--calibration-image", i3, "--out", out, *TINY)
+               "--calibration-section", s3, "--calibration-image", i3, "--select-steps", "1,3", "--out", out, *TINY)
     assert r.exit_code == 0, r.output
     return out
 
@@ -61,6 +61,8 @@ def test_fit_writes_a_calibrated_run(run):
         p.name for p in run.iterdir()}
     cal = json.loads((run / "calibration.json").read_text())
     assert cal["level"] == 0.9 and len(cal["multipliers"]) == 3 and all(m > 0 for m in cal["multipliers"])
+    sampler = json.loads((run / "sampler.json").read_text())  # steps chosen on the calibration section
+    assert set(sampler["scores"]) == {"1", "3"} and cal["steps"] == sampler["steps"] in (1, 3)
 
 
 def test_predict_restore_scores_the_measured_spots(run, files, tmp_path):
@@ -110,6 +112,11 @@ def test_bad_input_gets_clear_errors(run, files, tmp_path):
     r = invoke("superres", "predict", run, "--section", s, "--image", i, "--section", s, "--image", i,
                "--out", tmp_path / "z.zarr", "--samples", 2, "--steps", 2)
     assert r.exit_code == 2 and "section_spacing_um" in r.output
+    r = invoke("superres", "fit", "--section", s, "--image", i, "--select-steps", "2,5", "--out", tmp_path / "f")
+    assert r.exit_code == 2 and "--calibration-section" in r.output
+    r = invoke("superres", "fit", "--section", s, "--image", i, "--calibration-section", s, "--calibration-image", i,
+               "--select-steps", "two,five", "--out", tmp_path / "g")
+    assert r.exit_code == 2 and "comma-separated integers" in r.output
     hexa = ad.read_h5ad(s)
     hexa.obs = hexa.obs.rename(columns={"array_x": "array_col", "array_y": "array_row"})
     hexa.obs["array_col"] = hexa.obs["array_col"] * 2 + hexa.obs["array_row"] % 2

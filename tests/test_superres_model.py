@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -272,3 +273,33 @@ def test_outputs_open_as_ome_zarr_and_aggregate_to_labels(trained, tmp_path):
     assert cells.shape == (256, 4) and set(cells.layers) == {"std", "lower", "upper"}
     assert np.allclose(cells.X[0], pred.mean[:, :2, :2].mean((1, 2)), atol=1e-5)
     assert np.all(cells.layers["upper"] >= cells.layers["lower"])
+
+
+def test_selected_steps_are_the_best_on_held_out_pairs_and_persist(trained, tmp_path):
+    from voxelome.evaluate.superres_metrics import superres_scores
+
+    shutil.copytree(trained[1], tmp_path / "run")  # the module's run folder stays untouched
+    model = TrainedSuperRes.load(tmp_path / "run")
+    held = [_pair(20), _pair(21)]
+    model.calibrate(held)  # fitted for the config's 10 steps
+    res = model.select_steps(held, steps=(4, 1, 2), metric="rmse")
+    scores = {int(k): v for k, v in res["scores"].items()}
+    assert sorted(scores) == [1, 2, 4]
+    for k in scores:  # each candidate scored on the mean of the run's samples, the same noise per pair
+        rmse = np.mean([superres_scores(model.sample(p, steps=k, seed=i).mean(0), p.high, p.high_mask)["rmse"]
+                        for i, p in enumerate(held)])
+        assert scores[k]["rmse"] == pytest.approx(rmse, rel=1e-6)
+    assert res["steps"] == min(scores, key=lambda k: scores[k]["rmse"]) == model.sample_steps
+    assert model.multipliers is None  # intervals fitted for 10 steps no longer hold
+    again = TrainedSuperRes.load(tmp_path / "run")
+    assert again.sample_steps == res["steps"] and again.multipliers is None
+    model.calibrate(held)
+    again = TrainedSuperRes.load(tmp_path / "run")
+    assert again.multipliers is not None
+    assert np.array_equal(again.sample(held[0], 2, seed=3), model.sample(held[0], 2, steps=res["steps"], seed=3))
+    for kwargs, match in (({"metric": "mae"}, "metric"), ({"steps": (0, 5)}, "steps"),
+                          ({"steps": (5000,)}, "steps")):
+        with pytest.raises(VoxelomeError, match=match):
+            model.select_steps(held, **kwargs)
+    with pytest.raises(VoxelomeError, match="at least one held-out pair"):
+        model.select_steps([])

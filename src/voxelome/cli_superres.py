@@ -2,6 +2,7 @@
 
     voxelome superres fit      --section S1.h5ad --image HE1.jpg [--section ... --image ...] --out RUN
                                [--calibration-section S5.h5ad --calibration-image HE5.jpg] [--n-genes 50]
+                               [--select-steps 2,5,10,20]
     voxelome superres predict  RUN --section S.h5ad --image HE.jpg --out S_superres.zarr
                                [--mode beyond|restore] [--samples 8] [--steps 20] [--labels cells.tif]
 
@@ -53,8 +54,12 @@ def _sections(paths, images, pixel_size_um, input_um):
 def run_fit(sections: list[Path], images: list[Path], out: Path, *, n_genes: int = 50, factor: int = 2,
             calibration_sections=(), calibration_images=(), preset: str = "superres", sets=(),
             pixel_size_um: Optional[float] = None, input_um: float = 4.0, n_features: int = 8,
-            progress: bool = True) -> Path:
-    """Fit a super-resolution run on sections degraded by ``factor``; calibrate on held-out sections if given."""
+            select_steps=(), progress: bool = True) -> Path:
+    """Fit a super-resolution run on sections degraded by ``factor``; calibrate on held-out sections if given.
+
+    ``select_steps`` (DDIM step candidates) are compared on the calibration sections before calibrating
+    (:meth:`TrainedSuperRes.select_steps`); the best becomes the run's default.
+    """
     from voxelome.cli_common import parse_sets
     from voxelome.datasets.superres_sections import HistologyFeatures, restore_pair
     from voxelome.io.atomic import atomic_write_json
@@ -64,6 +69,9 @@ def run_fit(sections: list[Path], images: list[Path], out: Path, *, n_genes: int
 
     if not sections:
         raise VoxelomeError("pass at least one --section to train on.")
+    if select_steps and not calibration_sections:
+        raise VoxelomeError(f"--select-steps {','.join(map(str, select_steps))} needs held-out sections to compare "
+                            "on: add --calibration-section (and its --calibration-image).")
     adatas, ims = _sections(sections, images, pixel_size_um, input_um)
     genes = select_target_genes(adatas, int(n_genes), "variance")
     names = [_name(s) for s in sections]
@@ -84,6 +92,8 @@ def run_fit(sections: list[Path], images: list[Path], out: Path, *, n_genes: int
         cads, cims = _sections(calibration_sections, calibration_images, pixel_size_um, input_um)
         cal = [restore_pair(a, genes, factor=factor, image=im, features=features, name=_name(p))
                for a, im, p in zip(cads, cims, calibration_sections)]
+        if select_steps:
+            model.select_steps(cal, select_steps)
         model.calibrate(cal)
     return run
 
@@ -129,8 +139,8 @@ def run_predict(run: Path, sections: list[Path], images: list[Path], out: Path, 
     write_superres(out, preds if volume else preds[0], model.genes, pixel_um,
                    masks=masks if volume else masks[0], section_spacing_um=section_spacing_um,
                    overwrite=overwrite, extra={"run": str(run), "mode": mode, "seed": seed,
-                                               "steps": steps or model.config.sample_steps,
-                                               "samples": samples or model.config.n_samples})
+                                               "steps": steps or model.sample_steps,
+                                               "samples": samples or model.n_samples})
     if labels is not None:
         if volume:
             raise VoxelomeError("--labels works with one --section (a 2D label image on the output grid).")
@@ -158,12 +168,21 @@ def fit(section: list[Path] = typer.Option(..., help="Training section (h5ad or 
         preset: str = typer.Option("superres", help="superres | superres-deterministic | superres-tiny."),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value (repeatable)."),
         pixel_size_um: Optional[float] = typer.Option(None, help="µm per full-resolution image pixel (override)."),
-        input_um: float = typer.Option(4.0, help="µm/px the H&E is resampled to for the features.")):
+        input_um: float = typer.Option(4.0, help="µm/px the H&E is resampled to for the features."),
+        select_steps: Optional[str] = typer.Option(None, help="Comma-separated DDIM step counts (e.g. 2,5,10,20) "
+                                                              "compared on the calibration sections; the best "
+                                                              "becomes the run's default.")):
     """Train a super-resolution model on sections degraded on purpose (blocks of spots → spots)."""
+    try:
+        steps = [int(k) for k in select_steps.split(",")] if select_steps else []
+    except ValueError:
+        typer.echo(f"error: --select-steps {select_steps!r} must be comma-separated integers, e.g. 2,5,10,20.",
+                   err=True)
+        raise typer.Exit(2)
     run = _friendly(run_fit)(section, image or [], out, n_genes=n_genes, factor=factor,
                              calibration_sections=calibration_section or [],
                              calibration_images=calibration_image or [], preset=preset, sets=set_ or [],
-                             pixel_size_um=pixel_size_um, input_um=input_um)
+                             pixel_size_um=pixel_size_um, input_um=input_um, select_steps=steps)
     typer.echo(f"run written to {run}")
 
 
