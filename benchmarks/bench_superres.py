@@ -200,6 +200,7 @@ def bench_her2st_inner(args, out: Path) -> dict:
         fit_pairs = all_phases(pairs["train"])
     model, t_fit = _fit(fit_pairs, out / "her2st_inner_diffusion", args.overrides, False)
     det, t_det = _fit(fit_pairs, out / "her2st_inner_deterministic", args.overrides, True)
+    model.n_samples = int(args.overrides.get("n_samples", model.n_samples))  # also for reused runs
     summary, extra = score_pairs(model, det, pairs["test"], seed=0)
     print(json.dumps({m: {k: round(v[k], 4) for k in ("rmse", "ssim", "pearson")} for m, v in summary.items()}),
           flush=True)
@@ -264,8 +265,8 @@ def main():
     args.overrides = {}
     for kv in args.set:
         k, v = kv.split("=", 1)
-        args.overrides[k] = type(getattr(make_superres_config("superres"), k))(v) if v not in ("True", "False") \
-            else v == "True"
+        default = getattr(make_superres_config("superres"), k)
+        args.overrides[k] = v == "True" if v in ("True", "False") else (float if default is None else type(default))(v)
     global REUSE, SELECT_STEPS
     REUSE, SELECT_STEPS = args.reuse_runs, list(args.select_steps)
     torch.manual_seed(0)

@@ -54,7 +54,7 @@ class TrainedSuperRes:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.multipliers: np.ndarray | None = None  #: per-gene q_g of the calibrated intervals
         self.tau: np.ndarray | None = None  #: per-gene τ_g of the calibrated intervals
-        #: DDIM steps and samples per map used when a call passes none: the config's, or those of :meth:`select_steps`
+        #: DDIM steps and samples per map when a call passes none: the config's, or :meth:`select_steps`' choice
         self.sample_steps, self.n_samples = int(config.sample_steps), int(config.n_samples)
         if self.run_dir is not None and (self.run_dir / SAMPLER_FILE).exists():
             chosen = json.loads((self.run_dir / SAMPLER_FILE).read_text())
@@ -69,7 +69,7 @@ class TrainedSuperRes:
                 self.tau = np.asarray(cal.get("tau", np.zeros_like(self.multipliers)), np.float32)
 
     @classmethod
-    def load(cls, run_dir, device: str | None = None) -> "TrainedSuperRes":
+    def load(cls, run_dir, device: str | None = None) -> TrainedSuperRes:
         """Rebuild from a run folder (``checkpoint.pt``, loaded with ``weights_only=True``)."""
         run_dir = Path(run_dir)
         ck = load_checkpoint(run_dir / CHECKPOINT_FILE if run_dir.is_dir() else run_dir)
