@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+CHUNK_BYTES = 1 << 20  #: distance-matrix block of the batched matching step (fits L2; same values as one block)
+
 
 def kabsch(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Weighted rigid fit ``dst ≈ src @ R.T + t`` (2D, proper rotation, closed form); ``(R (2, 2), t (2,))``."""
@@ -34,7 +36,8 @@ def _rots(theta: np.ndarray) -> np.ndarray:
 
 
 def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, expr_weight: float = 1.0,
-              n_angles: int = 12, n_iter: int = 40, trim: float = 0.8, n_keep_starts: int = 2, coarse_iter: int = 2):
+              n_angles: int = 12, n_iter: int = 40, trim: float = 0.8, n_keep_starts: int = 2, coarse_iter: int = 2,
+              soft_iter: int = 0, soft_scale: float = 0.5):
     """Rigid map of ``moving`` onto ``fixed`` by ICP on joint position + expression features.
 
     Each moving spot is matched to the fixed spot nearest in ``(position / pitch, expr_weight ·
@@ -61,6 +64,12 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
         Iteration cap of the refinement; iterations of every start; starts refined.
     trim : float
         Fraction of the closest matches used in each Kabsch fit (partial overlap, tears).
+    soft_iter, soft_scale : int, float
+        Iterations of a final soft-assignment refinement (EM-ICP, Granger & Pennec 2002; the weighted
+        Procrustes of PASTE's coupling in spirit), 0 = off: each of the ``trim`` closest moving spots is
+        pulled to the posterior mean of all fixed spots, weights ``exp(−(d² − d²_min) / 2σ²)`` over the joint
+        squared distance, ``σ² = soft_scale² ×`` the mean squared joint distance of the kept matches; a
+        Kabsch fit of those pairs gives the next pose. Stops early when the pose moves < 1e-6 pitch.
 
     Returns
     -------
@@ -79,19 +88,27 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
     fxt = np.ascontiguousarray((-2.0 * fx.T).astype(np.float32))  # C order: a faster sgemm, same values
     n, m = len(mx), len(fx)
     n_keep = min(n, max(3, int(trim * n)))
-    buf = np.empty((max(n_angles, n_keep_starts), n, m), np.float32)  # reused distance matrices
-    flat_rows = np.arange(buf.shape[0] * n)
-    batch = np.arange(buf.shape[0])[:, None]
+    chunk = max(1, min(max(n_angles, n_keep_starts), CHUNK_BYTES // (4 * n * m)))  # poses per L2-sized block
+    buf = np.empty((chunk, n, m), np.float32)  # reused distance matrices
+    flat_rows = np.arange(chunk * n)
+    batch = np.arange(max(n_angles, n_keep_starts))[:, None]
 
     def step(r, t):
         """Matches of ``b`` poses at once: kept rows (b, n_keep), matches (b, n), costs (b,)."""
         b = len(r)
         cur = mx @ r.transpose(0, 2, 1)
         cur += t[:, None, :]
-        d2 = np.matmul(cur.astype(np.float32), fxt, out=buf[:b])
-        d2 += base
-        j = d2.argmin(2)
-        d = d2.reshape(b * n, m)[flat_rows[:b * n], j.ravel()].reshape(b, n) + np.einsum("bni,bni->bn", cur, cur)
+        c32 = cur.astype(np.float32)
+        j = np.empty((b, n), np.intp)
+        dj = np.empty((b, n), np.float32)
+        for a in range(0, b, chunk):
+            e = min(b, a + chunk)
+            d2 = np.matmul(c32[a:e], fxt, out=buf[:e - a])
+            d2 += base
+            jj = d2.argmin(2)
+            j[a:e] = jj
+            dj[a:e] = d2.reshape((e - a) * n, m)[flat_rows[:(e - a) * n], jj.ravel()].reshape(e - a, n)
+        d = dj + np.einsum("bni,bni->bn", cur, cur)
         d = np.sqrt(np.maximum(d, 0.0))
         keep = np.argpartition(d, n_keep - 1, axis=1)[:, :n_keep]
         return keep, j, np.add.reduce(d[batch[:b], keep], 1) / n_keep
@@ -160,4 +177,23 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
     r, t, cost = run(r, cf - np.einsum("bij,j->bi", r, cm), coarse_iter)
     best = np.argsort(cost, kind="stable")[:n_keep_starts]
     r, t, cost = min((refine(r[i], t[i], n_iter) for i in best), key=lambda s: s[2])
+    for _ in range(soft_iter):
+        cur = mx @ r.T
+        cur += t
+        np.matmul(cur.astype(np.float32), fxt, out=dist)
+        np.add(dist, base, out=dist)
+        dist += np.einsum("ni,ni->n", cur, cur).astype(np.float32)[:, None]  # squared joint distances
+        j = dist.argmin(1)
+        dmin = dist[rows, j]
+        keep = np.argpartition(dmin, n_keep - 1)[:n_keep]
+        w = dist[keep]
+        w -= dmin[keep, None]
+        w *= np.float32(-0.5 / (soft_scale ** 2 * max(float(np.maximum(dmin[keep], 0).mean()), 1e-12)))
+        np.exp(w, out=w)
+        w /= w.sum(1, keepdims=True)
+        r2, t2 = kabsch(mx[keep], w.astype(np.float64) @ fx)
+        moved = np.abs(cur[keep] - (mx[keep] @ r2.T + t2)).max()
+        r, t = r2, t2
+        if moved < 1e-6:
+            break
     return r, t * pitch_um, cost
