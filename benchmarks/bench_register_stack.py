@@ -12,7 +12,8 @@ alignment, output AnnData); ``*_align_s`` is the embedding + alignment part alon
 ``*_cpu_s`` is the CPU time of the benchmark process over the same call (PASTE: over the same timed block), less
 sensitive than wall time to other jobs on a shared machine.
 ``--tune`` instead runs the settings grid on the held-out her2st patients E–H (3 sections each, never used in
-the table) from which the ``icp`` defaults were chosen.
+the table) from which the ``icp`` defaults were chosen (``--tune-grid soft|sym``: the fifth-pass candidates,
+a soft-assignment / symmetric final refinement, neither adopted).
 Expression stacks only (no image stack), as in BENCHMARKS.md:
 
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/bench_register_stack.py \
@@ -138,9 +139,13 @@ TUNE_GRID = ([{"n_genes": g, "expr_weight": w, "trim": t, "icp_options": {"coars
               for g in (200, 300, 500) for w in (0.5, 1.0, 2.0) for t in (0.7, 0.8, 0.9)]
              + [{"n_genes": 300, "icp_options": {"coarse_iter": c, "n_keep_starts": k, "n_angles": n}}
                 for c in (2, 3) for k in (1, 2) for n in (8, 12)])
+# fifth pass, each against the defaults ({}): a final soft-assignment refinement (EM-ICP), then symmetric matching
+TUNE_SOFT = [{}] + [{"icp_options": {"soft_iter": i, "soft_scale": sc}} for i in (3, 10, 30) for sc in (0.25, 0.5, 1.0)]
+TUNE_SYM = [{}] + [{"icp_options": {"sym_iter": i}} for i in (3, 10, 30)]
+TUNE_GRIDS = {"defaults": TUNE_GRID, "soft": TUNE_SOFT, "sym": TUNE_SYM}
 
 
-def tune(out):
+def tune(out, grid=TUNE_GRID, tag=""):
     """Settings grid on the held-out her2st patients E–H (3 sections each; not in the benchmark table).
 
     Rule used to pick the ``icp`` defaults: the highest mean accuracy over E, F, G, H (the same accuracy as
@@ -153,7 +158,7 @@ def tune(out):
         stacks[pat] = [read_legacy_st(her / "ST-cnts" / f"{s}.tsv.gz", her / "ST-spotfiles" / f"{s}_selection.tsv",
                                       library_id=s) for s in secs]
     rows = [{"settings": "none", **{p: accuracy(ad, [section_xy_um(x) for x in ad]) for p, ad in stacks.items()}}]
-    for settings in TUNE_GRID:
+    for settings in grid:
         row = {"settings": json.dumps(settings)}
         for pat, ad in stacks.items():
             st = stack_sections(ad, np.arange(len(ad)) * 10.0, **settings)
@@ -163,7 +168,7 @@ def tune(out):
     for row in rows:
         row["mean"] = float(np.mean([row[p] for p in stacks]))
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    (out / "tune_her2st_EFGH.json").write_text(json.dumps(rows, indent=1))
+    (out / f"tune_her2st_EFGH{tag}.json").write_text(json.dumps(rows, indent=1))
 
 
 def main():
@@ -175,12 +180,14 @@ def main():
     ap.add_argument("--icp-repeats", type=int, default=3,
                     help="icp runs per stack (deterministic); its time is the median (the first includes warm-up)")
     ap.add_argument("--tune", action="store_true", help="run the settings grid on her2st E–H instead (see tune())")
+    ap.add_argument("--tune-grid", choices=sorted(TUNE_GRIDS), default="defaults",
+                    help="with --tune: the grid (defaults = the 35 settings of the fourth pass; soft / sym = fifth pass)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     warnings.simplefilter("ignore")
     if a.tune:
-        tune(out)
+        tune(out, TUNE_GRIDS[a.tune_grid], "" if a.tune_grid == "defaults" else f"_{a.tune_grid}")
         return
     stacks = load_stacks()
     rows = []

@@ -279,3 +279,42 @@ def test_joint_embedding_matches_dense_pca_and_stack_options(phantom_section):
     dup.var_names = [str(phantom_section.var_names[0])] * 2 + [str(g) for g in phantom_section.var_names[2:]]
     with pytest.raises(VoxelomeError, match="repeats gene names"):
         stack_sections([phantom_section, dup], [0.0, 10.0])
+
+
+def test_stacked_shared_gene_matrix_equals_scipy_selection_and_vstack():
+    """The one-pass stacked output equals scipy's per-section column selection + vstack (values and arrays)."""
+    import scipy.sparse as sp
+
+    from voxelome.register.stack_expression import _csr, _stack_shared
+
+    rng = np.random.default_rng(3)
+    mats = [sp.random(40, 30, density=0.3, format="csr", random_state=1, dtype=np.float32),
+            rng.poisson(1.0, size=(25, 28)).astype(np.float32),  # dense input
+            sp.random(33, 31, density=0.2, format="csr", random_state=2, dtype=np.float64)]  # another dtype
+    dup = sp.csr_matrix((np.ones(4), ([0, 0, 1, 2], [3, 3, 5, 7])), shape=(3, 30))  # duplicate entries are summed
+    mats.append(dup)
+    cols = [np.arange(20)[::-1] + 5, rng.permutation(28)[:20], np.sort(rng.choice(31, 20, replace=False)), None]
+    cols[3] = np.arange(20)  # all sections give 20 shared columns; the last keeps its first 20 in order
+    ref = sp.vstack([_csr(m, c) for m, c in zip(mats, cols)], format="csr")
+    out = _stack_shared(mats, cols)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    for f in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(getattr(out, f), getattr(ref, f))
+    same = [sp.random(10, 12, density=0.5, format="csr", random_state=k, dtype=np.float32) for k in range(2)]
+    np.testing.assert_array_equal(_stack_shared(same, [None, None]).toarray(), sp.vstack(same).toarray())
+
+
+def test_icp_final_refinement_options(phantom_section):
+    """The optional final refinements (soft-assignment EM-ICP, symmetric ICP) keep the recovered motion; bad values."""
+    moved = _moved_copy(phantom_section, 35.0, (300.0, -200.0))
+    none = _recovery_error(_identity_stack(phantom_section, moved), phantom_section, None)
+    for opts in ({"soft_iter": 5, "soft_scale": 0.5}, {"sym_iter": 5}):
+        st = stack_sections([phantom_section, moved], [0.0, 10.0], names=["fixed", "moved"], icp_options=opts)
+        err = _recovery_error(st, phantom_section, None)
+        assert err < 50.0 and err < none / 5, (opts, err)
+    with pytest.raises(VoxelomeError, match=r"icp_options\['soft_scale'\]=0 must be a finite number > 0"):
+        stack_sections([phantom_section, moved], [0.0, 10.0], icp_options={"soft_iter": 3, "soft_scale": 0})
+    with pytest.raises(VoxelomeError, match=r"icp_options\['sym_iter'\]=-1 must be a finite number ≥ 0"):
+        stack_sections([phantom_section, moved], [0.0, 10.0], icp_options={"sym_iter": -1})
+    with pytest.raises(VoxelomeError, match="icp_options key"):
+        stack_sections([phantom_section, moved], [0.0, 10.0], icp_options={"soft_iters": 3})

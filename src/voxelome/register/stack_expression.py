@@ -30,7 +30,8 @@ from voxelome.register.stack_icp import align_icp, kabsch
 
 STACK_KEY = "stack"  #: adata.uns['voxelome']['stack']: sections, z, transforms, method
 METHODS = ("icp", "fgw")
-ICP_OPTIONS = ("n_angles", "coarse_iter", "n_keep_starts", "n_iter", "soft_iter", "soft_scale")  #: keys of align_icp
+#: option keys of align_icp (search budget; final soft / symmetric refinement, off by default)
+ICP_OPTIONS = ("n_angles", "coarse_iter", "n_keep_starts", "n_iter", "soft_iter", "soft_scale", "sym_iter")
 
 
 # --- shared pieces ----------------------------------------------------------------------
@@ -335,7 +336,8 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
     check_choice("method", method, METHODS)
     for key, value in (icp_options or {}).items():
         check_choice("icp_options key", key, ICP_OPTIONS)
-        check_positive(f"icp_options[{key!r}]", value, allow_zero=key in ("n_iter", "coarse_iter", "soft_iter"))
+        check_positive(f"icp_options[{key!r}]", value,
+                       allow_zero=key in ("n_iter", "coarse_iter", "soft_iter", "sym_iter"))
     check_positive("n_genes", n_genes)
     t0 = time.perf_counter()
     names, z = check_stack_inputs(adatas, z_um, names)

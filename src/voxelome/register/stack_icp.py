@@ -37,7 +37,7 @@ def _rots(theta: np.ndarray) -> np.ndarray:
 
 def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, expr_weight: float = 1.0,
               n_angles: int = 12, n_iter: int = 40, trim: float = 0.8, n_keep_starts: int = 2, coarse_iter: int = 2,
-              soft_iter: int = 0, soft_scale: float = 0.5):
+              soft_iter: int = 0, soft_scale: float = 0.5, sym_iter: int = 0):
     """Rigid map of ``moving`` onto ``fixed`` by ICP on joint position + expression features.
 
     Each moving spot is matched to the fixed spot nearest in ``(position / pitch, expr_weight ·
@@ -70,6 +70,11 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
         pulled to the posterior mean of all fixed spots, weights ``exp(−(d² − d²_min) / 2σ²)`` over the joint
         squared distance, ``σ² = soft_scale² ×`` the mean squared joint distance of the kept matches; a
         Kabsch fit of those pairs gives the next pose. Stops early when the pose moves < 1e-6 pitch.
+        Off by default: on the held-out her2st patients E–H every setting tried lowered the mean accuracy.
+    sym_iter : int
+        Iterations of a final symmetric trimmed ICP (0 = off): the ``trim`` closest matches moving → fixed
+        and fixed → moving enter one Kabsch fit; stops when their mean distance stops falling. Off by
+        default: on E–H it tied the default (within 1e-5 mean r).
 
     Returns
     -------
@@ -196,4 +201,20 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
         r, t = r2, t2
         if moved < 1e-6:
             break
+    m_keep, cols, prev, rp, tp = min(m, max(3, int(trim * m))), np.arange(m), np.inf, r, t
+    for _ in range(sym_iter):  # symmetric trimmed ICP: matches in both directions
+        cur = mx @ r.T
+        cur += t
+        np.matmul(cur.astype(np.float32), fxt, out=dist)
+        np.add(dist, base, out=dist)
+        dist += np.einsum("ni,ni->n", cur, cur).astype(np.float32)[:, None]
+        j, i = dist.argmin(1), dist.argmin(0)
+        dm, df = np.sqrt(np.maximum(dist[rows, j], 0)), np.sqrt(np.maximum(dist[i, cols], 0))
+        km, kf = np.argpartition(dm, n_keep - 1)[:n_keep], np.argpartition(df, m_keep - 1)[:m_keep]
+        c = (dm[km].sum() + df[kf].sum()) / (n_keep + m_keep)
+        if c >= prev:
+            r, t = rp, tp
+            break
+        prev, rp, tp = c, r, t
+        r, t = kabsch(np.vstack([mx[km], mx[i[kf]]]), np.vstack([fx[j[km]], fx[kf]]))
     return r, t * pitch_um, cost
