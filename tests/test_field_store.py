@@ -163,3 +163,13 @@ def test_bad_stores_are_refused_with_clear_errors(stores, tmp_path):
             w.append(sp.csr_matrix(np.ones((2, 1))), np.zeros((2, 3)), np.array([0, 2]))
         w.append(sp.csr_matrix(np.ones((2, 1))), np.zeros((2, 3)), np.array([0, 1]))
     assert len(open_point_store(tmp_path / "w")) == 2
+
+
+def test_unit_coordinates_do_not_depend_on_the_chunking(stores):
+    from voxelome.train.field_trainer import _unit_coords
+
+    _, d = stores
+    xyz = open_point_store(d / "all").xyz_um
+    lo, extent = np.array([-10.0, -5.0, -20.0]), np.array([230.0, 230.0, 230.0])
+    whole = ((np.asarray(xyz, np.float64) - lo) / extent).astype(np.float32)
+    np.testing.assert_array_equal(_unit_coords(xyz, lo, extent, chunk=97), whole)
