@@ -118,13 +118,16 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
         keep = np.argpartition(d, n_keep - 1, axis=1)[:, :n_keep]
         return keep, j, np.add.reduce(d[batch[:b], keep], 1) / n_keep
 
+    mx1, fx1 = np.column_stack([mx, np.ones(n)]), np.column_stack([fx, np.ones(m)])  # (x, y, 1) rows
+
     def fit(keep, j):
-        """Batched Kabsch of the kept matches (uniform weights): r (b, 2, 2), t (b, 2)."""
-        src, dst = mx[keep], fx[j[batch[:len(keep)], keep]]
-        ms, md = np.add.reduce(src, 1) / n_keep, np.add.reduce(dst, 1) / n_keep
-        src -= ms[:, None]
-        dst -= md[:, None]
-        h = np.matmul(src.transpose(0, 2, 1), dst)  # (b, 2, 2) cross-covariance
+        """Batched Kabsch of the kept matches (uniform weights): r (b, 2, 2), t (b, 2).
+
+        One product of the (x, y, 1) rows gives the cross moments and both sums (centred from them).
+        """
+        mo = np.matmul(mx1[keep].transpose(0, 2, 1), fx1[j[batch[:len(keep)], keep]]) / n_keep  # (b, 3, 3)
+        ms, md = mo[:, :2, 2], mo[:, 2, :2]
+        h = mo[:, :2, :2] - ms[:, :, None] * md[:, None, :]  # cross-covariance / n_keep
         r = _rots(np.arctan2(h[:, 0, 1] - h[:, 1, 0], h[:, 0, 0] + h[:, 1, 1]))
         return r, md - np.einsum("bij,bj->bi", r, ms)
 
@@ -148,8 +151,7 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
     def refine(r, t, iters):
         """:func:`run` for one pose, with 2D arrays (fewer, smaller numpy calls: the loop is overhead-bound)."""
         def match(r, t):
-            cur = mx @ r.T
-            cur += t
+            cur = mx1 @ np.vstack([r.T, t])  # (x, y, 1) @ [Rᵀ; t]
             np.matmul(cur.astype(np.float32), fxt, out=dist)
             np.add(dist, base, out=dist)
             j = dist.argmin(1)
@@ -160,14 +162,13 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
 
         keep, j, cost = match(r, t)
         for _ in range(iters):
-            src, dst = mx[keep], fx[j[keep]]
-            ms, md = np.add.reduce(src, 0) / n_keep, np.add.reduce(dst, 0) / n_keep
-            src -= ms
-            dst -= md
-            h = src.T @ dst  # 2 × 2 cross-covariance
-            c, s = math.cos(theta := math.atan2(h[0, 1] - h[1, 0], h[0, 0] + h[1, 1])), math.sin(theta)
+            (h00, h01, sx), (h10, h11, sy), (dx, dy, _) = (mx1[keep].T @ fx1[j[keep]]).tolist()  # moments, sums
+            sx, sy, dx, dy = sx / n_keep, sy / n_keep, dx / n_keep, dy / n_keep
+            theta = math.atan2((h01 - n_keep * sx * dy) - (h10 - n_keep * sy * dx),
+                               (h00 - n_keep * sx * dx) + (h11 - n_keep * sy * dy))
+            c, s = math.cos(theta), math.sin(theta)
             r2 = np.array([[c, -s], [s, c]])
-            t2 = md - r2 @ ms
+            t2 = np.array([dx - (c * sx - s * sy), dy - (s * sx + c * sy)])
             keep2, j2, cost2 = match(r2, t2)
             if cost2 >= cost:
                 break
