@@ -149,9 +149,12 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
     rows, dist = np.arange(n), buf[0]
 
     def refine(r, t, iters):
-        """:func:`run` for one pose, with 2D arrays (fewer, smaller numpy calls: the loop is overhead-bound)."""
-        def match(r, t):
-            cur = mx1 @ np.vstack([r.T, t])  # (x, y, 1) @ [Rᵀ; t]
+        """:func:`run` for one pose, with 2D arrays (fewer, smaller numpy calls: the loop is overhead-bound).
+
+        The pose is carried as ``p = [Rᵀ; t]`` (3 × 2), applied to the (x, y, 1) rows in one product.
+        """
+        def match(p):
+            cur = mx1 @ p
             np.matmul(cur.astype(np.float32), fxt, out=dist)
             np.add(dist, base, out=dist)
             j = dist.argmin(1)
@@ -160,23 +163,23 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
             keep = np.argpartition(d, n_keep - 1)[:n_keep]
             return keep, j, float(np.add.reduce(d[keep])) / n_keep
 
-        keep, j, cost = match(r, t)
+        p = np.vstack([r.T, t])
+        keep, j, cost = match(p)
         for _ in range(iters):
             (h00, h01, sx), (h10, h11, sy), (dx, dy, _) = (mx1[keep].T @ fx1[j[keep]]).tolist()  # moments, sums
             sx, sy, dx, dy = sx / n_keep, sy / n_keep, dx / n_keep, dy / n_keep
             theta = math.atan2((h01 - n_keep * sx * dy) - (h10 - n_keep * sy * dx),
                                (h00 - n_keep * sx * dx) + (h11 - n_keep * sy * dy))
             c, s = math.cos(theta), math.sin(theta)
-            r2 = np.array([[c, -s], [s, c]])
-            t2 = np.array([dx - (c * sx - s * sy), dy - (s * sx + c * sy)])
-            keep2, j2, cost2 = match(r2, t2)
+            p2 = np.array([[c, s], [-s, c], [dx - (c * sx - s * sy), dy - (s * sx + c * sy)]])
+            keep2, j2, cost2 = match(p2)
             if cost2 >= cost:
                 break
             converged = cost - cost2 < 1e-4 * cost2
-            r, t, keep, j, cost = r2, t2, keep2, j2, cost2
+            p, keep, j, cost = p2, keep2, j2, cost2
             if converged:
                 break
-        return r, t, cost
+        return p[:2].T.copy(), p[2].copy(), cost
 
     cf, cm = fx.mean(0), mx.mean(0)
     r = _rots(np.linspace(0, 2 * np.pi, n_angles, endpoint=False))
