@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -86,8 +87,16 @@ class DistContext:
 
 
 def _destroy_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    # every rank reaches exit before any tears its group down: a rank whose gloo threads still serve another
+    # rank's last collective while the interpreter finalises can abort (seen once under heavy load)
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        except RuntimeError:  # a rank failed or left already: tear down anyway
+            pass
+    dist.destroy_process_group()
 
 
 def launched_rank() -> int:
