@@ -193,8 +193,10 @@ def predict(run: Path = typer.Argument(..., help="Run folder from `voxelome supe
             out: Path = typer.Option(..., help="Output folder (mean/std/lower/upper OME-Zarr + summary.json)."),
             mode: str = typer.Option("beyond", help="beyond: a grid `factor`× finer than the spots; restore: "
                                                     "degrade then recover the spots (scored)."),
-            samples: Optional[int] = typer.Option(None, help="Samples per section (default: the run's, 8)."),
-            steps: Optional[int] = typer.Option(None, help="DDIM steps (default: the run's, 20)."),
+            samples: Optional[int] = typer.Option(None, help="Samples per section (default: the run's: "
+                                                             "8, or those of --select-steps)."),
+            steps: Optional[int] = typer.Option(None, help="DDIM steps (default: the run's: 20, or the "
+                                                           "count chosen by fit --select-steps)."),
             seed: int = typer.Option(0, help="Sampling seed."),
             section_spacing_um: Optional[float] = typer.Option(None, help="Distance between sections (µm), volumes."),
             labels: Optional[Path] = typer.Option(None, help="Label TIFF on the output grid → labels.h5ad per label."),
