@@ -65,6 +65,19 @@ def _fit(pairs, run_dir: Path, overrides: dict, deterministic: bool):
     return model, time.time() - t
 
 
+def _fit_both(train, out: Path, name: str, overrides: dict, phases: str | None):
+    """The diffusion model and its deterministic twin on the same pairs; ``phases`` (a weights key, "" for
+    none) trains on every block phase of the training pairs (datasets.superres_augment)."""
+    fit_pairs = train
+    if phases is not None:
+        from voxelome.datasets.superres_augment import all_phases
+
+        fit_pairs = all_phases(train, weights_key=phases or None)
+    model, t_fit = _fit(fit_pairs, out / f"{name}_diffusion", overrides, False)
+    det, t_det = _fit(fit_pairs, out / f"{name}_deterministic", overrides, True)
+    return model, det, t_fit, t_det
+
+
 def score_pairs(model, det, pairs, *, seed: int, dense=None, n_samples: int | None = None, steps: int | None = None):
     """Every method on every pair → {method: mean scores}, plus per-pair timings and coverage."""
     rows: dict[str, list] = {}
@@ -111,13 +124,7 @@ SELECT_STEPS: list[int] = []  # --select-steps: DDIM step candidates chosen on t
 
 def run_split(name: str, train, val, test, out: Path, overrides: dict, *, dense=None, seed: int = 0,
               calibrate_on=None, phases: str | None = None, score_val: bool = False) -> dict:
-    fit_pairs = train
-    if phases is not None:  # every block phase of the training pairs (datasets.superres_augment)
-        from voxelome.datasets.superres_augment import all_phases
-
-        fit_pairs = all_phases(train, weights_key=phases or None)
-    model, t_fit = _fit(fit_pairs, out / f"{name}_diffusion", overrides, False)
-    det, t_det = _fit(fit_pairs, out / f"{name}_deterministic", overrides, True)
+    model, det, t_fit, t_det = _fit_both(train, out, name, overrides, phases)
     cal = calibrate_on if calibrate_on is not None else val
     selection, n_samples = None, overrides.get("n_samples")  # --set n_samples also applies to reused runs
     if SELECT_STEPS:  # chosen on the held-out calibration pairs only, before calibrating (intervals follow it)
@@ -193,13 +200,8 @@ def bench_her2st_inner(args, out: Path) -> dict:
     from voxelome.datasets.superres import her2st_pairs
 
     pairs = her2st_pairs("C6", sections=("C2", "C4", "C5", "C6"), cache_dir=out / "cache", data_dir=DATA / "her2st")
-    fit_pairs = pairs["train"]
-    if args.phases:
-        from voxelome.datasets.superres_augment import all_phases
-
-        fit_pairs = all_phases(pairs["train"])
-    model, t_fit = _fit(fit_pairs, out / "her2st_inner_diffusion", args.overrides, False)
-    det, t_det = _fit(fit_pairs, out / "her2st_inner_deterministic", args.overrides, True)
+    model, det, t_fit, t_det = _fit_both(pairs["train"], out, "her2st_inner", args.overrides,
+                                         "" if args.phases else None)
     model.n_samples = int(args.overrides.get("n_samples", model.n_samples))  # also for reused runs
     summary, extra = score_pairs(model, det, pairs["test"], seed=0)
     print(json.dumps({m: {k: round(v[k], 4) for k in ("rmse", "ssim", "pearson")} for m, v in summary.items()}),

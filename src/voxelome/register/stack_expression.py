@@ -43,21 +43,15 @@ def log_normalise(X) -> np.ndarray:
     return np.log1p(1e4 * X / np.maximum(lib, 1)).astype(np.float32)
 
 
-def _log_normalised_csr(X, dedup: bool = True) -> sp.csr_matrix:
-    """Sparse counts ``(n, g)`` → CSR of ``log1p(1e4 · counts / library size)`` (float32), sharing ``X``'s index arrays.
+def _log_values(X: sp.csr_matrix, scale: np.ndarray) -> np.ndarray:
+    """Stored values of ``log1p(scale[row] · X)`` as float32, in one ``nnz``-sized buffer (fewer page faults).
 
-    Duplicate entries are summed first unless ``dedup=False`` (the caller guarantees none).
+    With ``scale = 1e4 / library size`` these are the log-normalised counts, aligned with ``X.indices``.
     """
-    X = X if sp.issparse(X) and X.format == "csr" else sp.csr_matrix(X)
-    if dedup and not X.has_canonical_format:
-        X = X.copy()
-        X.sum_duplicates()
-    lib = np.asarray(X.sum(1), dtype=np.float64).ravel()
-    scale = (1e4 / np.maximum(lib, 1)).astype(np.float32)
     data = np.repeat(scale, np.diff(X.indptr))
-    np.multiply(X.data, data, out=data, dtype=np.float32)  # one nnz-sized buffer (fewer page faults)
+    np.multiply(X.data, data, out=data, dtype=np.float32)
     np.log1p(data, out=data)
-    return sp.csr_matrix((data, X.indices, X.indptr), shape=X.shape)
+    return data
 
 
 def _top_pcs(cov: np.ndarray, k: int) -> np.ndarray:
@@ -108,10 +102,10 @@ def _split(emb, sizes):
 def _embed(X, n_components: int, n_genes: int, dedup: bool) -> np.ndarray:
     """:func:`joint_embedding` of one stacked CSR ``(n, g)``; returns ``(n, k)`` float64.
 
-    The values are those of :func:`_log_normalised_csr` (same float32 operations) in one ``nnz``-sized
-    buffer: the gene sums of the log values, then of their squares (squared in place); the kept genes'
-    columns are taken from ``X`` and log-normalised on their own (fewer large temporaries: page faults
-    were a fifth of the CPU time).
+    The log-normalised values (:func:`_log_values`) live in one ``nnz``-sized buffer: the gene sums of
+    the log values, then of their squares (squared in place); the kept genes' columns are taken from
+    ``X`` and log-normalised on their own (fewer large temporaries: page faults were a fifth of the CPU
+    time).
     """
     X = X if sp.issparse(X) and X.format == "csr" else sp.csr_matrix(X)
     if dedup and not X.has_canonical_format:
@@ -119,9 +113,7 @@ def _embed(X, n_components: int, n_genes: int, dedup: bool) -> np.ndarray:
         X.sum_duplicates()
     n, g = X.shape
     scale = (1e4 / np.maximum(np.asarray(X.sum(1), dtype=np.float64).ravel(), 1)).astype(np.float32)
-    data = np.repeat(scale, np.diff(X.indptr))
-    np.multiply(X.data, data, out=data, dtype=np.float32)
-    np.log1p(data, out=data)
+    data = _log_values(X, scale)
     L = sp.csr_matrix((data, X.indices, X.indptr), shape=X.shape)
     one = np.ones(n, np.float32)
     mean = np.asarray(L.T @ one, dtype=np.float64) / n
@@ -130,10 +122,7 @@ def _embed(X, n_components: int, n_genes: int, dedup: bool) -> np.ndarray:
     del L, data
     keep = np.sort(np.argsort(var, kind="stable")[::-1][: min(n_genes, g)])
     xk = X[:, keep]
-    vals = np.repeat(scale, np.diff(xk.indptr))
-    np.multiply(xk.data, vals, out=vals, dtype=np.float32)
-    np.log1p(vals, out=vals)
-    x = sp.csr_matrix((vals, xk.indices, xk.indptr), shape=xk.shape).toarray()
+    x = sp.csr_matrix((_log_values(xk, scale), xk.indices, xk.indptr), shape=xk.shape).toarray()
     x -= mean[keep].astype(np.float32)
     k = int(min(n_components, x.shape[0] - 1, x.shape[1]))
     emb = (x @ _top_pcs(x.T @ x, k)).astype(np.float64)  # genes × genes covariance: cheap for a few hundred genes

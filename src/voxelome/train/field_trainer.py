@@ -242,7 +242,7 @@ class _Batches:
         """Up to ``n`` points of ``data`` (a seeded subset), unjittered, as ``(x, y, log_lib)`` for a held-out loss."""
         rng = np.random.default_rng([self.config.seed, 2**31])
         idx = np.sort(rng.choice(len(data), min(n, len(data)), replace=False))
-        x = torch.from_numpy(((data.xyz_um[idx] - self.lo) / self.extent).astype(np.float32)).to(self.device)
+        x = torch.from_numpy(_unit_coords(data.xyz_um[idx], self.lo, self.extent)).to(self.device)
         y = torch.from_numpy(data.rows(idx)).to(self.device)
         log_lib = torch.from_numpy(np.log(data.library[idx]).astype(np.float32)).to(self.device)
         if self.config.likelihood == "gaussian" and data.is_counts:

@@ -41,6 +41,14 @@ class SuperResPrediction:
     samples: np.ndarray | None = None  #: (S, G, H, W) when asked for
 
 
+def _target_map(pair, target: str) -> np.ndarray:
+    """The map a pair is scored against: ``high`` (measured) or ``truth`` (noiseless, where known)."""
+    t = pair.truth if target == "truth" else pair.high
+    if t is None:
+        raise VoxelomeError(f"pair {pair.name!r} has no truth; use target='high'.")
+    return t
+
+
 class TrainedSuperRes:
     """A trained denoiser (EMA weights) with its genes, scaling and process."""
 
@@ -165,10 +173,7 @@ class TrainedSuperRes:
             s = self.sample(p, seed=seed)
             means.append(s.mean(0))
             stds.append(s.std(0, ddof=1))
-            t = p.truth if target == "truth" else p.high
-            if t is None:
-                raise VoxelomeError(f"pair {p.name!r} has no truth; use target='high'.")
-            truths.append(t)
+            truths.append(_target_map(p, target))
             masks.append(p.high_mask)
         fitted = fit_intervals(means, stds, truths, masks, self.config.interval, seed=seed)
         self.multipliers, self.tau = fitted["multipliers"], fitted["tau"]
@@ -234,9 +239,7 @@ class TrainedSuperRes:
         for k in candidates:
             rows = []
             for i, p in enumerate(pairs):
-                truth = p.truth if target == "truth" else p.high
-                if truth is None:
-                    raise VoxelomeError(f"pair {p.name!r} has no truth; use target='high'.")
+                truth = _target_map(p, target)
                 sc = superres_scores(self.sample(p, n, steps=k, seed=seed + i).mean(0), truth, p.high_mask)
                 sc.pop("per_gene", None)
                 rows.append(sc)
