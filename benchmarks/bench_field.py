@@ -10,7 +10,8 @@ mean and 3D kNN uses inverse-distance weights; their k is chosen on an inner val
 inner validation sections too (``PHANTOM_GRID``, ``STARMAP_GRID``; per fold among ``REAL_CANDIDATES`` for
 the real stacks). Scores: per-gene Pearson r and RMSE on log1p(counts per 10k), averaged over genes.
 ``--only real_stacks`` (or stack names: breast_st2016, her2st_A … her2st_D) runs the registration issue's
-expression stacks (``voxelome.register.stack_sections``, method ``icp``). ``--only scale`` runs
+expression stacks (``voxelome.register.stack_sections``, method ``icp``); ``--selection one|all`` picks the
+validation sections of each fold (one section, as in the third pass, or every inner training section in turn). ``--only scale`` runs
 ``bench_field_scale.py`` at 1M cells × 500 genes.
 """
 
@@ -481,19 +482,26 @@ def _slug(cname: str) -> str:
     return cname.replace(" ", "_").replace(",", "")
 
 
+def _score(pred, truth, **extra) -> dict:
+    s = per_gene_scores(pred, truth)
+    return {"r": s["mean_r"], "rmse": s["mean_rmse"], **extra}
+
+
 def _rank(scores: dict) -> list:
     """Keys by decreasing mean score (ties: the first listed)."""
     return sorted(scores, key=lambda c: -np.mean(scores[c]))
 
 
 def real_stack_loso(out: Path, name: str, candidates=REAL_CANDIDATES, selection="all", max_folds=None,
-                    partial: Path | None = None) -> dict:
+                    partial: Path | None = None, test_every_candidate=False) -> dict:
     """Leave-one-inner-section-out on one real stack: baselines (k) and the field (candidate) chosen on the fold's
     validation sections (rule ``selection``), r and RMSE on the held-out section's spots.
 
     With ``selection="all"`` the same run also gives, from the same fits, the choices of rule ``one`` (its section
     is one of the ``all`` sections; the fits are deterministic) and their test scores (``*_one``), and the mean of
     the top-2 candidates' predictions (``field_top2``; a variant stated before the run, not the headline).
+    ``test_every_candidate``: a diagnostic — every candidate is also fitted on the fold's training sections and
+    scored on the test section (``field_test_r_every_candidate``); never used for any choice.
     """
     t0, c0 = time.perf_counter(), time.process_time()
     stack, names = read_real_stack(name)
@@ -517,13 +525,13 @@ def real_stack_loso(out: Path, name: str, candidates=REAL_CANDIDATES, selection=
         row = {"held_out": h, "validation": vals, "validation_one": v_one, "n_train": int(tr.sum()),
                "n_test": int(te.sum()), "baseline_validation_r": {}}
         # baselines: r of every k on every validation section; k by the mean over the rule's sections
-        for b in BASELINE_KS:
+        for b, ks in BASELINE_KS.items():
             per = {s: {k: per_gene_scores(baseline_predict(b, txyz[tr_sec != s], sec[tr_sec != s], y_tr[tr_sec != s],
                                                            txyz[tr_sec == s], k), y_tr[tr_sec == s])["mean_r"]
-                       for k in BASELINE_KS[b]} for s in vals}
+                       for k in ks} for s in vals}
             row["baseline_validation_r"][b] = {s: {str(k): r for k, r in d.items()} for s, d in per.items()}
             for tag, use in (("", vals), ("_one", [v_one])):
-                k = _rank({k: [per[s][k] for s in use] for k in BASELINE_KS[b]})[0]
+                k = _rank({k: [per[s][k] for s in use] for k in ks})[0]
                 s = per_gene_scores(baseline_predict(b, txyz, sec, y_tr, qxyz, k), truth)
                 row[b + tag] = {"r": s["mean_r"], "rmse": s["mean_rmse"], "k": k,
                                 "val_r": float(np.mean([per[v][k] for v in use]))}
@@ -543,19 +551,17 @@ def real_stack_loso(out: Path, name: str, candidates=REAL_CANDIDATES, selection=
         ranked = _rank(mean_val)
         chosen_one = _rank({c: [fv[v_one][c]] for c in candidates})[0]
         preds, infos = {}, {}
-        for cname in dict.fromkeys([ranked[0], *([ranked[1]] if selection == "all" else []), chosen_one]):
+        tested = [ranked[0], *([ranked[1]] if selection == "all" else []), chosen_one]
+        for cname in dict.fromkeys([*tested, *(candidates if test_every_candidate else [])]):
             f, infos[cname] = real_fit(tr_a, genes, out / "real" / name / h / "test" / _slug(cname), candidates[cname])
             n_fits += 1
             preds[cname] = f.predict(qxyz, value="measured")
-
-        def score(pred, **extra):
-            s = per_gene_scores(pred, truth)
-            return {"r": s["mean_r"], "rmse": s["mean_rmse"], **extra}
-
-        row["field"] = score(preds[ranked[0]], chosen=ranked[0])
-        row["field_one"] = score(preds[chosen_one], chosen=chosen_one)
+        row["field"] = _score(preds[ranked[0]], truth, chosen=ranked[0])
+        row["field_one"] = _score(preds[chosen_one], truth, chosen=chosen_one)
         if selection == "all":
-            row["field_top2"] = score((preds[ranked[0]] + preds[ranked[1]]) / 2, chosen=ranked[:2])
+            row["field_top2"] = _score((preds[ranked[0]] + preds[ranked[1]]) / 2, truth, chosen=ranked[:2])
+        if test_every_candidate:
+            row["field_test_r_every_candidate"] = {c: _score(p, truth)["r"] for c, p in preds.items()}
         row["fit"] = infos[ranked[0]]
         row["best_baseline_on_test"] = max(BASELINE_KS, key=lambda b: row[b]["r"])
         row["baseline_best_on_validation"] = max(BASELINE_KS, key=lambda b: row[b]["val_r"])
@@ -598,6 +604,9 @@ def main():
                     help="real stacks: validation sections per fold; 'one' = the inner training section farthest "
                          "from the test one (third pass), 'all' = every inner training section in turn (mean r)")
     ap.add_argument("--max-folds", type=int, default=None, help="real stacks: run only the first N folds")
+    ap.add_argument("--test-every-candidate", action="store_true",
+                    help="real stacks, diagnostic: also score every field candidate on the test section (no choice "
+                         "uses it)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -621,7 +630,8 @@ def main():
         results["real_selection"] = args.selection
         results[f"real_{stack}"] = real_stack_loso(args.out, stack, selection=args.selection,
                                                    max_folds=args.max_folds,
-                                                   partial=args.out / f"partial_{stack}_{args.selection}.json")
+                                                   partial=args.out / f"partial_{stack}_{args.selection}.json",
+                                                   test_every_candidate=args.test_every_candidate)
         (args.out / name).write_text(json.dumps(results, indent=1))
     if "scale" in args.only:
         results["scale_1M_x_500"] = scale(args.out)
