@@ -13,7 +13,8 @@ alignment, output AnnData); ``*_align_s`` is the embedding + alignment part alon
 sensitive than wall time to other jobs on a shared machine.
 ``--tune`` instead runs the settings grid on the held-out her2st patients E–H (3 sections each, never used in
 the table) from which the ``icp`` defaults were chosen (``--tune-grid soft|sym``: the fifth-pass candidates,
-a soft-assignment / symmetric final refinement, neither adopted).
+a soft-assignment / symmetric final refinement, neither adopted; ``ncomp``: the embedding's principal
+components, 20 kept).
 Expression stacks only (no image stack), as in BENCHMARKS.md:
 
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/bench_register_stack.py \
@@ -142,7 +143,9 @@ TUNE_GRID = ([{"n_genes": g, "expr_weight": w, "trim": t, "icp_options": {"coars
 # fifth pass, each against the defaults ({}): a final soft-assignment refinement (EM-ICP), then symmetric matching
 TUNE_SOFT = [{}] + [{"icp_options": {"soft_iter": i, "soft_scale": sc}} for i in (3, 10, 30) for sc in (0.25, 0.5, 1.0)]
 TUNE_SYM = [{}] + [{"icp_options": {"sym_iter": i}} for i in (3, 10, 30)]
-TUNE_GRIDS = {"defaults": TUNE_GRID, "soft": TUNE_SOFT, "sym": TUNE_SYM}
+# fifth session: the embedding's principal components (fixed at 20 since the first pass, never tuned before)
+TUNE_NCOMP = [{}] + [{"n_components": k} for k in (5, 10, 15, 30, 40, 50)]
+TUNE_GRIDS = {"defaults": TUNE_GRID, "soft": TUNE_SOFT, "sym": TUNE_SYM, "ncomp": TUNE_NCOMP}
 
 
 def tune(out, grid=TUNE_GRID, tag=""):
@@ -181,7 +184,8 @@ def main():
                     help="icp runs per stack (deterministic); its time is the median (the first includes warm-up)")
     ap.add_argument("--tune", action="store_true", help="run the settings grid on her2st E–H instead (see tune())")
     ap.add_argument("--tune-grid", choices=sorted(TUNE_GRIDS), default="defaults",
-                    help="with --tune: the grid (defaults = the 35 settings of the fourth pass; soft / sym = fifth pass)")
+                    help="with --tune: the grid (defaults = the 35 settings of the fourth pass; soft / sym = fifth pass; "
+                         "ncomp = embedding components, fifth session)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
