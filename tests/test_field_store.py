@@ -163,6 +163,16 @@ def test_bad_stores_are_refused_with_clear_errors(stores, tmp_path):
             w.append(sp.csr_matrix(np.ones((2, 1))), np.zeros((2, 3)), np.array([0, 2]))
         w.append(sp.csr_matrix(np.ones((2, 1))), np.zeros((2, 3)), np.array([0, 1]))
     assert len(open_point_store(tmp_path / "w")) == 2
+    # a counts row without counts is refused when the writer closes: the store never gets a manifest
+    with pytest.raises(VoxelomeError, match=r"no counts at all \(first: row 3\)"), \
+            PointStoreWriter(tmp_path / "e", ["G0"], ["s0", "s1"]) as w:
+        w.append(sp.csr_matrix(np.ones((2, 1))), np.zeros((2, 3)), np.array([0, 1]))
+        w.append(sp.csr_matrix(np.array([[2.0], [0.0]])), np.zeros((2, 3)), np.array([0, 1]))
+    with pytest.raises(VoxelomeError, match="did not finish"):
+        open_point_store(tmp_path / "e")
+    with pytest.raises(VoxelomeError, match="no points were written"), \
+            PointStoreWriter(tmp_path / "z", ["G0"], ["s0", "s1"]):
+        pass
 
 
 def test_unit_coordinates_do_not_depend_on_the_chunking(stores):

@@ -107,7 +107,7 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
 
     write_point_store(stack, out, genes=_genes(genes), layer=layer, section_key=section_key, chunk=chunk,
                       overwrite=overwrite)
-    data = open_point_store(out, min_sections=1)
+    data = open_point_store(out, check=False, min_sections=1)  # just written and checked by the writer
     typer.echo(f"point store of {len(data)} points × {data.n_genes} genes ({data.values.nnz} non-zeros) → {out}")
 
 

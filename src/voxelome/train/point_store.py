@@ -139,6 +139,7 @@ class PointStoreWriter:
         self.files = {k: _Growing(self.path / f"{k}.npy", dt, tail) for k, (dt, tail) in ARRAYS.items()}
         self.files["indptr"].append(np.zeros(1, np.int64))
         self.nnz, self.is_counts = 0, True
+        self.first_empty = None  # first row with library ≤ 0 (refused at close if the store holds counts)
 
     def append(self, counts, xyz_um, section_codes, library=None) -> None:
         """Append rows: ``counts`` (k, g) sparse or dense, ``xyz_um`` (k, 3) µm, ``section_codes`` (k,) int;
@@ -161,15 +162,25 @@ class PointStoreWriter:
         f["indptr"].append(self.nnz + m.indptr[1:].astype(np.int64))
         f["indices"].append(m.indices)
         f["data"].append(m.data)
+        lib = np.asarray(m.sum(axis=1) if library is None else library, dtype=np.float64).ravel()
+        if self.first_empty is None and (lib <= 0).any():
+            self.first_empty = f["section"].n + int(np.flatnonzero(lib <= 0)[0])
         f["xyz_um"].append(xyz)
         f["section"].append(codes)
-        f["library"].append(np.asarray(m.sum(axis=1), dtype=np.float64).ravel() if library is None else library)
+        f["library"].append(lib)
         self.nnz += m.nnz
 
     def close(self) -> Path:
+        """Finish the arrays and write the manifest (last). A counts store with empty rows is refused here, so
+        an invalid store never gets a manifest (the same rule as :func:`open_point_store`'s scan)."""
         n = self.files["section"].n
         for f in self.files.values():
             f.close()
+        if n == 0:
+            raise VoxelomeError(f"point store {self.path}: no points were written (the stack is empty).")
+        if self.is_counts and self.first_empty is not None:
+            raise VoxelomeError(f"{self.path}: some points have no counts at all (first: row {self.first_empty}); "
+                                "drop empty spots/cells before writing the store.")
         if not self.is_counts:  # library = 1 for normalised values
             lib = np.load(self.path / "library.npy", mmap_mode="r+")
             lib[:] = 1.0
