@@ -232,9 +232,17 @@ def test_cli_register_stack(tmp_path, phantom_section):
     assert r.exit_code == 0, r.output
     st = ad.read_h5ad(out)
     assert st.obsm[SPATIAL_3D_KEY].shape == (phantom_section.n_obs + moved.n_obs, 3)
+    assert st.uns["voxelome"]["stack"]["bin_um"] is None  # a few hundred spots: aligned point by point
     bad = CliRunner().invoke(app, ["register", "stack", str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad"),
                                    "--z", "10,0", "--out", str(out)])
     assert bad.exit_code == 2 and "strictly increasing" in bad.output
+    r = CliRunner().invoke(app, ["register", "stack", str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad"),
+                                 "--z", "0,10", "--out", str(out), "--max-points", "100"])
+    assert r.exit_code == 0, r.output
+    assert ad.read_h5ad(out).uns["voxelome"]["stack"]["bin_um"] > 0 and '"bin_um": ' in r.output
+    bad = CliRunner().invoke(app, ["register", "stack", str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad"),
+                                   "--z", "0,10", "--out", str(out), "--max-points", "3"])
+    assert bad.exit_code == 2 and "max_points=3 must be an integer ≥ 10" in bad.output
 
 
 def test_joint_embedding_matches_dense_pca_and_stack_options(phantom_section):
@@ -318,3 +326,32 @@ def test_icp_final_refinement_options(phantom_section):
         stack_sections([phantom_section, moved], [0.0, 10.0], icp_options={"sym_iter": -1})
     with pytest.raises(VoxelomeError, match="icp_options key"):
         stack_sections([phantom_section, moved], [0.0, 10.0], icp_options={"soft_iters": 3})
+
+
+def test_large_sections_are_aligned_as_pooled_bins(phantom_section):
+    """Sections above ``max_points`` (here ~5,600 single cells each) are pooled on a grid and the bins aligned:
+    another draw of cells of the same tissue, rotated and shifted, is put back within a few µm."""
+    from voxelome.datasets.cells import cells_from_spots
+    from voxelome.register.stack_icp import bin_points, bin_size_um
+
+    per_spot = -(-5600 // phantom_section.n_obs)  # ~5,600 cells: above the default max_points (5,000)
+    fixed = cells_from_spots(phantom_section, per_spot, seed=0)
+    other = cells_from_spots(phantom_section, per_spot, seed=1)
+    truth = section_xy_um(other)
+    moved = _moved_copy(other, 35.0, (300.0, -200.0), keep=1.0)
+    st = stack_sections([fixed, moved], [0.0, 10.0], names=["fixed", "moved"])
+    info = st.uns["voxelome"]["stack"]
+    assert info["max_points"] == 5000 and info["bin_um"] > info["pitch_um"]  # pooled, not point by point
+    got = st.obsm[SPATIAL_3D_KEY][(st.obs["section"] == "moved").to_numpy(), :2]
+    err = float(np.sqrt(((got - truth) ** 2).sum(1).mean()))
+    none = float(np.sqrt(((section_xy_um(moved) - truth) ** 2).sum(1).mean()))
+    assert err < 20.0 and err < none / 20, (err, none)  # 20 µm ≈ 2 cell pitches; no alignment: ~500 µm
+    # the grid leaves at most max_points bins per section; below the cap nothing is pooled
+    xys = [section_xy_um(fixed), section_xy_um(moved)]
+    size = bin_size_um(xys, info["pitch_um"], 1000)
+    cxy, cemb = bin_points(xys[0], np.ones((fixed.n_obs, 2)), size)
+    assert len(cxy) <= 1000 and np.allclose(cemb, 1.0)
+    assert bin_size_um(xys, info["pitch_um"], fixed.n_obs + moved.n_obs) is None
+    for bad in (5, 2.5, True):
+        with pytest.raises(VoxelomeError, match=f"max_points={bad!r} must be an integer ≥ 10"):
+            stack_sections([fixed, moved], [0.0, 10.0], max_points=bad)

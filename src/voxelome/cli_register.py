@@ -98,12 +98,14 @@ def stack(sections: List[Path] = typer.Argument(..., help="Sections in cutting o
           pixel_size_um: Optional[float] = typer.Option(None, help="µm per pixel of the sections, if readers cannot tell."),
           bspline: bool = typer.Option(False, help="Image stacks: add a B-spline refinement after the rigid fit."),
           zarr_out: Optional[Path] = typer.Option(None, help="Image stacks: the registered 3D image as OME-Zarr (c,z,y,x)."),
+          max_points: Optional[int] = typer.Option(None, help="Expression stacks: sections with more spots/cells "
+                                                   "are aligned as pooled grid bins (default 5000 icp, 1500 fgw)."),
           seed: int = typer.Option(0)):
     """Align serial sections into one 3D frame and write one AnnData with per-section transforms."""
-    _friendly(_stack)(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, seed)
+    _friendly(_stack)(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, max_points, seed)
 
 
-def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, seed):
+def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, max_points, seed):
     from voxelome.io import read_section
     from voxelome.io.sections import write_h5ad
 
@@ -122,8 +124,8 @@ def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, s
     else:
         from voxelome.register.stack_expression import stack_sections
 
-        st = stack_sections(adatas, z_um, names=names, method=method, seed=seed)
+        st = stack_sections(adatas, z_um, names=names, method=method, seed=seed, max_points=max_points)
     write_h5ad(st, out)
     info = st.uns["voxelome"]["stack"]
     typer.echo(json.dumps({"spots": st.n_obs, "sections": info["sections"], "method": info["method"],
-                           "seconds": round(info["seconds"], 2), "out": str(out)}))
+                           "bin_um": info.get("bin_um"), "seconds": round(info["seconds"], 2), "out": str(out)}))

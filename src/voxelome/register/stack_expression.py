@@ -26,12 +26,15 @@ from scipy.spatial import cKDTree
 
 from voxelome.constants import PIXEL_SIZE_KEY, SPATIAL_3D_KEY, SPATIAL_KEY, UNS_KEY
 from voxelome.errors import VoxelomeError, check_choice, check_positive
-from voxelome.register.stack_icp import align_icp, kabsch
+from voxelome.register.stack_icp import align_binned, align_icp, bin_size_um, kabsch
 
 STACK_KEY = "stack"  #: adata.uns['voxelome']['stack']: sections, z, transforms, method
 METHODS = ("icp", "fgw")
 #: option keys of align_icp (search budget; final soft / symmetric refinement, off by default)
 ICP_OPTIONS = ("n_angles", "coarse_iter", "n_keep_starts", "n_iter", "soft_iter", "soft_scale", "sym_iter")
+#: default ``max_points`` per method: above it sections are aligned as pooled bins (ICP's brute-force matching
+#: and FGW's couplings grow with n_fixed × n_moving)
+MAX_POINTS = {"icp": 5000, "fgw": 1500}
 
 
 # --- shared pieces ----------------------------------------------------------------------
@@ -283,7 +286,8 @@ def adjacent_overlap(fixed_xy, moving_xy, radius_um: float) -> float:
 
 def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: float | None = None,
                    expr_weight: float = 1.0, trim: float = 0.8, alpha: float = 0.1, n_components: int = 20,
-                   n_genes: int = 300, icp_options: dict | None = None, seed: int = 0, min_overlap: float = 0.3):
+                   n_genes: int = 300, icp_options: dict | None = None, seed: int = 0, min_overlap: float = 0.3,
+                   max_points: int | None = None):
     """Align serial sections (without images) into one 3D frame from their expression.
 
     Parameters
@@ -309,6 +313,11 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
     min_overlap : float
         Warn when fewer than this fraction of a section's aligned spots lie within one pitch of the
         previous section's spots (sections that do not overlap cannot be aligned).
+    max_points : int, optional
+        Largest section aligned point by point (default 5,000 for ``icp``, 1,500 for ``fgw``). Larger
+        sections (single cells, Visium HD bins) are pooled on a square grid sized so that each has at most
+        about this many bins (centroids, mean embeddings), and the bins are aligned; the rigid map then
+        moves every point. Memory and time then stay bounded whatever the number of cells.
 
     Returns
     -------
@@ -317,7 +326,7 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
         section 0; ``uns['voxelome']['stack']`` with names, z, method, ``seconds`` (the whole call),
         ``seconds_align`` (embedding + alignment, without input checks, gene matching and the output
         AnnData), n_common_genes and per section ``transform`` (3 × 3, section px → stack µm x, y
-        homogeneous) and ``overlap``.
+        homogeneous) and ``overlap``; ``bin_um`` (the pooling grid side, ``None`` when points were aligned).
     """
     import anndata as ad
     import pandas as pd
@@ -328,6 +337,10 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
         check_positive(f"icp_options[{key!r}]", value,
                        allow_zero=key in ("n_iter", "coarse_iter", "soft_iter", "sym_iter"))
     check_positive("n_genes", n_genes)
+    max_points = MAX_POINTS[method] if max_points is None else max_points
+    if isinstance(max_points, bool) or not isinstance(max_points, (int, np.integer)) or max_points < 10:
+        raise VoxelomeError(f"max_points={max_points!r} must be an integer ≥ 10 (sections larger than it are aligned "
+                            f"as pooled bins); e.g. {MAX_POINTS[method]}.")
     t0 = time.perf_counter()
     names, z = check_stack_inputs(adatas, z_um, names)
     genes, cols = _gene_positions(adatas)
@@ -341,15 +354,19 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
     if pitch_um is None:
         d, _ = cKDTree(xys[0]).query(xys[0], k=2)
         pitch_um = float(np.median(d[:, 1]))
+    bin_um = bin_size_um(xys, pitch_um, int(max_points))
+    if method == "icp":
+        aligner, kw = align_icp, dict(pitch_um=pitch_um, expr_weight=expr_weight, trim=trim, **(icp_options or {}))
+    else:
+        aligner, kw = align_fgw, dict(alpha=alpha, seed=seed)
     aligned = [xys[0]]
     rts = [(np.eye(2), np.zeros(2))]
     overlaps = [1.0]
     for k in range(1, len(adatas)):
-        if method == "icp":
-            r, t, _ = align_icp(aligned[-1], embs[k - 1], xys[k], embs[k], pitch_um=pitch_um, expr_weight=expr_weight,
-                                trim=trim, **(icp_options or {}))
+        if bin_um is None:
+            r, t, _ = aligner(aligned[-1], embs[k - 1], xys[k], embs[k], **kw)
         else:
-            r, t, _ = align_fgw(aligned[-1], embs[k - 1], xys[k], embs[k], alpha=alpha, seed=seed)
+            r, t, _ = align_binned(aligner, aligned[-1], embs[k - 1], xys[k], embs[k], bin_um=bin_um, **kw)
         aligned.append(xys[k] @ r.T + t)
         rts.append((r, t))
         overlaps.append(adjacent_overlap(aligned[-2], aligned[-1], pitch_um))
@@ -371,7 +388,8 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
     out.obsm[SPATIAL_3D_KEY] = np.column_stack([np.vstack(aligned), np.repeat(z, sizes)])
     out.uns[UNS_KEY] = {STACK_KEY: {
         "sections": names, "z_um": z.tolist(), "method": method, "seconds": time.perf_counter() - t0,
-        "seconds_align": seconds_align, "pitch_um": pitch_um, "n_common_genes": len(genes), "overlap": overlaps,
+        "seconds_align": seconds_align, "pitch_um": pitch_um, "bin_um": bin_um, "max_points": int(max_points),
+        "n_common_genes": len(genes), "overlap": overlaps,
         "transforms": [m.tolist() for m in transforms],
         "transform_doc": "per section: 3x3 homogeneous map of obsm['spatial'] pixels (x, y, 1) to stack µm (x, y, 1); "
                          "z from z_um"}}

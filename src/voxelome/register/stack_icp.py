@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.sparse as sp
 
 CHUNK_BYTES = 1 << 20  #: distance-matrix block of the batched matching step (fits L2; same values as one block)
 
@@ -222,3 +223,54 @@ def align_icp(fixed_xy, fixed_emb, moving_xy, moving_emb, *, pitch_um: float, ex
         prev, rp, tp = c, r, t
         r, t = kabsch(np.vstack([mx[km], mx[i[kf]]]), np.vstack([fx[j[km]], fx[kf]]))
     return r, t * pitch_um, cost
+
+
+# --- large sections: align bins, not points -----------------------------------------------------------
+def bin_size_um(xys, pitch_um: float, max_points: int) -> float | None:
+    """Side (µm) of a square grid that leaves at most about ``max_points`` occupied bins in every section, or
+    ``None`` when no section has more than ``max_points`` points (no binning needed).
+
+    Starts from the side that keeps the point density (``pitch · √(n / max_points)``) and grows it by 20 %
+    until every section fits.
+    """
+    n = max(len(x) for x in xys)
+    if n <= max_points:
+        return None
+    size = pitch_um * math.sqrt(n / max_points)
+    while max(_n_bins(x, size) for x in xys) > max_points:
+        size *= 1.2
+    return float(size)
+
+
+def _n_bins(xy: np.ndarray, size: float) -> int:
+    return len(np.unique(np.floor((xy - xy.min(0)) / size).astype(np.int64), axis=0))
+
+
+def bin_points(xy: np.ndarray, emb: np.ndarray, size_um: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points pooled on a square grid of side ``size_um``: centroids ``(b, 2)`` µm and mean embeddings ``(b, k)``.
+
+    Centroids, not grid centres, so that a rigid map of the bins is the rigid map of their points.
+    """
+    xy, emb = np.asarray(xy, float), np.asarray(emb, float)
+    _, inv, counts = np.unique(np.floor((xy - xy.min(0)) / size_um).astype(np.int64), axis=0,
+                               return_inverse=True, return_counts=True)
+    inv = inv.ravel()
+    pool = sp.csr_matrix((1.0 / counts[inv], (inv, np.arange(len(inv)))), shape=(len(counts), len(inv)))
+    return pool @ xy, pool @ emb
+
+
+def align_binned(aligner, fixed_xy, fixed_emb, moving_xy, moving_emb, *, bin_um: float, **kwargs):
+    """``aligner`` (:func:`align_icp`-like: ``(fixed_xy, fixed_emb, moving_xy, moving_emb, **kw) → (R, t, extra)``)
+    run on both sections pooled into ``bin_um`` bins (:func:`bin_points`): memory and time then scale with the
+    bins, not with the points (brute-force matching of 100 k × 100 k cells would need 40 GB).
+
+    Pooled embeddings are less spread than single points'; both sections' are rescaled together so that their
+    first component has unit standard deviation over the bins, as :func:`joint_embedding` does for points. An
+    ICP ``pitch_um`` becomes ``bin_um``. ``R, t`` map the moving section's points like its bins.
+    """
+    fxy, fe = bin_points(fixed_xy, fixed_emb, bin_um)
+    mxy, me = bin_points(moving_xy, moving_emb, bin_um)
+    scale = np.concatenate([fe[:, 0], me[:, 0]]).std() + 1e-12
+    if "pitch_um" in kwargs:
+        kwargs["pitch_um"] = bin_um
+    return aligner(fxy, fe / scale, mxy, me / scale, **kwargs)
