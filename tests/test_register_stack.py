@@ -342,6 +342,7 @@ def test_large_sections_are_aligned_as_pooled_bins(phantom_section):
     st = stack_sections([fixed, moved], [0.0, 10.0], names=["fixed", "moved"])
     info = st.uns["voxelome"]["stack"]
     assert info["max_points"] == 5000 and info["bin_um"] > info["pitch_um"]  # pooled, not point by point
+    assert info["overlap"][1] > 0.9  # cells within one bin of the other section's cells
     got = st.obsm[SPATIAL_3D_KEY][(st.obs["section"] == "moved").to_numpy(), :2]
     err = float(np.sqrt(((got - truth) ** 2).sum(1).mean()))
     none = float(np.sqrt(((section_xy_um(moved) - truth) ** 2).sum(1).mean()))
@@ -352,6 +353,12 @@ def test_large_sections_are_aligned_as_pooled_bins(phantom_section):
     cxy, cemb = bin_points(xys[0], np.ones((fixed.n_obs, 2)), size)
     assert len(cxy) <= 1000 and np.allclose(cemb, 1.0)
     assert bin_size_um(xys, info["pitch_um"], fixed.n_obs + moved.n_obs) is None
+    # a pooled section that cannot overlap the other (a strip spread 3×) is still flagged
+    xy = section_xy_um(fixed)
+    far = fixed[xy[:, 0] < np.quantile(xy[:, 0], 0.3)].copy()
+    far.obsm[SPATIAL_KEY] = far.obsm[SPATIAL_KEY] * 3.0
+    with pytest.warns(UserWarning, match="overlaps the previous one little"):
+        stack_sections([fixed, far], [0.0, 10.0], max_points=500, min_overlap=0.6)
     for bad in (5, 2.5, True):
         with pytest.raises(VoxelomeError, match=f"max_points={bad!r} must be an integer ≥ 10"):
             stack_sections([fixed, moved], [0.0, 10.0], max_points=bad)

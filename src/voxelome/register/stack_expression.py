@@ -311,8 +311,9 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
     icp_options : dict, optional
         Search budget of :func:`align_icp` (``n_angles``, ``coarse_iter``, ``n_keep_starts``, ``n_iter``).
     min_overlap : float
-        Warn when fewer than this fraction of a section's aligned spots lie within one pitch of the
-        previous section's spots (sections that do not overlap cannot be aligned).
+        Warn when fewer than this fraction of a section's aligned spots lie within one pitch (two bin
+        sides for pooled sections) of the previous section's spots (sections that do not overlap cannot
+        be aligned).
     max_points : int, optional
         Largest section aligned point by point (default 5,000 for ``icp``, 1,500 for ``fgw``). Larger
         sections (single cells, Visium HD bins) are pooled on a square grid sized so that each has at most
@@ -369,11 +370,14 @@ def stack_sections(adatas, z_um, *, names=None, method: str = "icp", pitch_um: f
             r, t, _ = align_binned(aligner, aligned[-1], embs[k - 1], xys[k], embs[k], bin_um=bin_um, **kw)
         aligned.append(xys[k] @ r.T + t)
         rts.append((r, t))
-        overlaps.append(adjacent_overlap(aligned[-2], aligned[-1], pitch_um))
+        # within one pitch; two bin sides for pooled sections (single cells of two sections do not face each other,
+        # so a one-pitch radius would measure the cell density, not the overlap)
+        radius = pitch_um if bin_um is None else 2 * bin_um
+        overlaps.append(adjacent_overlap(aligned[-2], aligned[-1], radius))
         if overlaps[-1] < min_overlap:
             warnings.warn(f"section {names[k]!r} overlaps the previous one little after alignment "
-                          f"({overlaps[-1]:.0%} of its spots within one pitch): check the order and that both are of "
-                          "the same block.", stacklevel=2)
+                          f"({overlaps[-1]:.0%} of its spots within {radius:.3g} µm of the previous one's): check "
+                          "the order and that both are of the same block.", stacklevel=2)
     seconds_align = time.perf_counter() - t1
     transforms = []
     for a, (r, t) in zip(adatas, rts):
