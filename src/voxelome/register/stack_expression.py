@@ -11,6 +11,9 @@ the previous, already aligned one:
   features from several starting rotations, each step a Kabsch fit of the mutual matches with
   outliers trimmed (robust to partial overlap). Milliseconds per pair (:mod:`voxelome.register.stack_icp`).
 
+Sections with more than ``max_points`` spots or cells (single-cell platforms, Visium HD) are pooled on a square
+grid and their bins aligned (:func:`voxelome.register.stack_icp.align_binned`), so memory and time stay bounded.
+
 :func:`stack_sections` chains the pairwise maps (section 0 is the reference frame) and writes one
 AnnData with ``obsm['spatial_3d']`` (x, y, z µm) and the per-section transforms.
 """
