@@ -117,13 +117,47 @@ def test_bad_input_gets_clear_errors(run, files, tmp_path):
     r = invoke("superres", "fit", "--section", s, "--image", i, "--calibration-section", s, "--calibration-image", i,
                "--select-steps", "two,five", "--out", tmp_path / "g")
     assert r.exit_code == 2 and "comma-separated integers" in r.output
-    hexa = ad.read_h5ad(s)
-    hexa.obs = hexa.obs.rename(columns={"array_x": "array_col", "array_y": "array_row"})
-    hexa.obs["array_col"] = hexa.obs["array_col"] * 2 + hexa.obs["array_row"] % 2
-    with pytest.raises(VoxelomeError, match="hexagonal"):
-        array_grid(hexa)
     sec = ad.read_h5ad(s)
     with pytest.raises(VoxelomeError, match="lacks 1 of the model's genes"):
         restore_pair(sec, ["TUM", "NOPE"])
     with pytest.raises(VoxelomeError, match="does not contain every spot"):
         beyond_pair(sec, ["TUM"], box=(5, 5, 2, 2))
+
+
+def _visium_like(path, d):
+    """The square test section relabelled as a Visium hexagonal lattice: array_col = 2·x + (row parity), alternate
+    rows shifted by half a pitch and rows √3/2 of a pitch apart, in pixels as in the image."""
+    sec = ad.read_h5ad(path)
+    x, y = sec.obs["array_x"].to_numpy(), sec.obs["array_y"].to_numpy()
+    sec.obs = sec.obs.drop(columns=["array_x", "array_y"])
+    sec.obs["array_row"], sec.obs["array_col"] = y, 2 * x + y % 2
+    sec.obsm["spatial"] = np.column_stack([(x + (y % 2) / 2) * PITCH_PX, y * PITCH_PX * np.sqrt(3) / 2]) + 20.0
+    sec.write_h5ad(d / "visium.h5ad")
+    return d / "visium.h5ad", sec
+
+
+def test_visium_hexagonal_lattice_in_offset_coordinates(run, files, tmp_path):
+    from voxelome.datasets.superres_sections import _grid_to_px, _lattice
+
+    s, i = files[4]
+    path, hexa = _visium_like(s, tmp_path)
+    square = ad.read_h5ad(s)
+    ax, ay = array_grid(hexa)  # offset coordinates: the original square indices back
+    np.testing.assert_array_equal(ax, square.obs["array_x"].to_numpy())
+    np.testing.assert_array_equal(ay, square.obs["array_y"].to_numpy())
+    ax, ay, shift = _lattice(hexa)
+    assert set(shift(ay)) == {0.0, 0.5}
+    aff = _grid_to_px(hexa, ax, ay, shift)  # exact on the half-pitch-shifted rows
+    fitted = np.column_stack([ax + shift(ay), ay, np.ones(len(ax))]) @ aff.T
+    np.testing.assert_allclose(fitted, hexa.obsm["spatial"], atol=1e-6)
+    pair = restore_pair(hexa, ["TUM", "STR"])
+    um = 4.0  # µm per image pixel of the synthetic sections
+    np.testing.assert_allclose(pair.extra["pixel_size_yx_um"], (PITCH_PX * um * np.sqrt(3) / 2, PITCH_PX * um))
+    assert pair.high_mask.sum() == hexa.n_obs and pair.low_mask.all()  # dense offset grid: every 2×2 block full
+    assert "pixel_size_yx_um" not in restore_pair(square, ["TUM"]).extra  # square arrays: one pixel size
+    r = invoke("superres", "predict", run, "--section", path, "--image", i, "--out", tmp_path / "v.zarr",
+               "--samples", 2, "--steps", 2)
+    assert r.exit_code == 0, r.output
+    data, px, _ = read_slide_map(tmp_path / "v.zarr" / "mean.ome.zarr")
+    np.testing.assert_allclose(px, (PITCH_PX * um * np.sqrt(3) / 4, PITCH_PX * um / 2))  # (y, x) of the 2× grid
+    assert json.loads((tmp_path / "v.zarr" / "summary.json").read_text())["pixel_size_um"] == pytest.approx(list(px))

@@ -129,8 +129,9 @@ def run_predict(run: Path, sections: list[Path], images: list[Path], out: Path, 
         pred = model.predict(pair, samples, steps=steps, seed=seed, keep_samples=labels is not None)
         preds.append(pred)
         masks.append(pair.high_mask)
-        pixel_um = pixel_um or pair.pixel_size_um
-        entry = {"grid": list(pair.high_mask.shape), "pixel_size_um": pair.pixel_size_um}
+        size = pair.extra.get("pixel_size_yx_um", pair.pixel_size_um)  # (y, x) on a Visium (hexagonal) lattice
+        pixel_um = pixel_um or size
+        entry = {"grid": list(pair.high_mask.shape), "pixel_size_um": size}
         if mode == "restore":  # the truth is the measured spots: score like the benchmark
             sc = superres_scores(pred.mean, pair.high, pair.high_mask)
             entry["scores"] = {k: sc[k] for k in ("rmse", "ssim", "pearson", "pearson_median")}

@@ -1,4 +1,4 @@
-"""Super-resolution pairs from a user's own ST sections (square spot arrays, e.g. legacy ST), with H&E features.
+"""Super-resolution pairs from a user's own ST sections (legacy ST square arrays or Visium), with H&E features.
 
 Two kinds of pair, same grid conventions as :mod:`voxelome.datasets.superres` (low-res pixel ``(i, j)``
 covers high-res pixels ``[i·f, (i+1)·f) × [j·f, (j+1)·f)``):
@@ -10,6 +10,12 @@ covers high-res pixels ``[i·f, (i+1)·f) × [j·f, (j+1)·f)``):
   ``factor`` times finer than the array. Each output pixel's value means *what a spot of the measured size
   centred there would read*; the model learned it one scale up (blocks → spots), so this mode rests on the
   usual assumption of self-supervised super-resolution that the relation holds one scale down.
+
+Visium's hexagonal lattice is handled in *offset coordinates*: along a row the spots' ``array_col`` steps by 2,
+so ``x = array_col // 2`` (after removing the row's parity) numbers them consecutively and alternate rows carry a
+half-pitch shift, kept apart for the geometry (image features are sampled where the spots really are). The grid's
+pixels are then anisotropic (a spot pitch wide, √3/2 of it high); ``pair.extra['pixel_size_yx_um']`` has both sizes
+and the written OME-Zarr carries them.
 
 Histology features are :func:`voxelome.datasets.superres.grid_features` (colour/texture in the spot disk and
 a 2× context disk) reduced by :class:`HistologyFeatures` (standardisation + PCA fitted on the training
@@ -29,10 +35,17 @@ _GRID_COLUMNS = (("array_x", "array_y"), ("array_col", "array_row"))
 
 
 def array_grid(adata) -> tuple[np.ndarray, np.ndarray]:
-    """Integer array coordinates ``(ax, ay)`` of the spots of a square-lattice section.
+    """Integer grid coordinates ``(ax, ay)`` of the spots (offset coordinates on a hexagonal Visium lattice).
 
-    Raises a :class:`VoxelomeError` for sections without array coordinates or on a hexagonal (Visium) lattice.
+    Raises a :class:`VoxelomeError` for sections without integer array coordinates or with two spots at one position.
     """
+    ax, ay, _ = _lattice(adata)
+    return ax, ay
+
+
+def _lattice(adata):
+    """``(ax, ay, row_shift)``: grid coordinates and a function giving the x offset (array units, 0 or 0.5) of
+    grid rows — the half-pitch shift of alternate Visium rows, 0 everywhere on square arrays."""
     for cx, cy in _GRID_COLUMNS:
         if cx in adata.obs and cy in adata.obs:
             ax, ay = adata.obs[cx].to_numpy(), adata.obs[cy].to_numpy()
@@ -43,12 +56,16 @@ def array_grid(adata) -> tuple[np.ndarray, np.ndarray]:
     if not (np.allclose(ax, np.round(ax)) and np.allclose(ay, np.round(ay))):
         raise VoxelomeError("array coordinates must be integers (one per array position).")
     ax, ay = np.round(ax).astype(int), np.round(ay).astype(int)
-    if cx == "array_col" and len(ax) > 3 and np.all((ax + ay) % 2 == (ax[0] + ay[0]) % 2):
-        raise VoxelomeError("this section's spots lie on a hexagonal lattice (Visium); super-resolution by "
-                            "blocks needs a square lattice (legacy ST). Hexagonal grids are not supported yet.")
     if len(set(zip(ax.tolist(), ay.tolist()))) != len(ax):
         raise VoxelomeError("two spots share one array position; de-duplicate the section first.")
-    return ax, ay
+    if cx == "array_col" and len(ax) > 3 and np.all((ax + ay) % 2 == (ax[0] + ay[0]) % 2):
+        parity = int(ax[0] + ay[0]) % 2  # Visium: array_col + array_row has one parity over the whole slide
+
+        def row_shift(rows):
+            return ((parity - np.asarray(rows)) % 2) / 2.0  # the row's first column is 0 or 1 → 0 or ½ pitch
+
+        return (ax - 2 * row_shift(ay).astype(int)) // 2, ay, row_shift
+    return ax, ay, lambda rows: np.zeros(np.shape(rows))
 
 
 def _section_scale(adata) -> tuple[float, float]:
@@ -60,9 +77,9 @@ def _section_scale(adata) -> tuple[float, float]:
     return float(px), float(diam)
 
 
-def _grid_to_px(adata, ax, ay) -> np.ndarray:
-    """2×3 affine: array (x, y, 1) → full-resolution image pixel (x, y), least squares over the spots."""
-    a = np.column_stack([ax, ay, np.ones(len(ax))])
+def _grid_to_px(adata, ax, ay, row_shift) -> np.ndarray:
+    """2×3 affine: array (x + row shift, y, 1) → full-resolution image pixel (x, y), least squares over the spots."""
+    a = np.column_stack([ax + row_shift(ay), ay, np.ones(len(ax))])
     return np.linalg.lstsq(a, np.asarray(adata.obsm["spatial"], float)[:, :2], rcond=None)[0].T
 
 
@@ -134,7 +151,7 @@ def section_targets(adata, genes) -> np.ndarray:
 
 def array_box(adatas) -> tuple[int, int, int, int]:
     """``(x0, y0, width, height)`` in array units covering every section's spots (a common frame for stacks)."""
-    grids = [array_grid(a) for a in adatas]
+    grids = [array_grid(a) for a in adatas]  # sections of one array layout (Visium: the same row parity)
     x0, y0 = min(int(g[0].min()) for g in grids), min(int(g[1].min()) for g in grids)
     x1, y1 = max(int(g[0].max()) for g in grids), max(int(g[1].max()) for g in grids)
     return x0, y0, x1 - x0 + 1, y1 - y0 + 1
@@ -160,7 +177,7 @@ def restore_pair(adata, genes, *, factor: int = 2, image: SectionImage | None = 
     :class:`HistologyFeatures`. ``box`` ``(x0, y0, width, height)`` in array units fixes the grid (e.g.
     :func:`array_box` of a stack); by default it is the section's own extent.
     """
-    ax, ay = array_grid(adata)
+    ax, ay, row_shift = _lattice(adata)
     f = int(factor)
     x0, y0, w, h = _box(ax, ay, box)
     H, W = -(-h // f) * f, -(-w // f) * f
@@ -171,15 +188,16 @@ def restore_pair(adata, genes, *, factor: int = 2, image: SectionImage | None = 
     mask[ay - y0, ax - x0] = True
     low, cnt = block_mean(high, mask, f)
     low_mask = cnt >= int(min_spots)
-    aff = _grid_to_px(adata, ax, ay)
+    aff = _grid_to_px(adata, ax, ay, row_shift)
     pitch = _pitch_um(adata, aff)
-    extra = {"array_origin": (x0, y0), "grid_to_px": aff, "mode": "restore"}
+    extra = {"array_origin": (x0, y0), "grid_to_px": aff, "mode": "restore", **_anisotropy(adata, aff, 1)}
     pair = SuperResPair(name, list(genes), f, pitch, high, mask, (low * low_mask).astype(np.float32), low_mask, None,
                         None, extra)
     if image is None:
         return (pair, None) if raw_features else pair.validate()
     gy, gx = np.mgrid[0:H, 0:W]
-    raw = _features_at(image, adata, np.column_stack([gx.ravel() + x0, gy.ravel() + y0]), aff)
+    gy, gx = gy.ravel() + y0, gx.ravel() + x0
+    raw = _features_at(image, adata, np.column_stack([gx + row_shift(gy), gy]), aff)
     if raw_features:
         return pair, raw
     if features is None:
@@ -192,7 +210,7 @@ def beyond_pair(adata, genes, *, factor: int = 2, image: SectionImage | None = N
                 features: HistologyFeatures | None = None, name: str = "section", box=None):
     """The measured spots as the low-res input of a grid ``factor`` times finer than the array (``box``: as in
     :func:`restore_pair`)."""
-    ax, ay = array_grid(adata)
+    ax, ay, row_shift = _lattice(adata)
     f = int(factor)
     x0, y0, w, h = _box(ax, ay, box)
     vals = section_targets(adata, genes)
@@ -200,18 +218,20 @@ def beyond_pair(adata, genes, *, factor: int = 2, image: SectionImage | None = N
     low_mask = np.zeros((h, w), bool)
     low[:, ay - y0, ax - x0] = vals.T
     low_mask[ay - y0, ax - x0] = True
-    aff = _grid_to_px(adata, ax, ay)
+    aff = _grid_to_px(adata, ax, ay, row_shift)
     H, W = h * f, w * f
     mask = np.kron(low_mask, np.ones((f, f), bool))
     pair = SuperResPair(name, list(genes), f, _pitch_um(adata, aff) / f, np.zeros((len(genes), H, W), np.float32),
                         mask, low, low_mask, None, None,
-                        {"array_origin": (x0, y0), "grid_to_px": aff, "mode": "beyond"})
+                        {"array_origin": (x0, y0), "grid_to_px": aff, "mode": "beyond", **_anisotropy(adata, aff, f)})
     if image is not None:
         if features is None:
             raise VoxelomeError("features=None with an image: use the run's fitted HistologyFeatures.")
         gy, gx = np.mgrid[0:H, 0:W]
-        # sub-pixel (a, b) of array position (i, j) sits at array coordinate j + (b + 0.5)/f − 0.5
-        grid = np.column_stack([x0 + (gx.ravel() + 0.5) / f - 0.5, y0 + (gy.ravel() + 0.5) / f - 0.5])
+        # sub-pixel (a, b) of array position (i, j) sits at array coordinate j + (b + 0.5)/f − 0.5, shifted with
+        # its spot's row on a hexagonal lattice
+        gy, gx = gy.ravel(), gx.ravel()
+        grid = np.column_stack([x0 + (gx + 0.5) / f - 0.5 + row_shift(y0 + gy // f), y0 + (gy + 0.5) / f - 0.5])
         pair.image = features.transform(_features_at(image, adata, grid, aff)).T.reshape(-1, H, W)
     return pair.validate()
 
@@ -219,3 +239,11 @@ def beyond_pair(adata, genes, *, factor: int = 2, image: SectionImage | None = N
 def _pitch_um(adata, aff: np.ndarray) -> float:
     px, _ = _section_scale(adata)
     return float(np.mean(np.linalg.norm(aff[:, :2], axis=0)) * px)
+
+
+def _anisotropy(adata, aff: np.ndarray, f: int) -> dict:
+    """``{'pixel_size_yx_um': (y, x)}`` of the output grid when its rows and columns differ by > 1 % (Visium rows are
+    √3/2 of a pitch apart), else ``{}`` (square arrays keep one pixel size)."""
+    px, _ = _section_scale(adata)
+    sx, sy = np.linalg.norm(aff[:, :2], axis=0) * px / f
+    return {"pixel_size_yx_um": (float(sy), float(sx))} if abs(sx - sy) > 0.01 * max(sx, sy) else {}

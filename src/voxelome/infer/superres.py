@@ -23,7 +23,7 @@ from voxelome.errors import VoxelomeError
 SUMMARIES = ("mean", "std", "lower", "upper")
 
 
-def _write_2d(path: Path, data: np.ndarray, names, pixel_size_um: float) -> None:
+def _write_2d(path: Path, data: np.ndarray, names, pixel_size_yx_um: tuple[float, float]) -> None:
     import zarr
     from numcodecs import Blosc
 
@@ -37,10 +37,10 @@ def _write_2d(path: Path, data: np.ndarray, names, pixel_size_um: float) -> None
     arr[:] = data.astype(np.float32)
     finite = np.where(np.isfinite(data), data, np.nan)
     windows = [(float(np.nanmin(c)), float(np.nanmax(c))) if np.isfinite(c).any() else (0.0, 1.0) for c in finite]
-    (path / ".zattrs").write_text(json.dumps(_attrs_2d(path.name, (pixel_size_um,) * 2, names, [1], windows)))
+    (path / ".zattrs").write_text(json.dumps(_attrs_2d(path.name, pixel_size_yx_um, names, [1], windows)))
 
 
-def write_superres(folder, predictions, genes, pixel_size_um: float, *, masks=None,
+def write_superres(folder, predictions, genes, pixel_size_um, *, masks=None,
                    section_spacing_um: float | None = None, overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write predictive summaries of one section or of a slice-wise volume.
 
@@ -53,8 +53,8 @@ def write_superres(folder, predictions, genes, pixel_size_um: float, *, masks=No
         ``z = k · section_spacing_um``).
     genes : list of str
         Channel names.
-    pixel_size_um : float
-        High-res pixel size (µm).
+    pixel_size_um : float or (float, float)
+        High-res pixel size (µm), or ``(y, x)`` sizes for anisotropic grids (Visium: rows √3/2 of a pitch apart).
     masks : bool array (H, W) or list of them, optional
         Measured/tissue pixels, written as ``mask.ome.zarr``.
     section_spacing_um : float, optional
@@ -74,8 +74,13 @@ def write_superres(folder, predictions, genes, pixel_size_um: float, *, masks=No
     if volume and not (section_spacing_um and section_spacing_um > 0):
         raise VoxelomeError(f"section_spacing_um={section_spacing_um!r}: a slice-wise volume needs the distance "
                             "between slices in µm (CLI --section-spacing-um).")
-    if not pixel_size_um or pixel_size_um <= 0:
-        raise VoxelomeError(f"pixel_size_um={pixel_size_um!r} must be > 0 (µm per high-res pixel).")
+    try:
+        yx = np.broadcast_to(np.asarray(pixel_size_um, float), (2,))
+    except (TypeError, ValueError):
+        yx = np.full(2, np.nan)
+    if not np.all(np.isfinite(yx) & (yx > 0)):
+        raise VoxelomeError(f"pixel_size_um={pixel_size_um!r} must be > 0 (µm per high-res pixel; one number or (y, x)).")
+    yx = (float(yx[0]), float(yx[1]))
     names = [str(g) for g in genes]
     if any(p.mean.shape[0] != len(names) for p in preds):
         raise VoxelomeError(f"predictions have {preds[0].mean.shape[0]} channels but {len(names)} gene names.")
@@ -91,11 +96,11 @@ def write_superres(folder, predictions, genes, pixel_size_um: float, *, masks=No
         chans = names if key != "mask" else ["mask"]
         if volume:
             data = np.stack(arrays, axis=1)  # (c, z, y, x)
-            write_volume_ome_zarr(path, data, (float(section_spacing_um), float(pixel_size_um), float(pixel_size_um)),
-                                  channel_names=chans)
+            write_volume_ome_zarr(path, data, (float(section_spacing_um), *yx), channel_names=chans)
         else:
-            _write_2d(path, arrays[0], chans, float(pixel_size_um))
-    summary = {"genes": names, "pixel_size_um": float(pixel_size_um), "axes": "czyx" if volume else "cyx",
+            _write_2d(path, arrays[0], chans, yx)
+    summary = {"genes": names, "pixel_size_um": yx[0] if yx[0] == yx[1] else list(yx),
+               "axes": "czyx" if volume else "cyx",
                "level": float(preds[0].level), "calibrated": bool(preds[0].calibrated),
                "unit": "targets' scale (log1p-normalised expression) per high-res pixel",
                "files": {k: f"{k}.ome.zarr" for k in items}, **(extra or {})}
