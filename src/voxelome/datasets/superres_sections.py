@@ -64,7 +64,7 @@ def _lattice(adata):
         def row_shift(rows):
             return ((parity - np.asarray(rows)) % 2) / 2.0  # the row's first column is 0 or 1 → 0 or ½ pitch
 
-        return (ax - 2 * row_shift(ay).astype(int)) // 2, ay, row_shift
+        return ax // 2, ay, row_shift  # col = 2·x + (0 or 1): floor division drops the row's parity bit
     return ax, ay, lambda rows: np.zeros(np.shape(rows))
 
 
