@@ -2,7 +2,8 @@
 
 The ``"icp"`` path of :func:`voxelome.register.stack_expression.stack_sections`: iterative closest
 point (Besl & McKay 1992) with trimmed matches (partial overlap, tears) and a closed-form 2D Kabsch
-fit per step, from several starting rotations.
+fit per step, from several starting rotations. Large sections (more than a few thousand points) are aligned as
+pooled grid bins (:func:`align_binned`), since the brute-force matching grows as n_fixed × n_moving.
 """
 
 from __future__ import annotations
