@@ -48,7 +48,7 @@ def run(fixed, mv, truth, **kw) -> dict:
     tracemalloc.stop()
     got = st.obsm[SPATIAL_3D_KEY][(st.obs["section"] == "moved").to_numpy(), :2]
     info = st.uns["voxelome"]["stack"]
-    return {**{k: v for k, v in kw.items()}, "bin_um": info["bin_um"], "rms_um": float(np.sqrt(((got - truth) ** 2).sum(1).mean())),
+    return {**kw, "bin_um": info["bin_um"], "rms_um": float(np.sqrt(((got - truth) ** 2).sum(1).mean())),
             "wall_s": wall, "cpu_s": cpu, "peak_mib": peak / 2 ** 20}
 
 
