@@ -1,6 +1,6 @@
 """``voxelome reconstruct``: fit a neural transcriptomic field to serial sections and query it.
 
-    voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B] [--preset cpu] [--jitter auto]
+    voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B | --n-genes 500] [--preset cpu] [--jitter auto | --select]
     voxelome reconstruct store STACK.h5ad --out STORE [--genes A,B]   # then: reconstruct fit STORE --out RUN
     voxelome reconstruct volume RUN --out field.ome.zarr --spacing 20 [--bbox x0,y0,z0,x1,y1,z1]
     voxelome reconstruct section RUN --out plane.npz --origin x,y,z --normal nx,ny,nz --pixel-size 10 --shape 100,100
@@ -25,6 +25,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Neural transcriptomic field: a continuous 3D expression field fit to serial sections.")
 
 
+#: genes modelled when none are named: a field's time per iteration grows with them (NTF fits 500–1,000)
+DEFAULT_FIELD_GENES = 500
+
+
 def _numbers(text: Optional[str], name: str, n: tuple[int, ...]):
     return parse_numbers(text, name, n)
 
@@ -42,7 +46,9 @@ def _sets(items: list[str]) -> dict:
 def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: obsm['spatial_3d'] (µm) + obs[section-key]; "
                                               "or a point store folder from `reconstruct store` (fitted from disk)."),
         out: Path = typer.Option(..., help="Run folder (config.yaml, checkpoint.pt, last.pt)."),
-        genes: Optional[str] = typer.Option(None, help="Genes to model, comma-separated (default: all)."),
+        genes: Optional[str] = typer.Option(None, help="Genes to model, comma-separated (default: the --n-genes most variable)."),
+        n_genes: int = typer.Option(DEFAULT_FIELD_GENES, help="Without --genes: model the N most variable genes "
+                                    "(log1p counts per 10k); 0 = every gene (slow: time per iteration grows with genes)."),
         obsm_key: Optional[str] = typer.Option(None, help="Model obsm[KEY] (e.g. signatures) instead of genes."),
         section_key: str = typer.Option("section", help="obs column naming each point's section."),
         layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
@@ -51,15 +57,20 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         jitter: str = typer.Option("auto", help="Coordinate jitter σ µm: 'auto' (from spot pitch and section gap), one number, or x,y,z."),
         signatures_model: Optional[Path] = typer.Option(None, help="A `voxelome signatures` .npz: low-rank field through its fixed gene loadings."),
         set_: list[str] = typer.Option([], "--set", help="Override a FieldConfig field, key=value (repeatable)."),
+        select: bool = typer.Option(False, "--select", help="First choose the jitter and likelihood on held-out inner "
+                                    "sections of this stack (selection.json); costs candidates × sections extra fits."),
+        select_sections: int = typer.Option(2, help="With --select: inner sections held out in turn."),
         no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of resuming last.pt.")):
     """Fit a field to a registered stack of sections."""
     import anndata as ad
 
     from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
-    from voxelome.train.point_data import PointData
+    from voxelome.train.point_data import PointData, variable_genes
 
     if not stack.exists():
         raise VoxelomeError(f"stack file {stack} does not exist.")
+    if n_genes < 0:
+        raise VoxelomeError(f"--n-genes {n_genes} must be ≥ 0 (0 = every gene).")
     if stack.is_dir():  # a point store: memmapped, never loaded into RAM
         if genes or obsm_key or layer or signatures_model:
             raise VoxelomeError("--genes/--obsm-key/--layer/--signatures-model do not apply to a point store (its "
@@ -75,9 +86,26 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
 
         sig = SignatureModel.load(signatures_model)
         gene_list = [g for g in (gene_list or sig.genes) if g in set(adata.var_names) and g in set(sig.genes)]
+    if adata is not None and gene_list is None and obsm_key is None and 0 < n_genes < adata.n_vars:
+        gene_list = variable_genes(adata, n_genes, layer=layer)
+        typer.echo(f"modelling the {len(gene_list)} most variable of {adata.n_vars} genes (--n-genes; --genes A,B "
+                   "to choose them, --n-genes 0 for all)")
     if adata is not None:
         data = PointData.from_anndata(adata, genes=gene_list, obsm_key=obsm_key, layer=layer, section_key=section_key)
     overrides = _sets(set_)
+    if select:
+        from voxelome.train.field_selection import select_field
+
+        if likelihood or jitter != "auto" or {"likelihood", "jitter_um", "section_dim"} & set(overrides):
+            raise VoxelomeError("--select chooses the likelihood, jitter and section effects itself; drop --likelihood, "
+                                "--jitter and --set likelihood/jitter_um/section_dim, or drop --select.")
+        if sig is not None or obsm_key:
+            raise VoxelomeError("--select compares gene-level fits; it does not apply with --signatures-model or --obsm-key.")
+        chosen = select_field(data, out / "selection", preset=preset, max_validation_sections=select_sections,
+                              **overrides)
+        overrides.update(chosen["overrides"])
+        typer.echo(f"chosen on held-out {', '.join(chosen['validation_sections'])}: {chosen['best']} (mean r "
+                   + ", ".join(f"{k}: {v:.3f}" for k, v in chosen["mean_r"].items()) + f"; {out / 'selection'}/selection.json)")
     overrides.setdefault("likelihood", likelihood or ("gaussian" if obsm_key or not data.is_counts else "nb"))
     if jitter == "auto":
         overrides.setdefault("jitter_um", suggest_jitter(data))

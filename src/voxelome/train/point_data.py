@@ -203,6 +203,42 @@ class TensorRows:
         return out
 
 
+def variable_genes(adata, n_genes: int, *, layer: str | None = None, min_spot_fraction: float = 0.01) -> list[str]:
+    """The ``n_genes`` most variable genes of a stack, to model when no genes are named.
+
+    Variance of log1p(counts per 10k) over all points, with library sizes over all genes (as the field's
+    normalisation; a matrix of normalised values is ranked as it is); only genes detected in at least ``min_spot_fraction`` of the points are ranked, so a
+    handful of stray counts cannot make a gene "variable". A field's cost per iteration grows with the
+    modelled genes (an output head and a likelihood over ``batch × g``), so whole transcriptomes
+    (15–30 k genes) are rarely what to fit by default.
+
+    Parameters
+    ----------
+    adata : AnnData
+        The stack (counts in ``layers[layer]``, ``layers['counts']`` or ``X``).
+    n_genes : int
+        How many to keep (all genes when the stack has no more).
+    layer : str, optional
+        Counts layer, as in :meth:`PointData.from_anndata`.
+    min_spot_fraction : float
+        Detection filter, a fraction of points in [0, 1).
+
+    Returns
+    -------
+    list of str
+        Gene names, most variable first.
+    """
+    from voxelome.signatures.svg import normalize_log1p, select_genes
+
+    if not isinstance(n_genes, (int, np.integer)) or isinstance(n_genes, bool) or n_genes < 1:
+        raise VoxelomeError(f"n_genes={n_genes!r} must be a positive integer (or name the genes to model).")
+    m = _counts_matrix(adata, layer)
+    values = normalize_log1p(m) if _looks_like_counts(m) else m  # normalised values are ranked as they are
+    idx, _ = select_genes(values, method="variance", n_genes=int(n_genes), min_spot_fraction=min_spot_fraction)
+    var = list(map(str, adata.var_names))
+    return [var[i] for i in idx]
+
+
 def _is_disk_csr(values) -> bool:
     from voxelome.train.point_store import DiskCSR
 

@@ -1,0 +1,160 @@
+"""Choose a field's settings on held-out sections of the stack itself.
+
+The coordinate jitter (the field's smoothing) and the likelihood that predict a stack best depend on the
+data: on the registered breast/her2st stacks the best of the same candidates differed from stack to stack
+(BENCHMARKS.md, "Neural transcriptomic field on the real stacks"). :func:`select_field` therefore holds out
+inner sections of the user's own stack one at a time, fits every candidate on the other sections, scores
+its prediction of the held-out section's spots (mean per-gene Pearson r of log1p counts per 10k, the
+benchmark's score) and keeps the candidate with the best mean over the held-out sections. End sections are
+never held out: predicting them is extrapolation, another task. Scores are written to ``selection.json``
+as each fit finishes, so an interrupted selection resumes without refitting.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from voxelome.errors import VoxelomeError
+from voxelome.evaluate.field_baselines import per_gene_scores
+from voxelome.io.atomic import atomic_write_json
+from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
+from voxelome.train.point_data import PointData
+
+SELECTION_FILE = "selection.json"
+SELECTION_FORMAT = "voxelome.field-selection/1"
+
+#: Candidate settings: :class:`FieldConfig` overrides, with ``jitter_scale`` = multiples (in-plane, across
+#: sections) of :func:`suggest_jitter`. The five real-stack candidates of ``benchmarks/bench_field.py``
+#: minus the low-rank one (it needs loadings from the data); each was the best on at least one real stack.
+FIELD_CANDIDATES = {
+    "nb, jitter ×0.5": {"likelihood": "nb", "jitter_scale": (0.5, 1.0)},
+    "gaussian, jitter ×0.5": {"likelihood": "gaussian", "jitter_scale": (0.5, 1.0)},
+    "gaussian, jitter ×1.5 in-plane ×6 across, no section effects": {
+        "likelihood": "gaussian", "jitter_scale": (1.5, 6.0), "section_dim": 0},
+    "gaussian, jitter ×2.5 in-plane ×6 across, no section effects": {
+        "likelihood": "gaussian", "jitter_scale": (2.5, 6.0), "section_dim": 0},
+}
+
+
+def candidate_config(data: PointData, candidate: dict, preset: str = "cpu", **overrides):
+    """The :class:`FieldConfig` of one candidate: ``preset`` + ``overrides`` + the candidate's settings."""
+    cand = dict(candidate)
+    sx, sz = cand.pop("jitter_scale", (1.0, 1.0))
+    jx, jy, jz = suggest_jitter(data)
+    return make_field_config(preset, **{**overrides, **cand, "jitter_um": (jx * sx, jy * sx, jz * sz)})
+
+
+def split_section(data: PointData, code: int) -> tuple[PointData, PointData]:
+    """``(the stack without section code, that section alone)``; both keep every section name and code."""
+    if not isinstance(data.values, (np.ndarray, sp.spmatrix, sp.sparray)):
+        raise VoxelomeError("choosing settings on held-out sections needs the stack in memory (an .h5ad), not a "
+                            "point store; choose them on a subsample written to .h5ad, then fit the store.")
+    parts = []
+    for keep in (data.section != code, data.section == code):
+        parts.append(PointData(data.xyz_um[keep], data.section[keep], list(data.section_names), list(data.genes),
+                               data.values[keep], data.library[keep], data.is_counts))
+    return parts[0], parts[1]
+
+
+def held_out_truth(part: PointData) -> np.ndarray:
+    """What a prediction of ``part`` is scored against: log1p(counts per 10k) (counts) or the values, ``(n, g)``."""
+    y = part.rows(np.arange(len(part))).astype(np.float64)
+    return np.log1p(y / part.library[:, None] * 1e4) if part.is_counts else y
+
+
+def inner_sections(data: PointData, max_sections: int) -> list[int]:
+    """Codes of up to ``max_sections`` inner sections (never the first or last by median z), evenly spread."""
+    order = sorted(np.unique(data.section), key=lambda c: float(np.median(data.xyz_um[data.section == c, 2])))
+    inner = order[1:-1]
+    if not inner:
+        raise VoxelomeError(f"choosing settings needs ≥ 3 sections (a held-out inner section between two others); "
+                            f"the stack has {len(order)}. Fit with fixed settings (no select) instead.")
+    if len(inner) > max_sections:
+        inner = [inner[i] for i in np.unique(np.linspace(0, len(inner) - 1, max_sections).round().astype(int))]
+    return [int(c) for c in inner]
+
+
+def select_field(data: PointData, work_dir, *, candidates: dict | None = None, preset: str = "cpu",
+                 max_validation_sections: int = 2, progress: bool = True, **overrides) -> dict:
+    """Fit every candidate with each held-out inner section left out; keep the best mean r.
+
+    Parameters
+    ----------
+    data : PointData
+        The whole stack (≥ 3 sections, in memory).
+    work_dir : path
+        Folder for ``selection.json`` (every score; re-read to resume) and the temporary fits.
+    candidates : dict, optional
+        Name → overrides (see :data:`FIELD_CANDIDATES`, the default). Likelihoods for counts are skipped
+        when the values are not counts.
+    preset, **overrides
+        The rest of the configuration, shared by every candidate (e.g. ``iterations=400``).
+    max_validation_sections : int
+        Inner sections held out in turn (evenly spread); each costs one fit per candidate.
+    progress : bool
+        A progress bar over the fits.
+
+    Returns
+    -------
+    dict
+        ``best`` (name), ``overrides`` (its FieldConfig overrides, jitter in µm), ``scores``
+        (name → {section: mean r}), ``mean_r`` (name → mean over the held-out sections),
+        ``validation_sections`` (names).
+    """
+    cands = dict(FIELD_CANDIDATES if candidates is None else candidates)
+    if not data.is_counts:
+        cands = {k: v for k, v in cands.items() if v.get("likelihood", "nb") == "gaussian"}
+    if not cands:
+        raise VoxelomeError("no candidate settings to compare (count likelihoods need raw counts); pass candidates "
+                            "with likelihood='gaussian'.")
+    if not isinstance(max_validation_sections, int) or max_validation_sections < 1:
+        raise VoxelomeError(f"max_validation_sections={max_validation_sections!r} must be a positive integer.")
+    held = inner_sections(data, max_validation_sections)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    record = {"format": SELECTION_FORMAT, "preset": preset, "overrides": _jsonable(overrides),
+              "candidates": _jsonable(cands), "validation_sections": [data.section_names[c] for c in held],
+              "scores": {}}
+    path = work / SELECTION_FILE
+    if path.exists():  # resume: keep the scores of the same comparison
+        old = json.loads(path.read_text())
+        if all(old.get(k) == record[k] for k in ("format", "preset", "overrides", "candidates", "validation_sections")):
+            record["scores"] = old.get("scores", {})
+    todo = [(n, c) for n in cands for c in held if data.section_names[c] not in record["scores"].get(n, {})]
+    from voxelome.infer.field_export import FittedField
+
+    bar = tqdm(total=len(cands) * len(held), initial=len(cands) * len(held) - len(todo), desc="choose field settings",
+               disable=not progress)
+    for name, code in todo:
+        train, test = split_section(data, code)
+        run = work / "fits" / "current"
+        shutil.rmtree(run, ignore_errors=True)
+        fit_field(train, candidate_config(train, cands[name], preset, **overrides), run, resume=False, progress=False)
+        pred = FittedField.load(run).predict(test.xyz_um, value="measured",
+                                             library=test.library if data.is_counts else None)
+        r = per_gene_scores(pred, held_out_truth(test))["mean_r"]
+        record["scores"].setdefault(name, {})[data.section_names[code]] = float(r)
+        atomic_write_json(path, record, indent=1)
+        bar.update()
+    bar.close()
+    shutil.rmtree(work / "fits", ignore_errors=True)
+    mean = {n: float(np.nanmean([record["scores"][n][data.section_names[c]] for c in held])) for n in cands}
+    best = max(cands, key=lambda n: (np.nan_to_num(mean[n], nan=-np.inf), -list(cands).index(n)))
+    chosen = candidate_config(data, cands[best], preset, **overrides)
+    record.update(mean_r=mean, best=best,
+                  chosen_config={k: getattr(chosen, k) for k in ("likelihood", "jitter_um", "section_dim")})
+    atomic_write_json(path, _jsonable(record), indent=1)
+    over = {k: v for k, v in cands[best].items() if k != "jitter_scale"}
+    over["jitter_um"] = chosen.jitter_um
+    return {"best": best, "overrides": over, "scores": record["scores"], "mean_r": mean,
+            "validation_sections": record["validation_sections"]}
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else list(o)))
