@@ -211,6 +211,18 @@ def test_volume_export_matches_points_is_chunk_invariant_and_resumable(fitted, t
         field.write_volume(store, (10.0, 20.0, 30.0), chunks=(3, 4, 5), **kw)
 
 
+def test_default_volume_box_is_the_training_points_box(fitted, split):
+    """Not the field's padded cube: for a 1 mm × 1 mm × 0.4 mm stack that cube is ~1.2 mm deep, mostly empty."""
+    field = FittedField.load(fitted)
+    xyz = split[0].obsm["spatial_3d"]
+    shape, spacing, origin = field.volume_geometry(50.0)
+    np.testing.assert_allclose(origin, xyz.min(0)[::-1])
+    top = np.asarray(origin) + (np.asarray(shape) - 1) * 50.0
+    assert (top <= xyz.max(0)[::-1] + 1e-6).all() and (top > xyz.max(0)[::-1] - 50.0).all()
+    lo, hi = field.box_um
+    assert (hi - lo)[2] > 1.5 * np.ptp(xyz[:, 2])  # the field's own box (a cube) reaches far beyond the sections
+
+
 def test_oblique_virtual_section_equals_point_queries(fitted):
     field = FittedField.load(fitted)
     placement = SectionPlacement.from_origin_normal((300.0, 250.0, 150.0), (0.3, -0.2, 1.0), 15.0)

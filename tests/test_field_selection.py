@@ -3,6 +3,7 @@ default gene choice of ``reconstruct fit`` (``--n-genes``), on the seeded synthe
 
 import json
 
+import anndata as ad
 import numpy as np
 import pytest
 import yaml
@@ -13,7 +14,14 @@ from voxelome.cli import app
 from voxelome.errors import VoxelomeError
 from voxelome.evaluate.field_baselines import per_gene_scores
 from voxelome.infer.field_export import FittedField
-from voxelome.train.field_selection import SELECTION_FILE, candidate_config, select_field, split_section
+from voxelome.train.field_selection import (
+    FIELD_CANDIDATES,
+    SELECTION_FILE,
+    candidate_config,
+    pca_loadings,
+    select_field,
+    split_section,
+)
 from voxelome.train.field_trainer import fit_field
 from voxelome.train.point_data import PointData, variable_genes
 
@@ -63,6 +71,17 @@ def test_selection_keeps_the_best_held_out_score_and_resumes(data, tmp_path):
     assert other["best"] == "sharp" and other["mean_r"]["blurred"] < 0.99
 
 
+def test_pca_loadings_are_the_principal_axes_of_log1p_values(data):
+    y = np.asarray(data.values, np.float64)
+    y = np.log1p(y / data.library[:, None] * 1e4)
+    _, _, vt = np.linalg.svd(y - y.mean(0), full_matrices=False)
+    w = pca_loadings(data, 3)
+    assert w.shape == (3, len(GENES))
+    np.testing.assert_allclose(np.abs((w * vt[:3]).sum(1)), 1.0, atol=1e-8)  # the same axes, up to sign
+    low_rank = FIELD_CANDIDATES[next(k for k in FIELD_CANDIDATES if "low rank" in k)]
+    assert candidate_config(data, low_rank).low_rank == "linear"  # signed axes need the linear output
+
+
 def test_selection_bad_input(stack, data, tmp_path):
     two = PointData.from_anndata(stack[stack.obs["section"].isin(["z000", "z050"])].copy(), genes=GENES)
     with pytest.raises(VoxelomeError, match="≥ 3 sections"):
@@ -75,13 +94,18 @@ def test_selection_bad_input(stack, data, tmp_path):
         select_field(data, tmp_path, candidates=CANDIDATES, max_validation_sections=0, progress=False, **TINY)
 
 
-def test_variable_genes_are_the_top_variance_log1p_genes(stack):
+def test_variable_genes_are_the_top_variance_log1p_genes(stack, tmp_path):
     X = np.asarray(stack.X, np.float64)
     y = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
     detected = (X > 0).mean(0) >= 0.01
     var = np.where(detected, y.var(0), -np.inf)
     expected = [str(stack.var_names[i]) for i in np.argsort(-var, kind="stable")[:3]]
     assert variable_genes(stack, 3) == expected
+    path = tmp_path / "stack.h5ad"
+    stack.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")  # read 500 rows at a time, never whole
+    assert variable_genes(backed, 3, chunk=500) == expected
+    backed.file.close()
     assert len(variable_genes(stack, 100)) == stack.n_vars
     with pytest.raises(VoxelomeError, match="n_genes=0"):
         variable_genes(stack, 0)
@@ -104,6 +128,10 @@ def test_cli_fit_default_genes_and_select(stack, tmp_path):
     assert cfg["likelihood"] == selection["chosen_config"]["likelihood"]
     assert cfg["jitter_um"] == pytest.approx(selection["chosen_config"]["jitter_um"])
     assert set(selection["scores"]) == set(selection["mean_r"]) and len(selection["scores"]) >= 3
+    res = runner.invoke(app, ["reconstruct", "store", str(path), "--out", str(tmp_path / "store"), "--n-genes", "4",
+                              "--chunk", "700"])
+    assert res.exit_code == 0, res.output
+    assert PointData.from_store(tmp_path / "store").genes == variable_genes(stack, 4)
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "r2"), "--select",
                               "--jitter", "20"])
     assert res.exit_code == 2 and "--select chooses" in res.output

@@ -1,7 +1,7 @@
 """``voxelome reconstruct``: fit a neural transcriptomic field to serial sections and query it.
 
     voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B | --n-genes 500] [--preset cpu] [--jitter auto | --select]
-    voxelome reconstruct store STACK.h5ad --out STORE [--genes A,B]   # then: reconstruct fit STORE --out RUN
+    voxelome reconstruct store STACK.h5ad --out STORE [--genes A,B | --n-genes 500]   # then: reconstruct fit STORE --out RUN
     voxelome reconstruct volume RUN --out field.ome.zarr --spacing 20 [--bbox x0,y0,z0,x1,y1,z1]
     voxelome reconstruct section RUN --out plane.npz --origin x,y,z --normal nx,ny,nz --pixel-size 10 --shape 100,100
     voxelome reconstruct predict RUN --points points.csv --out values.csv
@@ -104,6 +104,10 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         chosen = select_field(data, out / "selection", preset=preset, max_validation_sections=select_sections,
                               **overrides)
         overrides.update(chosen["overrides"])
+        if chosen["pca"]:
+            from voxelome.train.field_selection import pca_loadings
+
+            loadings = pca_loadings(data, chosen["pca"])
         typer.echo(f"chosen on held-out {', '.join(chosen['validation_sections'])}: {chosen['best']} (mean r "
                    + ", ".join(f"{k}: {v:.3f}" for k, v in chosen["mean_r"].items()) + f"; {out / 'selection'}/selection.json)")
     overrides.setdefault("likelihood", likelihood or ("gaussian" if obsm_key or not data.is_counts else "nb"))
@@ -125,15 +129,30 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
 @_friendly
 def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections (read backed, chunk by chunk)."),
           out: Path = typer.Option(..., help="Point store folder (memmapped .npy CSR + coordinates)."),
-          genes: Optional[str] = typer.Option(None, help="Genes to keep, comma-separated (default: all)."),
+          genes: Optional[str] = typer.Option(None, help="Genes to keep, comma-separated (default: the --n-genes most variable)."),
+          n_genes: int = typer.Option(DEFAULT_FIELD_GENES, help="Without --genes: keep the N most variable genes "
+                                      "(one extra chunked pass over the file); 0 = every gene."),
           section_key: str = typer.Option("section", help="obs column naming each point's section."),
           layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
           chunk: int = typer.Option(1_000_000, help="Rows read at a time."),
           overwrite: bool = typer.Option(False, help="Replace an existing store.")):
     """Write a stack too large for RAM to a point store, for `reconstruct fit STORE`."""
+    import anndata as ad
+
+    from voxelome.train.point_data import variable_genes
     from voxelome.train.point_store import open_point_store, write_point_store
 
-    write_point_store(stack, out, genes=_genes(genes), layer=layer, section_key=section_key, chunk=chunk,
+    if n_genes < 0:
+        raise VoxelomeError(f"--n-genes {n_genes} must be ≥ 0 (0 = every gene).")
+    gene_list = _genes(genes)
+    if gene_list is None and n_genes > 0 and stack.is_file():
+        backed = ad.read_h5ad(stack, backed="r")
+        if n_genes < backed.n_vars:
+            gene_list = variable_genes(backed, n_genes, layer=layer, chunk=chunk)
+            typer.echo(f"keeping the {len(gene_list)} most variable of {backed.n_vars} genes (--n-genes; --genes A,B "
+                       "to choose them, --n-genes 0 for all)")
+        backed.file.close()
+    write_point_store(stack, out, genes=gene_list, layer=layer, section_key=section_key, chunk=chunk,
                       overwrite=overwrite)
     data = open_point_store(out, check=False, min_sections=1)  # just written and checked by the writer
     typer.echo(f"point store of {len(data)} points × {data.n_genes} genes ({data.values.nnz} non-zeros) → {out}")
@@ -150,7 +169,7 @@ def _load(run: Path):
 def volume(run: Path = typer.Argument(..., help="Run folder from `reconstruct fit`."),
            out: Path = typer.Option(..., help="Output .ome.zarr (c, z, y, x); resumes if interrupted."),
            spacing: str = typer.Option(..., help="Voxel size µm: one number or dz,dy,dx."),
-           bbox: Optional[str] = typer.Option(None, help="Box x0,y0,z0,x1,y1,z1 µm (default: the field's box)."),
+           bbox: Optional[str] = typer.Option(None, help="Box x0,y0,z0,x1,y1,z1 µm (default: the training spots' box, first to last section)."),
            genes: Optional[str] = typer.Option(None, help="Channels, comma-separated (default: all)."),
            chunks: str = typer.Option("16,64,64", help="Output chunk z,y,x in voxels."),
            overwrite: bool = typer.Option(False, help="Replace an output of another field or grid.")):

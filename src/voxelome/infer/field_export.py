@@ -69,6 +69,14 @@ class FittedField:
         """The field's bounding box ``(lo, hi)`` in µm ``(x, y, z)``; queries outside read its edge."""
         return np.asarray(self.meta["box_lo"]), np.asarray(self.meta["box_hi"])
 
+    @property
+    def points_box_um(self) -> tuple[np.ndarray, np.ndarray]:
+        """The training points' bounding box ``(lo, hi)`` µm ``(x, y, z)``: the stack from its first to its last
+        section (runs written before it was recorded: the field's box)."""
+        if "points_lo" not in self.meta:
+            return self.box_um
+        return np.asarray(self.meta["points_lo"]), np.asarray(self.meta["points_hi"])
+
     def gene_index(self, genes=None) -> np.ndarray:
         if genes is None:
             return np.arange(len(self.genes))
@@ -206,12 +214,13 @@ class FittedField:
         return np.moveaxis(self.predict(pts, genes), -1, 0)
 
     def volume_geometry(self, spacing_um, bbox_um=None):
-        """Output grid for a box ``((x0, y0, z0), (x1, y1, z1))`` µm (default the field's box).
+        """Output grid for a box ``((x0, y0, z0), (x1, y1, z1))`` µm (default the training points' box: the field's
+        own box is a padded cube, mostly empty space beyond a thin stack).
 
         Returns ``shape_zyx, spacing_zyx, origin_zyx`` (origin = centre of voxel 0, the box's low corner).
         """
         spacing = np.asarray(_as_triplet("spacing_um", spacing_um, positive=True))
-        lo, hi = self.box_um if bbox_um is None else (np.asarray(bbox_um[0], float), np.asarray(bbox_um[1], float))
+        lo, hi = self.points_box_um if bbox_um is None else (np.asarray(bbox_um[0], float), np.asarray(bbox_um[1], float))
         if lo.shape != (3,) or hi.shape != (3,) or not (np.isfinite(lo).all() and np.isfinite(hi).all()) \
                 or (hi < lo).any():
             raise VoxelomeError(f"bbox_um={bbox_um!r} must be ((x0, y0, z0), (x1, y1, z1)) µm with x1 ≥ x0 etc.")
@@ -233,7 +242,7 @@ class FittedField:
         spacing_um : float or (dz, dy, dx)
             Voxel size in µm (any: the field is continuous).
         bbox_um : ((x0, y0, z0), (x1, y1, z1)), optional
-            Box in µm; default the field's bounding box.
+            Box in µm; default the training points' bounding box (first to last section).
         genes : list of str, optional
             Channels (default all genes).
         chunks : (z, y, x)

@@ -5,7 +5,7 @@ data: on the registered breast/her2st stacks the best of the same candidates dif
 (BENCHMARKS.md, "Neural transcriptomic field on the real stacks"). :func:`select_field` therefore holds out
 inner sections of the user's own stack one at a time, fits every candidate on the other sections, scores
 its prediction of the held-out section's spots (mean per-gene Pearson r of log1p counts per 10k, the
-benchmark's score) and keeps the candidate with the best mean over the held-out sections. End sections are
+benchmark's score; the prediction is a typical spot's measured value, as where the field is used) and keeps the candidate with the best mean over the held-out sections. End sections are
 never held out: predicting them is extrapolation, another task. Scores are written to ``selection.json``
 as each fit finishes, so an interrupted selection resumes without refitting.
 """
@@ -30,8 +30,9 @@ SELECTION_FILE = "selection.json"
 SELECTION_FORMAT = "voxelome.field-selection/1"
 
 #: Candidate settings: :class:`FieldConfig` overrides, with ``jitter_scale`` = multiples (in-plane, across
-#: sections) of :func:`suggest_jitter`. The five real-stack candidates of ``benchmarks/bench_field.py``
-#: minus the low-rank one (it needs loadings from the data); each was the best on at least one real stack.
+#: sections) of :func:`suggest_jitter` and ``pca`` = a low-rank output through the top ``pca`` principal axes
+#: of the training values (:func:`pca_loadings`). The five real-stack candidates of ``benchmarks/bench_field.py``;
+#: each was the best on at least one real stack there.
 FIELD_CANDIDATES = {
     "nb, jitter ×0.5": {"likelihood": "nb", "jitter_scale": (0.5, 1.0)},
     "gaussian, jitter ×0.5": {"likelihood": "gaussian", "jitter_scale": (0.5, 1.0)},
@@ -39,12 +40,31 @@ FIELD_CANDIDATES = {
         "likelihood": "gaussian", "jitter_scale": (1.5, 6.0), "section_dim": 0},
     "gaussian, jitter ×2.5 in-plane ×6 across, no section effects": {
         "likelihood": "gaussian", "jitter_scale": (2.5, 6.0), "section_dim": 0},
+    "gaussian, jitter ×1.5 in-plane ×6 across, no section effects, low rank (8 principal axes)": {
+        "likelihood": "gaussian", "jitter_scale": (1.5, 6.0), "section_dim": 0, "pca": 8, "low_rank": "linear"},
 }
+
+
+def pca_loadings(data: PointData, k: int) -> np.ndarray:
+    """The top ``k`` principal axes ``(k, g)`` of the points' log1p(counts per 10k) (or values): signed gene
+    loadings for a ``low_rank='linear'`` field. From the ``g × g`` covariance of the sparse values, so the
+    points are never densified."""
+    x = data.values if sp.issparse(data.values) else sp.csr_matrix(np.asarray(data.values, np.float64))
+    x = sp.csr_matrix(x, dtype=np.float64)
+    if data.is_counts:
+        x.data *= np.repeat(1e4 / data.library, np.diff(x.indptr))
+        np.log1p(x.data, out=x.data)
+    n = x.shape[0]
+    mean = np.asarray(x.mean(axis=0)).ravel()
+    cov = (x.T @ x).toarray() / n - np.outer(mean, mean)
+    vals, vecs = np.linalg.eigh(cov)
+    return np.ascontiguousarray(vecs[:, ::-1][:, :min(k, cov.shape[0])].T)
 
 
 def candidate_config(data: PointData, candidate: dict, preset: str = "cpu", **overrides):
     """The :class:`FieldConfig` of one candidate: ``preset`` + ``overrides`` + the candidate's settings."""
     cand = dict(candidate)
+    cand.pop("pca", None)
     sx, sz = cand.pop("jitter_scale", (1.0, 1.0))
     jx, jy, jz = suggest_jitter(data)
     return make_field_config(preset, **{**overrides, **cand, "jitter_um": (jx * sx, jy * sx, jz * sz)})
@@ -103,7 +123,8 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
     Returns
     -------
     dict
-        ``best`` (name), ``overrides`` (its FieldConfig overrides, jitter in µm), ``scores``
+        ``best`` (name), ``overrides`` (its FieldConfig overrides, jitter in µm), ``pca`` (the low-rank
+        output's principal axes, 0 = none: fit with ``loadings=pca_loadings(data, pca)``), ``scores``
         (name → {section: mean r}), ``mean_r`` (name → mean over the held-out sections),
         ``validation_sections`` (names).
     """
@@ -135,9 +156,12 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
         train, test = split_section(data, code)
         run = work / "fits" / "current"
         shutil.rmtree(run, ignore_errors=True)
-        fit_field(train, candidate_config(train, cands[name], preset, **overrides), run, resume=False, progress=False)
-        pred = FittedField.load(run).predict(test.xyz_um, value="measured",
-                                             library=test.library if data.is_counts else None)
+        k = cands[name].get("pca", 0)
+        fit_field(train, candidate_config(train, cands[name], preset, **overrides), run, resume=False, progress=False,
+                  loadings=pca_loadings(train, k) if k else None)
+        # a typical spot's measured value (the training spots' median library): the held-out spots' own depths
+        # are not known where the field is used
+        pred = FittedField.load(run).predict(test.xyz_um, value="measured")
         r = per_gene_scores(pred, held_out_truth(test))["mean_r"]
         record["scores"].setdefault(name, {})[data.section_names[code]] = float(r)
         atomic_write_json(path, record, indent=1)
@@ -150,10 +174,10 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
     record.update(mean_r=mean, best=best,
                   chosen_config={k: getattr(chosen, k) for k in ("likelihood", "jitter_um", "section_dim")})
     atomic_write_json(path, _jsonable(record), indent=1)
-    over = {k: v for k, v in cands[best].items() if k != "jitter_scale"}
+    over = {k: v for k, v in cands[best].items() if k not in ("jitter_scale", "pca")}
     over["jitter_um"] = chosen.jitter_um
-    return {"best": best, "overrides": over, "scores": record["scores"], "mean_r": mean,
-            "validation_sections": record["validation_sections"]}
+    return {"best": best, "overrides": over, "pca": int(cands[best].get("pca", 0)), "scores": record["scores"],
+            "mean_r": mean, "validation_sections": record["validation_sections"]}
 
 
 def _jsonable(obj):

@@ -326,7 +326,8 @@ def fit_field(data: PointData | object, config: FieldConfig, run_dir, *, loading
     table_dtype = "float32" if config.table_dtype == "auto" else config.table_dtype
     lo, hi = bounding_box(data.xyz_um, config.box_margin, config.jitter_um, config.box_shape)
     meta = {"format": FIELD_FORMAT, "genes": list(data.genes), "section_names": list(data.section_names),
-            "box_lo": lo, "box_hi": hi, "backend": backend, "table_dtype": table_dtype,
+            "box_lo": lo, "box_hi": hi, "points_lo": np.asarray(data.xyz_um.min(0), float).tolist(),
+            "points_hi": np.asarray(data.xyz_um.max(0), float).tolist(), "backend": backend, "table_dtype": table_dtype,
             "is_counts": bool(data.is_counts), "n_points": len(data),
             "median_library": float(np.median(data.library)),
             "loadings": None if loadings is None else np.asarray(loadings, dtype=np.float32).tolist()}

@@ -203,40 +203,61 @@ class TensorRows:
         return out
 
 
-def variable_genes(adata, n_genes: int, *, layer: str | None = None, min_spot_fraction: float = 0.01) -> list[str]:
+def variable_genes(adata, n_genes: int, *, layer: str | None = None, min_spot_fraction: float = 0.01,
+                   chunk: int = 1_000_000) -> list[str]:
     """The ``n_genes`` most variable genes of a stack, to model when no genes are named.
 
     Variance of log1p(counts per 10k) over all points, with library sizes over all genes (as the field's
-    normalisation; a matrix of normalised values is ranked as it is); only genes detected in at least ``min_spot_fraction`` of the points are ranked, so a
-    handful of stray counts cannot make a gene "variable". A field's cost per iteration grows with the
-    modelled genes (an output head and a likelihood over ``batch × g``), so whole transcriptomes
-    (15–30 k genes) are rarely what to fit by default.
+    normalisation; a matrix of normalised values is ranked as it is); only genes detected in at least
+    ``min_spot_fraction`` of the points are ranked, so a handful of stray counts cannot make a gene
+    "variable". A field's cost per iteration grows with the modelled genes (an output head and a
+    likelihood over ``batch × g``), so whole transcriptomes (15–30 k genes) are rarely what to fit.
+    Rows are read ``chunk`` at a time (a backed ``.h5ad`` is never loaded whole).
 
     Parameters
     ----------
     adata : AnnData
-        The stack (counts in ``layers[layer]``, ``layers['counts']`` or ``X``).
+        The stack, in memory or backed (counts in ``layers[layer]``, ``layers['counts']`` or ``X``).
     n_genes : int
-        How many to keep (all genes when the stack has no more).
+        How many to keep (all detected genes when the stack has no more).
     layer : str, optional
         Counts layer, as in :meth:`PointData.from_anndata`.
     min_spot_fraction : float
         Detection filter, a fraction of points in [0, 1).
+    chunk : int
+        Rows per read.
 
     Returns
     -------
     list of str
         Gene names, most variable first.
     """
-    from voxelome.signatures.svg import normalize_log1p, select_genes
-
     if not isinstance(n_genes, (int, np.integer)) or isinstance(n_genes, bool) or n_genes < 1:
         raise VoxelomeError(f"n_genes={n_genes!r} must be a positive integer (or name the genes to model).")
-    m = _counts_matrix(adata, layer)
-    values = normalize_log1p(m) if _looks_like_counts(m) else m  # normalised values are ranked as they are
-    idx, _ = select_genes(values, method="variance", n_genes=int(n_genes), min_spot_fraction=min_spot_fraction)
-    var = list(map(str, adata.var_names))
-    return [var[i] for i in idx]
+    if layer is not None and layer not in adata.layers:
+        raise VoxelomeError(f"layers[{layer!r}] is missing (have {list(adata.layers)}).{did_you_mean(layer, adata.layers)}")
+    key = layer or (C.COUNTS_LAYER if C.COUNTS_LAYER in adata.layers else None)
+    m = adata.layers[key] if key else adata.X
+    n, g = adata.shape
+    s1, s2, detected, counts = np.zeros(g), np.zeros(g), np.zeros(g), None
+    for a in range(0, n, chunk):
+        block = m[a:min(a + chunk, n)]
+        block = sp.csr_matrix(block, dtype=np.float64) if sp.issparse(block) else sp.csr_matrix(np.asarray(block, np.float64))
+        if counts is None:
+            counts = _looks_like_counts(block)
+        if counts:  # log1p(counts per 10k), library over all genes
+            lib = np.asarray(block.sum(axis=1)).ravel()
+            scale = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
+            block.data *= np.repeat(scale, np.diff(block.indptr))
+            np.log1p(block.data, out=block.data)
+        s1 += np.asarray(block.sum(axis=0)).ravel()
+        s2 += np.asarray(block.multiply(block).sum(axis=0)).ravel()
+        detected += np.bincount(block.indices[block.data != 0], minlength=g)
+    var = s2 / n - (s1 / n) ** 2
+    ok = (detected >= max(1, np.ceil(min_spot_fraction * n))) & (var > 1e-12)
+    idx = np.flatnonzero(ok)[np.argsort(-var[ok], kind="stable")][:int(n_genes)]
+    names = list(map(str, adata.var_names))
+    return [names[i] for i in idx]
 
 
 def _is_disk_csr(values) -> bool:
