@@ -204,12 +204,31 @@ def _resample_rgb(rgb, px_um, ref_shape, tx, origin_um):
     return out
 
 
-def _inverse_points(tx, pts_um: np.ndarray, n_iter: int = 20) -> np.ndarray:
-    """Reference µm of section points: solve ``tx(p) = q`` by fixed-point iteration (exact for rigid)."""
-    p = pts_um.copy()
+def _apply(tx, pts: np.ndarray) -> np.ndarray:
+    return np.array([tx.TransformPoint(tuple(float(v) for v in q)) for q in pts], float).reshape(-1, 2)
+
+
+def _inverse_points(tx, pts_um: np.ndarray, n_iter: int = 20, tol_um: float = 1e-4) -> np.ndarray:
+    """Reference µm of section points: solve ``tx(p) = q`` for each point ``q`` of ``pts_um`` (n, 2).
+
+    Starts from the analytic inverse where ITK has one (rigid: exact), then Newton steps with a
+    finite-difference Jacobian (B-spline composites). A plain fixed-point iteration ``p ← p − (tx(p) − q)``
+    diverges for rotations beyond 60° (|1 − e^{iθ}| > 1), which serial sections often need.
+    """
+    q = np.asarray(pts_um, float).reshape(-1, 2)
+    try:
+        p = _apply(tx.GetInverse(), q)
+    except RuntimeError:  # e.g. a B-spline: no closed-form inverse
+        p = q.copy()
+    h = 1.0  # µm; transforms here are smooth on the scale of a working pixel (≥ several µm)
     for _ in range(n_iter):
-        fp = np.array([tx.TransformPoint(tuple(float(v) for v in q)) for q in p])
-        p = p - (fp - pts_um)
+        r = _apply(tx, p) - q
+        if not len(r) or np.abs(r).max() < tol_um:
+            break
+        jx = (_apply(tx, p + [h, 0.0]) - (r + q)) / h
+        jy = (_apply(tx, p + [0.0, h]) - (r + q)) / h
+        jac = np.stack([jx, jy], axis=2)  # (n, 2 out, 2 in)
+        p = p - np.linalg.solve(jac, r[..., None])[..., 0]
     return p
 
 
