@@ -111,7 +111,7 @@ def test_bad_input_gets_clear_errors(run, files, tmp_path):
     assert r.exit_code == 2 and "mode" in r.output
     r = invoke("superres", "predict", run, "--section", s, "--image", i, "--section", s, "--image", i,
                "--out", tmp_path / "z.zarr", "--samples", 2, "--steps", 2)
-    assert r.exit_code == 2 and "section_spacing_um" in r.output
+    assert r.exit_code == 2 and "--section-spacing-um" in r.output
     r = invoke("superres", "fit", "--section", s, "--image", i, "--select-steps", "2,5", "--out", tmp_path / "f")
     assert r.exit_code == 2 and "--calibration-section" in r.output
     r = invoke("superres", "fit", "--section", s, "--image", i, "--calibration-section", s, "--calibration-image", i,

@@ -62,6 +62,8 @@ class TrainedSuperRes:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.multipliers: np.ndarray | None = None  #: per-gene q_g of the calibrated intervals
         self.tau: np.ndarray | None = None  #: per-gene τ_g of the calibrated intervals
+        #: (steps, samples) the intervals were calibrated for; other samplers give uncalibrated intervals
+        self.calibrated_sampler: tuple[int, int] | None = None
         #: DDIM steps and samples per map when a call passes none: the config's, or :meth:`select_steps`' choice
         self.sample_steps, self.n_samples = int(config.sample_steps), int(config.n_samples)
         if self.run_dir is not None and (self.run_dir / SAMPLER_FILE).exists():
@@ -75,11 +77,16 @@ class TrainedSuperRes:
                 self.multipliers = np.asarray(cal["multipliers"], np.float32)
                 # files from before τ existed hold plain ``mean ± q·std`` intervals (τ = 0)
                 self.tau = np.asarray(cal.get("tau", np.zeros_like(self.multipliers)), np.float32)
+                self.calibrated_sampler = sampler
 
     @classmethod
     def load(cls, run_dir, device: str | None = None) -> TrainedSuperRes:
         """Rebuild from a run folder (``checkpoint.pt``, loaded with ``weights_only=True``)."""
         run_dir = Path(run_dir)
+        if run_dir.is_dir() and not (run_dir / CHECKPOINT_FILE).exists() or not run_dir.exists():
+            what = "has no checkpoint.pt (an unfinished fit? rerun it to resume)" if run_dir.exists() else "does not exist"
+            raise VoxelomeError(f"super-resolution run '{run_dir}' {what}; train one with `voxelome superres fit "
+                                "--section S.h5ad --image HE.jpg --out RUN`.")
         ck = load_checkpoint(run_dir / CHECKPOINT_FILE if run_dir.is_dir() else run_dir)
         meta = ck.get("meta", {})
         if meta.get("kind") != "superres":
@@ -132,24 +139,40 @@ class TrainedSuperRes:
             out = block_consistency(out, pair.low, pair.low_mask, pair.high_mask, self.factor)
         return out.astype(np.float32)
 
-    def summarise(self, samples: np.ndarray, keep_samples: bool = False) -> SuperResPrediction:
-        """Mean, spread and central intervals of ``(S, G, H, W)`` samples."""
+    def summarise(self, samples: np.ndarray, keep_samples: bool = False, *,
+                  calibrated: bool = True) -> SuperResPrediction:
+        """Mean, spread and central intervals of ``(S, G, H, W)`` samples (``calibrated=False``: sample quantiles
+        even when the run is calibrated, e.g. for samples drawn with another sampler than the calibrated one)."""
         level = float(self.config.interval)
         mean = samples.mean(0)
         std = samples.std(0, ddof=1) if len(samples) > 1 else np.zeros_like(mean)
-        if self.multipliers is not None:
+        if self.multipliers is not None and calibrated:
             lower, upper = predictive_interval(mean, std, self.tau, self.multipliers)
         else:
             lower, upper = sample_interval(samples, level)
         return SuperResPrediction(mean.astype(np.float32), std.astype(np.float32), lower, upper, level,
-                                  self.multipliers is not None, samples if keep_samples else None)
+                                  self.multipliers is not None and calibrated, samples if keep_samples else None)
 
     def predict(self, pair, n_samples: int | None = None, *, steps: int | None = None, seed: int = 0,
                 keep_samples: bool = False) -> SuperResPrediction:
-        """Sample and summarise one pair."""
-        return self.summarise(self.sample(pair, n_samples, steps=steps, seed=seed), keep_samples)
+        """Sample and summarise one pair.
 
-    def calibrate(self, pairs, *, seed: int = 0, target: str = "high") -> np.ndarray:
+        Calibrated intervals hold for the sampler they were fitted with (DDIM steps and samples per map);
+        with other ``steps``/``n_samples`` the intervals are the samples' quantiles and
+        ``prediction.calibrated`` is False (a warning says so).
+        """
+        sampler = (int(steps or self.sample_steps), int(n_samples or self.n_samples))
+        ok = self.multipliers is None or self.config.deterministic or sampler == self.calibrated_sampler
+        if not ok:
+            import warnings
+
+            warnings.warn(f"intervals were calibrated for {self.calibrated_sampler[0]} steps × "
+                          f"{self.calibrated_sampler[1]} samples, not {sampler[0]} × {sampler[1]}: reporting the "
+                          "samples' quantiles (uncalibrated). Leave steps/samples at the run's defaults for "
+                          "calibrated intervals.", stacklevel=2)
+        return self.summarise(self.sample(pair, n_samples, steps=steps, seed=seed), keep_samples, calibrated=ok)
+
+    def calibrate(self, pairs, *, seed: int = 0, target: str = "high", progress: bool = False) -> np.ndarray:
         """Fit the per-gene interval parameters on held-out pairs (split conformal) and store them.
 
         Parameters
@@ -160,6 +183,8 @@ class TrainedSuperRes:
             Sampling seed.
         target : str
             ``high`` (the measured high-res map) or ``truth`` (noiseless truth, where the pairs have it).
+        progress : bool
+            Show a progress bar over the pairs.
 
         Returns
         -------
@@ -169,7 +194,7 @@ class TrainedSuperRes:
         if self.config.deterministic:
             raise VoxelomeError("the deterministic baseline has no spread to calibrate; calibrate a diffusion run.")
         means, stds, truths, masks = [], [], [], []
-        for p in pairs:
+        for p in _bar(pairs, progress, "calibrate", "section"):
             s = self.sample(p, seed=seed)
             means.append(s.mean(0))
             stds.append(s.std(0, ddof=1))
@@ -177,6 +202,7 @@ class TrainedSuperRes:
             masks.append(p.high_mask)
         fitted = fit_intervals(means, stds, truths, masks, self.config.interval, seed=seed)
         self.multipliers, self.tau = fitted["multipliers"], fitted["tau"]
+        self.calibrated_sampler = (self.sample_steps, self.n_samples)
         if self.run_dir is not None:
             atomic_write_json(self.run_dir / CALIBRATION_FILE,
                               {"level": self.config.interval, "multipliers": self.multipliers.tolist(),
@@ -186,7 +212,8 @@ class TrainedSuperRes:
         return self.multipliers
 
     def select_steps(self, pairs, steps=(2, 5, 10, 20), *, n_samples: int | None = None,
-                     metric: str = "ssim+pearson", seed: int = 0, target: str = "high") -> dict:
+                     metric: str = "ssim+pearson", seed: int = 0, target: str = "high",
+                     progress: bool = False) -> dict:
         """Choose the number of DDIM sampling steps on held-out pairs and make it this run's default.
 
         Few steps (2–5) often give a better sample mean than the 20 of the paper, because each step
@@ -212,6 +239,8 @@ class TrainedSuperRes:
             Sampling seed (the same noise for every candidate).
         target : str
             ``high`` (the measured high-res map) or ``truth`` (noiseless truth, where the pairs have it).
+        progress : bool
+            Show a progress bar over candidates × pairs.
 
         Returns
         -------
@@ -236,9 +265,13 @@ class TrainedSuperRes:
         if n < 2:
             raise VoxelomeError(f"n_samples={n_samples!r} must be ≥ 2 (a mean and a spread need several samples).")
         table = {}
+        bar = _bar(None, progress, "select steps", "map", total=len(candidates) * len(pairs))
         for k in candidates:
             rows = []
             for i, p in enumerate(pairs):
+                if bar is not None:
+                    bar.set_postfix(steps=k)
+                    bar.update(1)
                 truth = _target_map(p, target)
                 sc = superres_scores(self.sample(p, n, steps=k, seed=seed + i).mean(0), truth, p.high_mask)
                 sc.pop("per_gene", None)
@@ -247,9 +280,12 @@ class TrainedSuperRes:
             score = {"ssim+pearson": m["ssim"] + m["pearson"], "ssim": m["ssim"], "pearson": m["pearson"],
                      "rmse": -m["rmse"]}[metric]
             table[k] = {"rmse": m["rmse"], "ssim": m["ssim"], "pearson": m["pearson"], "score": float(score)}
+        if bar is not None:
+            bar.close()
         best = max(candidates, key=lambda k: (table[k]["score"], -k))  # ties → fewer steps (cheaper)
         if (best, n) != (self.sample_steps, self.n_samples) and self.multipliers is not None:
             self.multipliers, self.tau = None, None  # fitted for the old sampler; recalibrate
+            self.calibrated_sampler = None
         self.sample_steps, self.n_samples = best, n
         result = {"steps": best, "metric": metric, "n_samples": n, "target": target,
                   "seed": int(seed), "pairs": [str(p.name) for p in pairs],
@@ -257,3 +293,12 @@ class TrainedSuperRes:
         if self.run_dir is not None:
             atomic_write_json(self.run_dir / SAMPLER_FILE, result)
         return result
+
+
+def _bar(items, show: bool, desc: str, unit: str, total: int | None = None):
+    """``items`` wrapped in a tqdm bar when ``show`` (``items=None``: a manual bar of ``total``, or None)."""
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, total=total)
