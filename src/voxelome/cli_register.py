@@ -54,7 +54,7 @@ def _read_landmarks(path: Path):
 @app.command("plane")
 def plane(volume: Path = typer.Option(..., help="Volume: TIFF, OME-Zarr, zarr, NIfTI or NPY."),
           image: Path = typer.Option(..., help="Section image: H&E (RGB) or grey, .png/.jpg/.tif/.npy."),
-          pixel_size: float = typer.Option(..., help="µm per section image pixel."),
+          pixel_size: float = typer.Option(..., "--pixel-size", "--pixel-size-um", help="µm per section image pixel."),
           out: Path = typer.Option(..., help="Output folder: plane.json, slice.tif, overlay.png."),
           spacing_um: Optional[str] = typer.Option(None, help="Volume voxel size z,y,x µm if the file does not say."),
           landmarks: Optional[Path] = typer.Option(None, help="CSV px_x,px_y,x_um,y_um,z_um (≥ 3 rows) to seed the search."),
@@ -66,8 +66,25 @@ def plane(volume: Path = typer.Option(..., help="Volume: TIFF, OME-Zarr, zarr, N
     _friendly(_plane)(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_rotation, depth_um, seed)
 
 
-def _plane(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_rotation, depth_um, seed):
+def _check_search_flags(max_tilt, max_rotation, depth_um) -> None:
+    """The search range in the CLI's own words (the API's PlaneSearchRange names its fields)."""
+    if not (np.isfinite(max_tilt) and 0 <= max_tilt < 60):
+        raise VoxelomeError(f"--max-tilt {max_tilt:g} must be in [0, 60) degrees (e.g. the default 15).")
+    if not (np.isfinite(max_rotation) and 0 <= max_rotation <= 180):
+        raise VoxelomeError(f"--max-rotation {max_rotation:g} must be in [0, 180] degrees (180: any rotation).")
+    if depth_um is not None and not (np.isfinite(depth_um) and depth_um >= 0):
+        raise VoxelomeError(f"--depth-um {depth_um:g} must be ≥ 0 µm (leave it out for half the volume's depth).")
+
+
+def _write_slice_tif(path: Path, slice_: np.ndarray, pixel_size_um: float) -> None:
+    """The resampled plane as a float32 TIFF that states its pixel size in µm (ImageJ/Fiji, napari, tifffile)."""
     import tifffile
+
+    tifffile.imwrite(path, slice_.astype(np.float32), imagej=True, resolution=(1.0 / pixel_size_um,) * 2,
+                     metadata={"unit": "um", "axes": "YX"})
+
+
+def _plane(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_rotation, depth_um, seed):
 
     from voxelome.cli import _triplet
     from voxelome.io import read_volume
@@ -75,14 +92,18 @@ def _plane(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_
     from voxelome.register.plane_figure import plane_overlay_figure
     from voxelome.register.plane_search import PlaneSearchRange, register_plane
 
+    _check_search_flags(max_tilt, max_rotation, depth_um)
     vol = read_volume(volume, _triplet(spacing_um, "spacing-um"))
     img = _read_image(image)
+    typer.echo(f"searching the plane of {image} ({img.shape[1]} × {img.shape[0]} px at {pixel_size:g} µm) in "
+               f"{volume} {tuple(vol.shape)} (z, y, x) at {tuple(round(float(v), 3) for v in vol.spacing_um)} µm: "
+               f"tilts ±{max_tilt:g}°, rotations ±{max_rotation:g}°, grid then refinement…", err=True)
     search = PlaneSearchRange(max_tilt_deg=max_tilt, max_rotation_deg=max_rotation, depth_um=depth_um)
     lm = _read_landmarks(landmarks) if landmarks is not None else None
     res = register_plane(vol, img, pixel_size, search=search, landmarks=lm, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "plane.json", res.to_dict())
-    tifffile.imwrite(out / "slice.tif", res.slice.astype(np.float32))
+    _write_slice_tif(out / "slice.tif", res.slice, res.slice_pixel_size_um)
     plane_overlay_figure(res, img, pixel_size, out / "overlay.png")
     typer.echo(json.dumps({"score": res.score, "tilt_deg": res.tilt_deg, "scale": res.scale,
                            "seconds": round(res.seconds, 1), "placement": res.placement.to_dict()["matrix"]}))
@@ -113,12 +134,19 @@ def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, m
         z_um = [float(v) for v in z.split(",")]
     except ValueError:
         raise VoxelomeError(f"--z={z!r} must be numbers separated by commas, e.g. 0,15,30.") from None
+    if Path(out).suffix.lower() != ".h5ad":
+        raise VoxelomeError(f"--out {out} should end in .h5ad (the stacked spots as AnnData), e.g. stack.h5ad.")
+    paths = [Path(p.strip()) for p in images.split(",") if p.strip()] if images else []
+    if images and len(paths) != len(sections):
+        raise VoxelomeError(f"--images needs one image per section, comma-separated in the sections' order: got "
+                            f"{len(paths)} image(s) for {len(sections)} sections.")
+    if zarr_out is not None and not images:
+        raise VoxelomeError("--zarr-out writes the registered H&E stack: it needs --images (one per section).")
     adatas = [read_section(s, pixel_size_um=pixel_size_um) for s in sections]
     names = [Path(s).name.split(".")[0] for s in sections]
     if images:
         from voxelome.register.stack_image import stack_images
 
-        paths = [Path(p) for p in images.split(",")]
         res = stack_images(paths, z_um, adatas=adatas, names=names, bspline=bspline, zarr_out=zarr_out, seed=seed)
         st = res.adata
     else:
@@ -127,5 +155,10 @@ def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, m
         st = stack_sections(adatas, z_um, names=names, method=method, seed=seed, max_points=max_points)
     write_h5ad(st, out)
     info = st.uns["voxelome"]["stack"]
-    typer.echo(json.dumps({"spots": st.n_obs, "sections": info["sections"], "method": info["method"],
-                           "bin_um": info.get("bin_um"), "seconds": round(info["seconds"], 2), "out": str(out)}))
+    summary = {"spots": st.n_obs, "sections": list(info["sections"]), "method": info["method"],
+               "bin_um": info.get("bin_um"), "seconds": round(info["seconds"], 2), "out": str(out)}
+    if "dice_adjacent" in info:  # image stacks: tissue overlap of adjacent registered sections
+        summary["dice_adjacent"] = [round(float(d), 3) for d in info["dice_adjacent"]]
+    if zarr_out is not None:
+        summary["zarr_out"] = str(zarr_out)
+    typer.echo(json.dumps(summary))
