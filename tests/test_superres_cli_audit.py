@@ -116,3 +116,28 @@ def test_restore_report_scores_baselines_beside_the_model(run, files, tmp_path):
     for scores in (entry["scores"], *entry["baseline_scores"].values()):
         assert set(scores) == {"rmse", "ssim", "pearson", "pearson_median"}
         assert np.isfinite(scores["rmse"]) and scores["rmse"] > 0
+
+
+def test_more_genes_than_the_sections_share_is_said(files, tmp_path):  # noqa: F811
+    (s1, i1) = files[1]
+    with pytest.warns(UserWarning, match="share only 4 genes"):
+        r = invoke("superres", "fit", "--section", s1, "--image", i1, *TINY[:-2], "--n-genes", 50,
+                   "--set", "iterations=2", "--out", tmp_path / "all")
+    assert r.exit_code == 0, r.output
+
+
+def test_report_maps_output_pixels_to_image_pixels(run, files, tmp_path):  # noqa: F811
+    s, i = files[4]
+    sec = ad.read_h5ad(s)
+    ax, ay = sec.obs["array_x"].to_numpy(), sec.obs["array_y"].to_numpy()
+    spots_px = np.asarray(sec.obsm["spatial"], float)
+    for mode, f in (("restore", 1), ("beyond", 2)):
+        r = invoke("superres", "predict", run, "--section", s, "--image", i, "--mode", mode,
+                   "--out", tmp_path / f"{mode}.zarr")
+        assert r.exit_code == 0, r.output
+        m = np.asarray(json.loads((tmp_path / f"{mode}.zarr" / "report.json").read_text())
+                       ["sections"]["s4"]["output_to_image_px"])
+        # the f × f output pixels of each spot, averaged, sit on the spot's centre in the H&E
+        col, row = (ax - ax.min()) * f + (f - 1) / 2, (ay - ay.min()) * f + (f - 1) / 2
+        mapped = np.column_stack([col, row, np.ones(len(col))]) @ m.T
+        assert np.abs(mapped - spots_px).max() < 1.0, (mode, np.abs(mapped - spots_px).max())

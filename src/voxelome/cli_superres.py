@@ -131,6 +131,11 @@ def run_fit(sections: list[Path], images: list[Path], out: Path, *, n_genes: int
     cads, cims = (_sections(calibration_sections, calibration_images, pixel_size_um, input_um, calibration_spots,
                             spot_diameter_um, what="--calibration-section") if calibration_sections else ([], []))
     genes = select_target_genes(adatas, int(n_genes), "variance")
+    if len(genes) < int(n_genes):
+        import warnings
+
+        warnings.warn(f"--n-genes {n_genes}: the training sections share only {len(genes)} genes; modelling all of "
+                      "them (time and memory grow with the genes: 50–500 is the usual range).", stacklevel=2)
     for a, p in zip(cads, calibration_sections):  # same panel as training, or the run is of no use to calibrate
         missing = [g for g in genes if g not in set(map(str, a.var_names))]
         if missing:
@@ -242,7 +247,9 @@ def run_predict(run: Path, sections: list[Path], images: list[Path], out: Path, 
         masks.append(pair.high_mask)
         size = pair.extra.get("pixel_size_yx_um", pair.pixel_size_um)  # (y, x) on a Visium (hexagonal) lattice
         pixel_um = pixel_um or size
-        entry = {"grid": list(pair.high_mask.shape), "pixel_size_um": size}
+        entry = {"grid": list(pair.high_mask.shape), "pixel_size_um": size,
+                 # output pixel (column, row, 1) → H&E pixel (x, y) as obsm['spatial'] (None on a hexagonal lattice)
+                 "output_to_image_px": pair.extra.get("output_to_image_px")}
         if mode == "restore":  # the truth is the measured spots: score like the benchmark, beside a baseline
             keys = ("rmse", "ssim", "pearson", "pearson_median")
             sc = superres_scores(pred.mean, pair.high, pair.high_mask)

@@ -190,7 +190,9 @@ def restore_pair(adata, genes, *, factor: int = 2, image: SectionImage | None = 
     low_mask = cnt >= int(min_spots)
     aff = _grid_to_px(adata, ax, ay, row_shift)
     pitch = _pitch_um(adata, aff)
-    extra = {"array_origin": (x0, y0), "grid_to_px": aff, "mode": "restore", **_anisotropy(adata, aff, 1)}
+    hexagonal = bool(np.any(row_shift(np.arange(2))))
+    extra = {"array_origin": (x0, y0), "grid_to_px": aff, "mode": "restore", **_anisotropy(adata, aff, 1),
+             "output_to_image_px": _output_to_image(aff, x0, y0, 1, hexagonal)}
     pair = SuperResPair(name, list(genes), f, pitch, high, mask, (low * low_mask).astype(np.float32), low_mask, None,
                         None, extra)
     if image is None:
@@ -223,7 +225,8 @@ def beyond_pair(adata, genes, *, factor: int = 2, image: SectionImage | None = N
     mask = np.kron(low_mask, np.ones((f, f), bool))
     pair = SuperResPair(name, list(genes), f, _pitch_um(adata, aff) / f, np.zeros((len(genes), H, W), np.float32),
                         mask, low, low_mask, None, None,
-                        {"array_origin": (x0, y0), "grid_to_px": aff, "mode": "beyond", **_anisotropy(adata, aff, f)})
+                        {"array_origin": (x0, y0), "grid_to_px": aff, "mode": "beyond", **_anisotropy(adata, aff, f),
+                         "output_to_image_px": _output_to_image(aff, x0, y0, f, bool(np.any(row_shift(np.arange(2)))))})
     if image is not None:
         if features is None:
             raise VoxelomeError("features=None with an image: use the run's fitted HistologyFeatures.")
@@ -234,6 +237,17 @@ def beyond_pair(adata, genes, *, factor: int = 2, image: SectionImage | None = N
         grid = np.column_stack([x0 + (gx + 0.5) / f - 0.5 + row_shift(y0 + gy // f), y0 + (gy + 0.5) / f - 0.5])
         pair.image = features.transform(_features_at(image, adata, grid, aff)).T.reshape(-1, H, W)
     return pair.validate()
+
+
+def _output_to_image(aff: np.ndarray, x0: int, y0: int, f: int, hexagonal: bool):
+    """2×3 affine: output pixel (column, row, 1) → full-resolution image pixel (x, y) as in ``obsm['spatial']``, for
+    an output grid ``f`` times finer than the array starting at array position ``(x0, y0)``; ``None`` on a hexagonal
+    lattice (alternate rows are shifted, which no single affine map says)."""
+    if hexagonal:
+        return None
+    c = 0.5 / f - 0.5  # output pixel b's centre sits at array coordinate x0 + (b + 0.5)/f − 0.5
+    grid = np.array([[1.0 / f, 0.0, x0 + c], [0.0, 1.0 / f, y0 + c], [0.0, 0.0, 1.0]])
+    return (aff @ grid).tolist()
 
 
 def _pitch_um(adata, aff: np.ndarray) -> float:
