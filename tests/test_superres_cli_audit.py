@@ -141,3 +141,14 @@ def test_report_maps_output_pixels_to_image_pixels(run, files, tmp_path):  # noq
         col, row = (ax - ax.min()) * f + (f - 1) / 2, (ay - ay.min()) * f + (f - 1) / 2
         mapped = np.column_stack([col, row, np.ones(len(col))]) @ m.T
         assert np.abs(mapped - spots_px).max() < 1.0, (mode, np.abs(mapped - spots_px).max())
+
+
+def test_expression_only_run_refuses_images(files, tmp_path):  # noqa: F811
+    (s1, _), (s4, i4) = files[1], files[4]
+    r = invoke("superres", "fit", "--section", s1, *TINY[:2], "--set", "iterations=2", "--set", "device=cpu",
+               "--n-genes", 3, "--out", tmp_path / "expr")
+    assert r.exit_code == 0, r.output
+    r = invoke("superres", "predict", tmp_path / "expr", "--section", s4, "--image", i4, "--out", tmp_path / "p.zarr")
+    assert r.exit_code == 2 and "expression-only" in r.output and "drop --image" in r.output, r.output
+    r = invoke("superres", "predict", tmp_path / "expr", "--section", s4, "--out", tmp_path / "p.zarr")
+    assert r.exit_code == 0, r.output
