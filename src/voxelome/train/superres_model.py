@@ -271,11 +271,12 @@ class TrainedSuperRes:
             for i, p in enumerate(pairs):
                 if bar is not None:
                     bar.set_postfix(steps=k)
-                    bar.update(1)
                 truth = _target_map(p, target)
                 sc = superres_scores(self.sample(p, n, steps=k, seed=seed + i).mean(0), truth, p.high_mask)
                 sc.pop("per_gene", None)
                 rows.append(sc)
+                if bar is not None:
+                    bar.update(1)
             m = mean_scores(rows)
             score = {"ssim+pearson": m["ssim"] + m["pearson"], "ssim": m["ssim"], "pearson": m["pearson"],
                      "rmse": -m["rmse"]}[metric]
