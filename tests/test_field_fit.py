@@ -155,6 +155,14 @@ def test_resume_is_exact(split, tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
     with pytest.raises(Exception, match="different config"):
         fit_field(data, make_field_config("cpu", iterations=12, **{**cfg, "lr": 0.5}), tmp_path / "b", progress=False)
+    # a low-rank run is not resumed with other loadings (the checkpoint's buffer would silently win)
+    low = make_field_config("cpu", iterations=12, **{**cfg, "likelihood": "gaussian", "low_rank": "linear"})
+    w = np.eye(2, 4)
+    fit_field(data, low, tmp_path / "c", loadings=w, progress=False)
+    fit_field(data, low, tmp_path / "c", loadings=w, progress=False)  # same loadings: resumes (nothing left to do)
+    for other in (w[::-1], None):
+        with pytest.raises(Exception, match="other gene loadings"):
+            fit_field(data, low, tmp_path / "c", loadings=other, progress=False)
 
 
 def test_held_out_loss_is_recorded_and_leaves_training_unchanged(split, tmp_path):

@@ -1,4 +1,4 @@
-"""Choosing a field's settings on held-out sections (``select_field``, ``reconstruct fit --select``) and the
+"""Choosing a field's settings on held-out sections (``select_field``, ``reconstruct fit --settings select``), the default settings and the
 default gene choice of ``reconstruct fit`` (``--n-genes``), on the seeded synthetic stack of test_field_fit."""
 
 import json
@@ -16,13 +16,15 @@ from voxelome.evaluate.field_baselines import per_gene_scores
 from voxelome.infer.field_export import FittedField
 from voxelome.train.field_selection import (
     FIELD_CANDIDATES,
+    ROBUST_CANDIDATE,
     SELECTION_FILE,
     candidate_config,
+    candidate_overrides,
     pca_loadings,
     select_field,
     split_section,
 )
-from voxelome.train.field_trainer import fit_field
+from voxelome.train.field_trainer import fit_field, suggest_jitter
 from voxelome.train.point_data import PointData, variable_genes
 
 TINY = dict(iterations=200, batch_size=512, n_levels=6, log2_table_size=12, seed=0)
@@ -117,7 +119,7 @@ def test_cli_fit_default_genes_and_select(stack, tmp_path):
     runner = CliRunner()
     tiny = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
     run = tmp_path / "run"
-    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), "--n-genes", "4", "--select",
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), "--n-genes", "4", "--settings", "select",
                               "--select-sections", "1", *tiny])
     assert res.exit_code == 0, res.output
     assert "most variable of 13 genes" in res.output and "chosen on held-out z050" in res.output
@@ -132,8 +134,35 @@ def test_cli_fit_default_genes_and_select(stack, tmp_path):
                               "--chunk", "700"])
     assert res.exit_code == 0, res.output
     assert PointData.from_store(tmp_path / "store").genes == variable_genes(stack, 4)
-    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "r2"), "--select",
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "r2"), "--settings", "select",
                               "--jitter", "20"])
-    assert res.exit_code == 2 and "--select chooses" in res.output
+    assert res.exit_code == 2 and "--settings select chooses" in res.output
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "r3"), "--n-genes", "-1"])
     assert res.exit_code == 2 and "--n-genes -1" in res.output
+
+
+def test_cli_default_and_ntf_settings(stack, tmp_path):
+    path = tmp_path / "stack.h5ad"
+    stack.write_h5ad(path)
+    data = PointData.from_anndata(stack, genes=variable_genes(stack, 4))
+    quick = ["--n-genes", "4", "--set", "iterations=5", "--set", "batch_size=64", "--set", "n_levels=3",
+             "--set", "log2_table_size=8"]
+    runner = CliRunner()
+    expected = {"robust": candidate_overrides(data, FIELD_CANDIDATES[ROBUST_CANDIDATE]),
+                "ntf": {"likelihood": "nb", "jitter_um": suggest_jitter(data), "section_dim": 8}}
+    for settings, want in expected.items():
+        args = [] if settings == "robust" else ["--settings", settings]
+        res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / settings), *quick, *args])
+        assert res.exit_code == 0, res.output
+        cfg = yaml.safe_load((tmp_path / settings / "config.yaml").read_text())["config"]
+        assert cfg["likelihood"] == want["likelihood"] and cfg["section_dim"] == want.get("section_dim", 0)
+        assert cfg["jitter_um"] == pytest.approx(list(want["jitter_um"]))
+    assert expected["robust"]["likelihood"] == "gaussian" and expected["robust"]["section_dim"] == 0
+    # single fields still override the settings
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "nb"), *quick,
+                              "--likelihood", "nb", "--jitter", "30"])
+    assert res.exit_code == 0, res.output
+    cfg = yaml.safe_load((tmp_path / "nb" / "config.yaml").read_text())["config"]
+    assert cfg["likelihood"] == "nb" and cfg["jitter_um"] == [30.0, 30.0, 30.0] and cfg["section_dim"] == 0
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "x"), "--settings", "robst"])
+    assert res.exit_code == 2 and "Did you mean 'robust'" in res.output

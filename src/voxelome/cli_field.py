@@ -1,6 +1,6 @@
 """``voxelome reconstruct``: fit a neural transcriptomic field to serial sections and query it.
 
-    voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B | --n-genes 500] [--preset cpu] [--jitter auto | --select]
+    voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B | --n-genes 500] [--settings robust|ntf|select] [--preset cpu]
     voxelome reconstruct store STACK.h5ad --out STORE [--genes A,B | --n-genes 500]   # then: reconstruct fit STORE --out RUN
     voxelome reconstruct volume RUN --out field.ome.zarr --spacing 20 [--bbox x0,y0,z0,x1,y1,z1]
     voxelome reconstruct section RUN --out plane.npz --origin x,y,z --normal nx,ny,nz --pixel-size 10 --shape 100,100
@@ -53,17 +53,30 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         section_key: str = typer.Option("section", help="obs column naming each point's section."),
         layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
         preset: str = typer.Option("cpu", help="paper (NTF: Adam 1e-4, 20k × 8192) or cpu (tuned for a CPU)."),
-        likelihood: Optional[str] = typer.Option(None, help="nb, zinb, poisson or gaussian (default nb; gaussian with --obsm-key)."),
-        jitter: str = typer.Option("auto", help="Coordinate jitter σ µm: 'auto' (from spot pitch and section gap), one number, or x,y,z."),
+        settings: str = typer.Option("robust", help="robust: Gaussian on log1p counts, jitter 1.5× the spot pitch "
+                                     "in-plane and 4.5× the section gap across, no section effects (never far from the "
+                                     "best on the real stacks of BENCHMARKS.md); ntf: NB on counts, jitter = spot pitch "
+                                     "and 0.75× gap, section effects (NTF's recipe); select: choose among 5 candidates "
+                                     "on held-out inner sections (selection.json; 5 × --select-sections extra fits). "
+                                     "--likelihood, --jitter and --set change single fields."),
+        likelihood: Optional[str] = typer.Option(None, help="nb, zinb, poisson or gaussian (default: from --settings)."),
+        jitter: str = typer.Option("auto", help="Coordinate jitter σ µm: 'auto' (from --settings, the spot pitch and "
+                                   "the section gap), one number, or x,y,z."),
         signatures_model: Optional[Path] = typer.Option(None, help="A `voxelome signatures` .npz: low-rank field through its fixed gene loadings."),
         set_: list[str] = typer.Option([], "--set", help="Override a FieldConfig field, key=value (repeatable)."),
-        select: bool = typer.Option(False, "--select", help="First choose the jitter and likelihood on held-out inner "
-                                    "sections of this stack (selection.json); costs candidates × sections extra fits."),
-        select_sections: int = typer.Option(2, help="With --select: inner sections held out in turn."),
+        select_sections: int = typer.Option(2, help="With --settings select: inner sections held out in turn."),
         no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of resuming last.pt.")):
     """Fit a field to a registered stack of sections."""
     import anndata as ad
 
+    from voxelome.errors import did_you_mean
+    from voxelome.train.field_selection import (
+        FIELD_CANDIDATES,
+        ROBUST_CANDIDATE,
+        candidate_overrides,
+        pca_loadings,
+        select_field,
+    )
     from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
     from voxelome.train.point_data import PointData, variable_genes
 
@@ -93,29 +106,34 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if adata is not None:
         data = PointData.from_anndata(adata, genes=gene_list, obsm_key=obsm_key, layer=layer, section_key=section_key)
     overrides = _sets(set_)
-    if select:
-        from voxelome.train.field_selection import select_field
-
+    if settings == "select":
         if likelihood or jitter != "auto" or {"likelihood", "jitter_um", "section_dim"} & set(overrides):
-            raise VoxelomeError("--select chooses the likelihood, jitter and section effects itself; drop --likelihood, "
-                                "--jitter and --set likelihood/jitter_um/section_dim, or drop --select.")
+            raise VoxelomeError("--settings select chooses the likelihood, jitter and section effects itself; drop "
+                                "--likelihood, --jitter and --set likelihood/jitter_um/section_dim, or pick other --settings.")
         if sig is not None or obsm_key:
-            raise VoxelomeError("--select compares gene-level fits; it does not apply with --signatures-model or --obsm-key.")
+            raise VoxelomeError("--settings select compares gene-level fits; it does not apply with --signatures-model "
+                                "or --obsm-key.")
         chosen = select_field(data, out / "selection", preset=preset, max_validation_sections=select_sections,
                               **overrides)
-        overrides.update(chosen["overrides"])
+        base = chosen["overrides"]
         if chosen["pca"]:
-            from voxelome.train.field_selection import pca_loadings
-
             loadings = pca_loadings(data, chosen["pca"])
         typer.echo(f"chosen on held-out {', '.join(chosen['validation_sections'])}: {chosen['best']} (mean r "
                    + ", ".join(f"{k}: {v:.3f}" for k, v in chosen["mean_r"].items()) + f"; {out / 'selection'}/selection.json)")
-    overrides.setdefault("likelihood", likelihood or ("gaussian" if obsm_key or not data.is_counts else "nb"))
-    if jitter == "auto":
-        overrides.setdefault("jitter_um", suggest_jitter(data))
+    elif settings == "robust":
+        base = candidate_overrides(data, FIELD_CANDIDATES[ROBUST_CANDIDATE])
+    elif settings == "ntf":
+        base = {"likelihood": "nb" if data.is_counts and not obsm_key else "gaussian", "jitter_um": suggest_jitter(data)}
     else:
-        overrides.setdefault("jitter_um", tuple(_numbers(jitter, "jitter", (1, 3))))
-    config = make_field_config(preset, **overrides)
+        raise VoxelomeError(f"--settings {settings!r} is not one of robust, ntf, select.{did_you_mean(settings, ['robust', 'ntf', 'select'])}")
+    if likelihood:
+        base["likelihood"] = likelihood
+    if jitter != "auto":
+        base["jitter_um"] = tuple(_numbers(jitter, "jitter", (1, 3)))
+    if sig is None and obsm_key is None and base["likelihood"] != "gaussian" and not data.is_counts:
+        raise VoxelomeError(f"likelihood {base['likelihood']!r} models counts, but the stack's values are not counts; "
+                            "use --likelihood gaussian or pass the raw counts.")
+    config = make_field_config(preset, **{**base, **overrides})
     if sig is not None:
         lookup = {g: i for i, g in enumerate(sig.genes)}
         load = np.asarray(sig.loadings)[:, [lookup[g] for g in data.genes]]

@@ -61,13 +61,25 @@ def pca_loadings(data: PointData, k: int) -> np.ndarray:
     return np.ascontiguousarray(vecs[:, ::-1][:, :min(k, cov.shape[0])].T)
 
 
-def candidate_config(data: PointData, candidate: dict, preset: str = "cpu", **overrides):
-    """The :class:`FieldConfig` of one candidate: ``preset`` + ``overrides`` + the candidate's settings."""
+#: The candidate ``reconstruct fit`` uses when nothing is chosen (``--settings robust``): on the five real stacks
+#: of BENCHMARKS.md it was never far from the best candidate on held-out sections, while NB fits with section
+#: effects collapsed on her2st B (held-out r 0.04–0.16 against 0.2–0.3).
+ROBUST_CANDIDATE = "gaussian, jitter ×1.5 in-plane ×6 across, no section effects"
+
+
+def candidate_overrides(data: PointData, candidate: dict) -> dict:
+    """A candidate's :class:`FieldConfig` overrides for this stack: ``jitter_scale`` turned into ``jitter_um``
+    (µm, from :func:`suggest_jitter`); ``pca`` dropped (pass ``loadings=pca_loadings(data, k)`` to the fit)."""
     cand = dict(candidate)
     cand.pop("pca", None)
     sx, sz = cand.pop("jitter_scale", (1.0, 1.0))
     jx, jy, jz = suggest_jitter(data)
-    return make_field_config(preset, **{**overrides, **cand, "jitter_um": (jx * sx, jy * sx, jz * sz)})
+    return {**cand, "jitter_um": (jx * sx, jy * sx, jz * sz)}
+
+
+def candidate_config(data: PointData, candidate: dict, preset: str = "cpu", **overrides):
+    """The :class:`FieldConfig` of one candidate: ``preset`` + ``overrides`` + the candidate's settings."""
+    return make_field_config(preset, **{**overrides, **candidate_overrides(data, candidate)})
 
 
 def split_section(data: PointData, code: int) -> tuple[PointData, PointData]:
@@ -174,9 +186,7 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
     record.update(mean_r=mean, best=best,
                   chosen_config={k: getattr(chosen, k) for k in ("likelihood", "jitter_um", "section_dim")})
     atomic_write_json(path, _jsonable(record), indent=1)
-    over = {k: v for k, v in cands[best].items() if k not in ("jitter_scale", "pca")}
-    over["jitter_um"] = chosen.jitter_um
-    return {"best": best, "overrides": over, "pca": int(cands[best].get("pca", 0)), "scores": record["scores"],
+    return {"best": best, "overrides": candidate_overrides(data, cands[best]), "pca": int(cands[best].get("pca", 0)), "scores": record["scores"],
             "mean_r": mean, "validation_sections": record["validation_sections"]}
 
 

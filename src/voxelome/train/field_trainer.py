@@ -414,6 +414,11 @@ def _check_resume(path, state, config: FieldConfig, meta: dict) -> None:
     if not same or not np.allclose(state["meta"]["box_lo"], meta["box_lo"]):
         raise VoxelomeError(f"{path} was fitted on other data (genes, sections or points differ); start a new "
                             "run folder or pass resume=False.")
+    old_w, new_w = state["meta"].get("loadings"), meta.get("loadings")
+    if (old_w is None) != (new_w is None) or (new_w is not None and (np.shape(old_w) != np.shape(new_w)
+                                                                     or not np.allclose(old_w, new_w))):
+        raise VoxelomeError(f"{path} was fitted with other gene loadings (low-rank output); start a new run folder "
+                            "or pass resume=False.")
 
 
 __all__ = ["FIELD_PRESETS", "FieldConfig", "bounding_box", "build_field_model", "field_config_from_dict",
