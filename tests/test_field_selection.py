@@ -151,18 +151,29 @@ def test_cli_default_and_ntf_settings(stack, tmp_path):
     expected = {"robust": candidate_overrides(data, FIELD_CANDIDATES[ROBUST_CANDIDATE]),
                 "ntf": {"likelihood": "nb", "jitter_um": suggest_jitter(data), "section_dim": 8}}
     for settings, want in expected.items():
-        args = [] if settings == "robust" else ["--settings", settings]
-        res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / settings), *quick, *args])
+        res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / settings), *quick,
+                                  "--settings", settings])
         assert res.exit_code == 0, res.output
         cfg = yaml.safe_load((tmp_path / settings / "config.yaml").read_text())["config"]
         assert cfg["likelihood"] == want["likelihood"] and cfg["section_dim"] == want.get("section_dim", 0)
         assert cfg["jitter_um"] == pytest.approx(list(want["jitter_um"]))
     assert expected["robust"]["likelihood"] == "gaussian" and expected["robust"]["section_dim"] == 0
-    # single fields still override the settings
+    # single fields still override the settings (the default then starts from NTF's recipe)
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "nb"), *quick,
                               "--likelihood", "nb", "--jitter", "30"])
     assert res.exit_code == 0, res.output
     cfg = yaml.safe_load((tmp_path / "nb" / "config.yaml").read_text())["config"]
-    assert cfg["likelihood"] == "nb" and cfg["jitter_um"] == [30.0, 30.0, 30.0] and cfg["section_dim"] == 0
+    assert "auto → ntf (--likelihood/--jitter/--set given)" in res.output
+    assert cfg["likelihood"] == "nb" and cfg["jitter_um"] == [30.0, 30.0, 30.0] and cfg["section_dim"] == 8
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "x"), "--settings", "robst"])
     assert res.exit_code == 2 and "Did you mean 'robust'" in res.output
+    # the default (auto): choose on held-out sections when there are ≥ 3 sections, else NTF's recipe
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "auto"), *quick])
+    assert res.exit_code == 0 and "--settings auto → select" in res.output, res.output
+    picked = json.loads((tmp_path / "auto" / "selection" / SELECTION_FILE).read_text())
+    assert picked["budget"] == [400, 2048] and len(picked["scores"]) == len(FIELD_CANDIDATES)
+    two = tmp_path / "two.h5ad"
+    stack[stack.obs["section"].isin(["z000", "z050"])].copy().write_h5ad(two)
+    res = runner.invoke(app, ["reconstruct", "fit", str(two), "--out", str(tmp_path / "two"), *quick])
+    assert res.exit_code == 0 and "--settings auto → ntf" in res.output, res.output
+    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["config"]["likelihood"] == "nb"

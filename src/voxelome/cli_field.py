@@ -19,7 +19,7 @@ import typer
 
 from voxelome.cli_common import friendly as _friendly
 from voxelome.cli_common import parse_numbers, parse_sets
-from voxelome.errors import VoxelomeError
+from voxelome.errors import VoxelomeError, did_you_mean
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Neural transcriptomic field: a continuous 3D expression field fit to serial sections.")
@@ -53,11 +53,12 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         section_key: str = typer.Option("section", help="obs column naming each point's section."),
         layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
         preset: str = typer.Option("cpu", help="paper (NTF: Adam 1e-4, 20k × 8192) or cpu (tuned for a CPU)."),
-        settings: str = typer.Option("robust", help="robust: Gaussian on log1p counts, jitter 1.5× the spot pitch "
-                                     "in-plane and 4.5× the section gap across, no section effects (never far from the "
-                                     "best on the real stacks of BENCHMARKS.md); ntf: NB on counts, jitter = spot pitch "
-                                     "and 0.75× gap, section effects (NTF's recipe); select: choose among 5 candidates "
-                                     "on held-out inner sections (selection.json; 5 × --select-sections extra fits). "
+        settings: str = typer.Option("auto", help="select: choose among 5 candidates on held-out inner sections "
+                                     "(selection.json; 5 × --select-sections short extra fits); ntf: NB on counts, "
+                                     "jitter = spot pitch and 0.75× the section gap, section effects (NTF's recipe); "
+                                     "robust: Gaussian on log1p counts, jitter 1.5× pitch in-plane and 4.5× the gap "
+                                     "across, no section effects (for near-replicate serial sections); auto: select "
+                                     "when the stack allows it (≥ 3 sections in memory, genes), else ntf. "
                                      "--likelihood, --jitter and --set change single fields."),
         likelihood: Optional[str] = typer.Option(None, help="nb, zinb, poisson or gaussian (default: from --settings)."),
         jitter: str = typer.Option("auto", help="Coordinate jitter σ µm: 'auto' (from --settings, the spot pitch and "
@@ -69,7 +70,6 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     """Fit a field to a registered stack of sections."""
     import anndata as ad
 
-    from voxelome.errors import did_you_mean
     from voxelome.train.field_selection import (
         FIELD_CANDIDATES,
         ROBUST_CANDIDATE,
@@ -84,6 +84,9 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         raise VoxelomeError(f"stack file {stack} does not exist.")
     if n_genes < 0:
         raise VoxelomeError(f"--n-genes {n_genes} must be ≥ 0 (0 = every gene).")
+    choices = ["auto", "select", "ntf", "robust"]
+    if settings not in choices:
+        raise VoxelomeError(f"--settings {settings!r} is not one of {', '.join(choices)}.{did_you_mean(settings, choices)}")
     if stack.is_dir():  # a point store: memmapped, never loaded into RAM
         if genes or obsm_key or layer or signatures_model:
             raise VoxelomeError("--genes/--obsm-key/--layer/--signatures-model do not apply to a point store (its "
@@ -106,6 +109,13 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if adata is not None:
         data = PointData.from_anndata(adata, genes=gene_list, obsm_key=obsm_key, layer=layer, section_key=section_key)
     overrides = _sets(set_)
+    if settings == "auto":
+        chosen_by_user = likelihood or jitter != "auto" or {"likelihood", "jitter_um", "section_dim"} & set(overrides)
+        can = adata is not None and sig is None and obsm_key is None and len(data.section_names) >= 3
+        settings = "select" if can and not chosen_by_user else "ntf"
+        typer.echo(f"--settings auto → {settings}" + ("" if settings == "select" else (
+            " (--likelihood/--jitter/--set given)" if chosen_by_user else
+            " (choosing needs ≥ 3 sections of genes held in memory)")))
     if settings == "select":
         if likelihood or jitter != "auto" or {"likelihood", "jitter_um", "section_dim"} & set(overrides):
             raise VoxelomeError("--settings select chooses the likelihood, jitter and section effects itself; drop "
@@ -122,10 +132,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
                    + ", ".join(f"{k}: {v:.3f}" for k, v in chosen["mean_r"].items()) + f"; {out / 'selection'}/selection.json)")
     elif settings == "robust":
         base = candidate_overrides(data, FIELD_CANDIDATES[ROBUST_CANDIDATE])
-    elif settings == "ntf":
+    else:  # ntf
         base = {"likelihood": "nb" if data.is_counts and not obsm_key else "gaussian", "jitter_um": suggest_jitter(data)}
-    else:
-        raise VoxelomeError(f"--settings {settings!r} is not one of robust, ntf, select.{did_you_mean(settings, ['robust', 'ntf', 'select'])}")
     if likelihood:
         base["likelihood"] = likelihood
     if jitter != "auto":

@@ -12,6 +12,7 @@ as each fit finishes, so an interrupted selection resumes without refitting.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -112,8 +113,14 @@ def inner_sections(data: PointData, max_sections: int) -> list[int]:
     return [int(c) for c in inner]
 
 
+#: iterations × batch size of the comparison fits at most (the real-stack benchmark's budget): short complete
+#: schedules rank the candidates; the chosen one is then fitted with the full configuration
+SELECT_BUDGET = (400, 2048)
+
+
 def select_field(data: PointData, work_dir, *, candidates: dict | None = None, preset: str = "cpu",
-                 max_validation_sections: int = 2, progress: bool = True, **overrides) -> dict:
+                 max_validation_sections: int = 2, budget: tuple[int, int] | None = SELECT_BUDGET,
+                 progress: bool = True, **overrides) -> dict:
     """Fit every candidate with each held-out inner section left out; keep the best mean r.
 
     Parameters
@@ -129,6 +136,8 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
         The rest of the configuration, shared by every candidate (e.g. ``iterations=400``).
     max_validation_sections : int
         Inner sections held out in turn (evenly spread); each costs one fit per candidate.
+    budget : (int, int) or None
+        Caps on the comparison fits' iterations and batch size (``None``: the configuration's own).
     progress : bool
         A progress bar over the fits.
 
@@ -152,12 +161,14 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     record = {"format": SELECTION_FORMAT, "preset": preset, "overrides": _jsonable(overrides),
+              "budget": None if budget is None else [int(b) for b in budget],
               "candidates": _jsonable(cands), "validation_sections": [data.section_names[c] for c in held],
               "scores": {}}
     path = work / SELECTION_FILE
     if path.exists():  # resume: keep the scores of the same comparison
         old = json.loads(path.read_text())
-        if all(old.get(k) == record[k] for k in ("format", "preset", "overrides", "candidates", "validation_sections")):
+        if all(old.get(k) == record[k] for k in ("format", "preset", "overrides", "budget", "candidates",
+                                                 "validation_sections")):
             record["scores"] = old.get("scores", {})
     todo = [(n, c) for n in cands for c in held if data.section_names[c] not in record["scores"].get(n, {})]
     from voxelome.infer.field_export import FittedField
@@ -169,7 +180,11 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
         run = work / "fits" / "current"
         shutil.rmtree(run, ignore_errors=True)
         k = cands[name].get("pca", 0)
-        fit_field(train, candidate_config(train, cands[name], preset, **overrides), run, resume=False, progress=False,
+        config = candidate_config(train, cands[name], preset, **overrides)
+        if budget is not None:
+            config = dataclasses.replace(config, iterations=min(config.iterations, int(budget[0])),
+                                         batch_size=min(config.batch_size, int(budget[1])))
+        fit_field(train, config, run, resume=False, progress=False,
                   loadings=pca_loadings(train, k) if k else None)
         # a typical spot's measured value (the training spots' median library): the held-out spots' own depths
         # are not known where the field is used
