@@ -62,9 +62,9 @@ def pca_loadings(data: PointData, k: int) -> np.ndarray:
     return np.ascontiguousarray(vecs[:, ::-1][:, :min(k, cov.shape[0])].T)
 
 
-#: The candidate ``reconstruct fit`` uses when nothing is chosen (``--settings robust``): on the five real stacks
-#: of BENCHMARKS.md it was never far from the best candidate on held-out sections, while NB fits with section
-#: effects collapsed on her2st B (held-out r 0.04–0.16 against 0.2–0.3).
+#: The candidate of ``reconstruct fit --settings robust``: on the five real stacks of BENCHMARKS.md (16 µm serial
+#: sections, near-replicates) never more than 0.017 r below 3D kNN, where NB fits with section effects collapsed on
+#: her2st B (held-out r 0.04–0.16 against 0.2–0.3); but its smoothing across sections loses to kNN on the phantom.
 ROBUST_CANDIDATE = "gaussian, jitter ×1.5 in-plane ×6 across, no section effects"
 
 
