@@ -3,11 +3,12 @@
 The coordinate jitter (the field's smoothing) and the likelihood that predict a stack best depend on the
 data: on the registered breast/her2st stacks the best of the same candidates differed from stack to stack
 (BENCHMARKS.md, "Neural transcriptomic field on the real stacks"). :func:`select_field` therefore holds out
-inner sections of the user's own stack one at a time, fits every candidate on the other sections, scores
-its prediction of the held-out section's spots (mean per-gene Pearson r of log1p counts per 10k, the
-benchmark's score; the prediction is a typical spot's measured value, as where the field is used) and keeps the candidate with the best mean over the held-out sections. End sections are
-never held out: predicting them is extrapolation, another task. Scores are written to ``selection.json``
-as each fit finishes, so an interrupted selection resumes without refitting.
+inner sections of the user's own stack one at a time, fits every candidate on the other sections (short fits,
+:data:`SELECT_BUDGET`), scores its prediction of the held-out section's spots (mean per-gene Pearson r of log1p
+counts per 10k, the benchmark's score; the prediction is a typical spot's measured value, as where the field is
+used) and keeps the candidate with the best mean over the held-out sections. End sections are never held out:
+predicting them is extrapolation, another task. Scores are written to ``selection.json`` as each fit finishes, so
+an interrupted selection resumes without refitting.
 """
 
 from __future__ import annotations
