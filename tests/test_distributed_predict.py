@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,3 +211,16 @@ def test_field_export_is_another_block_job_on_the_same_cluster(client, tmp_path)
     assert stats["computed"] == stats["blocks"] == ref["blocks"] > 4
     _assert_same_prediction(out, tmp_path / "serial.ome.zarr")
     assert len(_runs(out)[0]["workers"]) == 2
+    # an ensemble's run folder (two fields averaged, `reconstruct fit --ensemble`) exports the same way
+    from voxelome.infer.field_ensemble import write_ensemble
+
+    fit_field(data, make_field_config("cpu", **{**cfg.to_dict(), "seed": 1}), tmp_path / "ens" / "b", progress=False)
+    shutil.copytree(run, tmp_path / "ens" / "a")
+    write_ensemble(tmp_path / "ens", ["a", "b"], ["seed 0", "seed 1"], rule="test")
+    FittedField.load(tmp_path / "ens").write_volume(tmp_path / "ens_serial.ome.zarr", 50.0, chunks=(4, 8, 8),
+                                                    progress=False)
+    write_field_volume_distributed(tmp_path / "ens", tmp_path / "ens_dask.ome.zarr", 50.0, scheduler=client,
+                                   chunks=(4, 8, 8), torch_threads=TORCH_THREADS, progress=False)
+    _assert_same_prediction(tmp_path / "ens_dask.ome.zarr", tmp_path / "ens_serial.ome.zarr")
+    with pytest.raises(AssertionError):  # the ensemble is not its first member
+        _assert_same_prediction(tmp_path / "ens_dask.ome.zarr", tmp_path / "serial.ome.zarr")

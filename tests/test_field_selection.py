@@ -120,7 +120,7 @@ def test_cli_fit_default_genes_and_select(stack, tmp_path):
     tiny = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
     run = tmp_path / "run"
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), "--n-genes", "4", "--settings", "select",
-                              "--select-sections", "1", *tiny])
+                              "--select-sections", "1", "--ensemble", "1", *tiny])
     assert res.exit_code == 0, res.output
     assert "most variable of 13 genes" in res.output and "chosen on held-out z050" in res.output
     assert FittedField.load(run).genes == variable_genes(stack, 4)
@@ -177,3 +177,81 @@ def test_cli_default_and_ntf_settings(stack, tmp_path):
     res = runner.invoke(app, ["reconstruct", "fit", str(two), "--out", str(tmp_path / "two"), *quick])
     assert res.exit_code == 0 and "--settings auto → ntf" in res.output, res.output
     assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["config"]["likelihood"] == "nb"
+
+
+def test_ensemble_is_the_mean_of_its_members_in_every_query(data, stack, tmp_path):
+    from voxelome.infer.field_ensemble import ENSEMBLE_FILE, FieldEnsemble, write_ensemble
+
+    for i, (name, cand) in enumerate(CANDIDATES.items()):
+        fit_field(data, candidate_config(data, cand, **TINY), tmp_path / "members" / str(i), progress=False)
+    write_ensemble(tmp_path, ["members/0", "members/1"], list(CANDIDATES), rule="test")
+    ens = FittedField.load(tmp_path)
+    assert isinstance(ens, FieldEnsemble) and ens.member_names == list(CANDIDATES)
+    one, two = (FittedField.load(tmp_path / "members" / str(i)) for i in range(2))
+    pts = data.xyz_um[::7]
+    for kwargs in ({}, {"value": "measured"}, {"section": data.section[::7]}):
+        mean = (one.predict(pts, **kwargs) + two.predict(pts, **kwargs)) / 2
+        np.testing.assert_allclose(ens.predict(pts, **kwargs), mean, rtol=1e-6)
+        assert not np.allclose(one.predict(pts, **kwargs), two.predict(pts, **kwargs), atol=1e-3)  # a real average
+    # the other queries go through predict: denoised spots and a volume equal the mean of the members' own
+    adata = stack[::50].copy()
+    np.testing.assert_allclose(ens.denoise(adata), (one.denoise(adata.copy()) + two.denoise(adata.copy())) / 2,
+                               rtol=1e-6, atol=1e-6)
+    summary = ens.write_volume(tmp_path / "v.ome.zarr", 60.0, chunks=(2, 8, 8), progress=False)
+    import zarr
+
+    vol = np.asarray(zarr.open_group(str(tmp_path / "v.ome.zarr"), mode="r")["0"])
+    shape, spacing, origin = ens.volume_geometry(60.0)
+    z, y, x = (o + s * np.arange(n) for o, s, n in zip(origin, spacing, shape))
+    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+    direct = np.moveaxis(ens.predict(np.stack([xx, yy, zz], -1)), -1, 0)
+    np.testing.assert_allclose(vol, direct, rtol=1e-5, atol=1e-6)
+    assert summary["shape_czyx"] == [len(GENES), *shape]
+    assert ens.fingerprint not in (one.fingerprint, two.fingerprint)
+    # members that cannot be averaged, or missing, are refused with the fix
+    fit_field(PointData.from_anndata(stack, genes=GENES[:2]), candidate_config(data, CANDIDATES["sharp"], **TINY),
+              tmp_path / "members" / "other", progress=False)
+    with pytest.raises(VoxelomeError, match="other genes"):
+        write_ensemble(tmp_path, ["members/0", "members/other"], ["a", "b"], rule="test")
+    with pytest.raises(VoxelomeError, match="≥ 2 members"):
+        write_ensemble(tmp_path, ["members/0"], ["a"], rule="test")
+    record = json.loads((tmp_path / ENSEMBLE_FILE).read_text())
+    (tmp_path / ENSEMBLE_FILE).write_text(json.dumps({**record, "members": ["members/0", "members/gone"]}))
+    with pytest.raises(VoxelomeError, match="missing"):
+        FittedField.load(tmp_path)
+
+
+def test_cli_select_ensemble_default_and_single(stack, tmp_path):
+    path = tmp_path / "stack.h5ad"
+    stack.write_h5ad(path)
+    runner = CliRunner()
+    tiny = ["--n-genes", "4", "--select-sections", "1", *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), *tiny])
+    assert res.exit_code == 0 and "member 2/2" in res.output, res.output
+    selection = json.loads((run / "selection" / SELECTION_FILE).read_text())
+    record = json.loads((run / "ensemble.json").read_text())
+    assert record["names"] == selection["ranking"][:2]  # the two best mean r on the held-out section
+    assert selection["mean_r"][record["names"][0]] >= selection["mean_r"][record["names"][1]]
+    for member, name in zip(record["members"], record["names"]):
+        cfg = yaml.safe_load((run / member / "config.yaml").read_text())["config"]
+        assert cfg["likelihood"] == FIELD_CANDIDATES[name].get("likelihood", "nb")
+    points = tmp_path / "points.csv"
+    points.write_text("x,y,z\n100,100,50\n300,200,120\n")
+    res = runner.invoke(app, ["reconstruct", "predict", str(run), "--points", str(points), "--out",
+                              str(tmp_path / "values.csv")])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    got = pd.read_csv(tmp_path / "values.csv")[variable_genes(stack, 4)].to_numpy()
+    members = [FittedField.load(run / m) for m in record["members"]]
+    xyz = np.array([[100, 100, 50], [300, 200, 120]], float)
+    np.testing.assert_allclose(got, sum(m.predict(xyz) for m in members) / 2, rtol=1e-5)
+    # --ensemble 1 reuses the recorded selection and fits the best alone into RUN; the old record must not shadow it
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), *tiny, "--ensemble", "1"])
+    assert res.exit_code == 0, res.output
+    assert not (run / "ensemble.json").exists() and type(FittedField.load(run)) is FittedField
+    for bad, message in ((["--ensemble", "9"], "--ensemble 9 must be between 1 and the 5"),
+                         (["--settings", "robust", "--ensemble", "3"], "applies to --settings select")):
+        res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "bad"), *tiny, *bad])
+        assert res.exit_code == 2 and message in res.output, res.output

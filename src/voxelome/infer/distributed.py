@@ -439,13 +439,15 @@ def write_field_volume_distributed(field, out_path, spacing_um, *, scheduler="lo
     (or checkpoint file), on storage the workers can read.
     """
     from voxelome.constants import CHECKPOINT_FILE
+    from voxelome.infer.field_ensemble import is_ensemble_run
     from voxelome.infer.field_export import FittedField
 
     if isinstance(field, FittedField):
         raise VoxelomeError("pass the field's run folder, not a loaded field: workers load it from its checkpoint.")
     run = Path(field)
     field = FittedField.load(run, device="cpu")
-    checkpoint = str((run / CHECKPOINT_FILE if run.is_dir() else run).resolve())
+    # an ensemble's folder is loaded as a folder (its members' checkpoints), a single field by its checkpoint
+    checkpoint = str((run / CHECKPOINT_FILE if run.is_dir() and not is_ensemble_run(run) else run).resolve())
     # the same store, identity and layout as FittedField.write_volume, so either can resume the other's output
     _, grid = field.open_volume_output(out_path, spacing_um, bbox_um=bbox_um, genes=genes, chunks=chunks,
                                        overwrite=overwrite)

@@ -46,8 +46,13 @@ class FittedField:
 
     @classmethod
     def load(cls, run_dir, device: str | None = None) -> "FittedField":
-        """Load ``run_dir/checkpoint.pt`` (``weights_only=True``)."""
+        """Load ``run_dir/checkpoint.pt`` (``weights_only=True``); a folder of several fields (``ensemble.json``,
+        ``reconstruct fit --ensemble``) gives their :class:`~voxelome.infer.field_ensemble.FieldEnsemble`."""
         path = Path(run_dir)
+        from voxelome.infer.field_ensemble import FieldEnsemble, is_ensemble_run
+
+        if path.is_dir() and is_ensemble_run(path):
+            return FieldEnsemble.load(path, device)
         path = path / CHECKPOINT_FILE if path.is_dir() else path
         ckpt = load_checkpoint(path)
         if ckpt.get("meta", {}).get("format") != "voxelome.field/1":

@@ -146,7 +146,8 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
     -------
     dict
         ``best`` (name), ``overrides`` (its FieldConfig overrides, jitter in µm), ``pca`` (the low-rank
-        output's principal axes, 0 = none: fit with ``loadings=pca_loadings(data, pca)``), ``scores``
+        output's principal axes, 0 = none: fit with ``loadings=pca_loadings(data, pca)``), ``ranking`` (every
+        candidate, best mean r first), ``settings`` (name → {``overrides``, ``pca``} for each), ``scores``
         (name → {section: mean r}), ``mean_r`` (name → mean over the held-out sections),
         ``validation_sections`` (names).
     """
@@ -197,12 +198,16 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
     bar.close()
     shutil.rmtree(work / "fits", ignore_errors=True)
     mean = {n: float(np.nanmean([record["scores"][n][data.section_names[c]] for c in held])) for n in cands}
-    best = max(cands, key=lambda n: (np.nan_to_num(mean[n], nan=-np.inf), -list(cands).index(n)))
+    # best mean r first; NaN (a candidate that failed on every section) last; ties keep the candidates' order
+    ranking = sorted(cands, key=lambda n: (-np.nan_to_num(mean[n], nan=-np.inf), list(cands).index(n)))
+    best = ranking[0]
     chosen = candidate_config(data, cands[best], preset, **overrides)
-    record.update(mean_r=mean, best=best,
+    record.update(mean_r=mean, best=best, ranking=ranking,
                   chosen_config={k: getattr(chosen, k) for k in ("likelihood", "jitter_um", "section_dim")})
     atomic_write_json(path, _jsonable(record), indent=1)
-    return {"best": best, "overrides": candidate_overrides(data, cands[best]), "pca": int(cands[best].get("pca", 0)), "scores": record["scores"],
+    settings = {n: {"overrides": candidate_overrides(data, cands[n]), "pca": int(cands[n].get("pca", 0))}
+                for n in ranking}
+    return {"best": best, **settings[best], "ranking": ranking, "settings": settings, "scores": record["scores"],
             "mean_r": mean, "validation_sections": record["validation_sections"]}
 
 

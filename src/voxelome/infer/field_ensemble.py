@@ -1,0 +1,104 @@
+"""Several fitted fields of one stack queried as one: the mean of their predictions.
+
+``reconstruct fit --settings select --ensemble 2`` fits the two candidates that predicted the held-out inner
+sections best and averages them: on the five registered real stacks the mean of the top two was better than the
+best alone on 15 of 17 held-out sections (BENCHMARKS.md, fifth and seventh sessions). Every member predicts on one
+scale (``log1p`` counts per ``target_sum``, or the modelled value), whatever its likelihood, so their mean is well
+defined.
+
+A run folder holds the members in ``members/<k>/`` (ordinary field runs) and ``ensemble.json`` naming them;
+:meth:`voxelome.infer.field_export.FittedField.load` returns a :class:`FieldEnsemble` for such a folder, so every
+query (points, denoised spots, virtual sections, volumes, the Dask export) works unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from voxelome.errors import VoxelomeError
+from voxelome.infer.field_export import FittedField
+from voxelome.io.atomic import atomic_write_json
+
+ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_FORMAT = "voxelome.field-ensemble/1"
+
+
+def is_ensemble_run(run_dir) -> bool:
+    """Whether ``run_dir`` is a folder written by :func:`write_ensemble`."""
+    return (Path(run_dir) / ENSEMBLE_FILE).is_file()
+
+
+def write_ensemble(run_dir, members: list[str], names: list[str], rule: str) -> Path:
+    """Record the members of an ensemble run (atomically, after every member has finished fitting).
+
+    Parameters
+    ----------
+    run_dir : path
+        The run folder; ``members`` are paths relative to it, each a finished field run.
+    members : list of str
+        Member run folders, relative to ``run_dir``.
+    names : list of str
+        What each member is (e.g. the candidate settings' names), for the record.
+    rule : str
+        How the members were chosen, for the record.
+    """
+    run = Path(run_dir)
+    if len(members) < 2 or len(members) != len(names):
+        raise VoxelomeError(f"an ensemble needs ≥ 2 members with one name each; got {len(members)} members and "
+                            f"{len(names)} names.")
+    FieldEnsemble.from_members([run / m for m in members])  # refuse members that cannot be averaged
+    return atomic_write_json(run / ENSEMBLE_FILE, {"format": ENSEMBLE_FORMAT, "members": list(members),
+                                                   "names": list(names), "rule": rule}, indent=1)
+
+
+class FieldEnsemble(FittedField):
+    """The mean of several fields fitted to the same stack (same genes, same sections).
+
+    Geometry, genes, sections and library sizes (``config``, ``meta``) are the first member's; :meth:`predict`
+    averages every member's prediction, so every other query of :class:`FittedField` is the ensemble's.
+    """
+
+    members: list = None
+
+    @classmethod
+    def from_members(cls, run_dirs, device: str | None = None) -> "FieldEnsemble":
+        """Load member runs and check that they model the same genes of the same sections."""
+        fields = [FittedField.load(d, device) for d in run_dirs]
+        first = fields[0]
+        for d, f in zip(run_dirs, fields):
+            for key in ("genes", "section_names"):
+                if list(f.meta.get(key, [])) != list(first.meta.get(key, [])):
+                    raise VoxelomeError(f"ensemble member {d} has other {key} than {run_dirs[0]}; members must be "
+                                        "fitted to the same stack and genes.")
+        fingerprint = hashlib.sha256("".join(f.fingerprint for f in fields).encode()).hexdigest()[:16]
+        ens = cls(first.config, first.meta, first.model, first.device, fingerprint)
+        ens.members, ens.member_names = fields, []
+        return ens
+
+    @classmethod
+    def load(cls, run_dir, device: str | None = None) -> "FieldEnsemble":
+        """Load the ensemble recorded in ``run_dir/ensemble.json``."""
+        run = Path(run_dir)
+        record = json.loads((run / ENSEMBLE_FILE).read_text())
+        if record.get("format") != ENSEMBLE_FORMAT:
+            raise VoxelomeError(f"{run / ENSEMBLE_FILE} is not a field ensemble record (format "
+                                f"{record.get('format')!r}, expected {ENSEMBLE_FORMAT!r}).")
+        missing = [m for m in record["members"] if not (run / m).exists()]
+        if missing:
+            raise VoxelomeError(f"ensemble members {missing} of {run} are missing; refit with `voxelome reconstruct "
+                                f"fit ... --out {run}` (finished members are kept).")
+        ens = cls.from_members([run / m for m in record["members"]], device)
+        ens.member_names = list(record.get("names", []))
+        return ens
+
+    def predict(self, points_xyz_um, genes=None, **kwargs) -> np.ndarray:
+        """The members' mean of :meth:`FittedField.predict` (same arguments, same shape ``(..., g)``)."""
+        total = None
+        for field in self.members:
+            y = field.predict(points_xyz_um, genes, **kwargs)
+            total = y if total is None else total + y
+        return total / np.float32(len(self.members))
