@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from test_register_plane import PX, deep_phantom, plane_errors, section  # noqa: F401  (module fixtures reused)
+from test_register_plane import PX, deep_phantom, plane_errors, section, write_plane_inputs  # noqa: F401  (module fixtures reused)
 from typer.testing import CliRunner
 
 from voxelome.cli import app
@@ -23,12 +23,7 @@ def test_plane_accepts_pixel_size_um_and_writes_a_slice_tif_in_um(tmp_path, deep
 
     img, truth = section
     vol = deep_phantom.volume
-    np.save(tmp_path / "vol.npy", np.asarray(vol.data))
-    tifffile.imwrite(tmp_path / "he.tif", img)
-    h, w = img.shape[:2]
-    lm_px = np.array([[0.2 * w, 0.25 * h], [0.8 * w, 0.3 * h], [0.5 * w, 0.8 * h]])
-    np.savetxt(tmp_path / "lm.csv", np.hstack([lm_px, truth.map(lm_px)]), delimiter=",",
-               header="px_x,px_y,x_um,y_um,z_um")
+    write_plane_inputs(tmp_path, deep_phantom, section)
     out = tmp_path / "reg"
     r = invoke("register", "plane", "--volume", tmp_path / "vol.npy", "--spacing-um", 10, "--image",
                tmp_path / "he.tif", "--pixel-size-um", PX, "--out", out, "--landmarks", tmp_path / "lm.csv")

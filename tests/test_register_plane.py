@@ -115,6 +115,19 @@ def test_clear_errors(deep_phantom, section):
         register_plane(vol, img, PX, landmarks=(np.zeros((2, 2)), np.zeros((2, 3))))
 
 
+def write_plane_inputs(tmp_path, deep_phantom, section):
+    """The CLI's inputs: ``vol.npy``, the section's ``he.tif`` and 3 true landmarks ``lm.csv`` (pixel → µm)."""
+    import tifffile
+
+    img, truth = section
+    np.save(tmp_path / "vol.npy", np.asarray(deep_phantom.volume.data))
+    tifffile.imwrite(tmp_path / "he.tif", img)
+    h, w = img.shape[:2]
+    lm_px = np.array([[0.2 * w, 0.25 * h], [0.8 * w, 0.3 * h], [0.5 * w, 0.8 * h]])
+    np.savetxt(tmp_path / "lm.csv", np.hstack([lm_px, truth.map(lm_px)]), delimiter=",",
+               header="px_x,px_y,x_um,y_um,z_um")
+
+
 def test_cli_register_plane(tmp_path, deep_phantom, section):
     import tifffile
     from typer.testing import CliRunner
@@ -123,12 +136,7 @@ def test_cli_register_plane(tmp_path, deep_phantom, section):
 
     img, truth = section
     vol = deep_phantom.volume
-    np.save(tmp_path / "vol.npy", np.asarray(vol.data))
-    tifffile.imwrite(tmp_path / "he.tif", img)
-    h, w = img.shape[:2]
-    lm_px = np.array([[0.2 * w, 0.25 * h], [0.8 * w, 0.3 * h], [0.5 * w, 0.8 * h]])
-    np.savetxt(tmp_path / "lm.csv", np.hstack([lm_px, truth.map(lm_px)]), delimiter=",",
-               header="px_x,px_y,x_um,y_um,z_um")
+    write_plane_inputs(tmp_path, deep_phantom, section)
     out = tmp_path / "reg"
     args = ["register", "plane", "--volume", str(tmp_path / "vol.npy"), "--spacing-um", "10",
             "--image", str(tmp_path / "he.tif"), "--pixel-size", str(PX), "--out", str(out),
