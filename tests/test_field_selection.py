@@ -255,3 +255,23 @@ def test_cli_select_ensemble_default_and_single(stack, tmp_path):
                          (["--settings", "robust", "--ensemble", "3"], "applies to --settings select")):
         res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "bad"), *tiny, *bad])
         assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_cli_named_genes_plus_the_most_variable_others(stack, tmp_path):
+    path = tmp_path / "stack.h5ad"
+    stack.write_h5ad(path)
+    runner = CliRunner()
+    quick = ["--settings", "ntf", "--set", "iterations=2", "--set", "batch_size=64", "--set", "n_levels=3",
+             "--set", "log2_table_size=8"]
+    named = [g for g in GENES if g not in variable_genes(stack, 4)][:1]  # a gene the top 4 would not include
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "u"), "--genes", named[0],
+                              "--n-genes", "3", *quick])
+    assert res.exit_code == 0 and "the 1 named genes and the 3 most variable others of 13" in res.output, res.output
+    top = [g for g in variable_genes(stack, 4) if g not in named][:3]
+    assert FittedField.load(tmp_path / "u").genes == named + top
+    # --genes alone still means only those genes
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "n"), "--genes", named[0], *quick])
+    assert res.exit_code == 0 and FittedField.load(tmp_path / "n").genes == named, res.output
+    res = runner.invoke(app, ["reconstruct", "store", str(path), "--out", str(tmp_path / "store"), "--genes", named[0],
+                              "--n-genes", "3"])
+    assert res.exit_code == 0 and PointData.from_store(tmp_path / "store").genes == named + top, res.output

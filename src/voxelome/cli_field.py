@@ -41,14 +41,36 @@ def _sets(items: list[str]) -> dict:
     return parse_sets(items, example="iterations=2000")
 
 
+def _choose_genes(adata, named, n_genes, *, layer=None, chunk: int = 1_000_000, verb: str = "modelling"):
+    """The genes to model: the ``named`` ones, plus the ``n_genes`` most variable others (default: 500 without named
+    genes, none beside them). ``None`` = every gene."""
+    n = (0 if named else DEFAULT_FIELD_GENES) if n_genes is None else int(n_genes)
+    if n < 0:
+        raise VoxelomeError(f"--n-genes {n} must be ≥ 0 (0 = every gene, or only the --genes named).")
+    if n == 0:
+        return named
+    from voxelome.train.point_data import variable_genes
+
+    taken = set(named or [])
+    if n + len(taken) >= adata.n_vars:
+        return None
+    top = [g for g in variable_genes(adata, n + len(taken), layer=layer, chunk=chunk) if g not in taken][:n]
+    typer.echo(f"{verb} " + (f"the {len(taken)} named genes and " if taken else "") + f"the {len(top)} most variable "
+               f"{'others ' if taken else ''}of {adata.n_vars} genes (--n-genes; --genes A,B names genes, "
+               "--n-genes 0 for all or only the named)")
+    return [*(named or []), *top]
+
+
 @app.command()
 @_friendly
 def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: obsm['spatial_3d'] (µm) + obs[section-key]; "
                                               "or a point store folder from `reconstruct store` (fitted from disk)."),
         out: Path = typer.Option(..., help="Run folder (config.yaml, checkpoint.pt, last.pt)."),
         genes: Optional[str] = typer.Option(None, help="Genes to model, comma-separated (default: the --n-genes most variable)."),
-        n_genes: int = typer.Option(DEFAULT_FIELD_GENES, help="Without --genes: model the N most variable genes "
-                                    "(log1p counts per 10k); 0 = every gene (slow: time per iteration grows with genes)."),
+        n_genes: Optional[int] = typer.Option(None, help="Model the N most variable genes (log1p counts per 10k; "
+                                              f"default {DEFAULT_FIELD_GENES}); with --genes, N more beside the named "
+                                              "ones (default none); 0 = every gene (slow: time per iteration grows "
+                                              "with genes)."),
         obsm_key: Optional[str] = typer.Option(None, help="Model obsm[KEY] (e.g. signatures) instead of genes."),
         section_key: str = typer.Option("section", help="obs column naming each point's section."),
         layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
@@ -81,12 +103,12 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         select_field,
     )
     from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
-    from voxelome.train.point_data import PointData, variable_genes
+    from voxelome.train.point_data import PointData
 
     if not stack.exists():
         raise VoxelomeError(f"stack file {stack} does not exist.")
-    if n_genes < 0:
-        raise VoxelomeError(f"--n-genes {n_genes} must be ≥ 0 (0 = every gene).")
+    if n_genes is not None and n_genes < 0:
+        raise VoxelomeError(f"--n-genes {n_genes} must be ≥ 0 (0 = every gene, or only the --genes named).")
     choices = ["auto", "select", "ntf", "robust"]
     if settings not in choices:
         raise VoxelomeError(f"--settings {settings!r} is not one of {', '.join(choices)}.{did_you_mean(settings, choices)}")
@@ -105,10 +127,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
 
         sig = SignatureModel.load(signatures_model)
         gene_list = [g for g in (gene_list or sig.genes) if g in set(adata.var_names) and g in set(sig.genes)]
-    if adata is not None and gene_list is None and obsm_key is None and 0 < n_genes < adata.n_vars:
-        gene_list = variable_genes(adata, n_genes, layer=layer)
-        typer.echo(f"modelling the {len(gene_list)} most variable of {adata.n_vars} genes (--n-genes; --genes A,B "
-                   "to choose them, --n-genes 0 for all)")
+    if adata is not None and sig is None and obsm_key is None:
+        gene_list = _choose_genes(adata, gene_list, n_genes, layer=layer)
     if adata is not None:
         data = PointData.from_anndata(adata, genes=gene_list, obsm_key=obsm_key, layer=layer, section_key=section_key)
     overrides = _sets(set_)
@@ -194,8 +214,9 @@ def _fit_ensemble(data, chosen: dict, out: Path, n: int, preset: str, overrides:
 def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections (read backed, chunk by chunk)."),
           out: Path = typer.Option(..., help="Point store folder (memmapped .npy CSR + coordinates)."),
           genes: Optional[str] = typer.Option(None, help="Genes to keep, comma-separated (default: the --n-genes most variable)."),
-          n_genes: int = typer.Option(DEFAULT_FIELD_GENES, help="Without --genes: keep the N most variable genes "
-                                      "(one extra chunked pass over the file); 0 = every gene."),
+          n_genes: Optional[int] = typer.Option(None, help="Keep the N most variable genes (one extra chunked pass "
+                                                f"over the file; default {DEFAULT_FIELD_GENES}); with --genes, N more "
+                                                "beside the named ones (default none); 0 = every gene."),
           section_key: str = typer.Option("section", help="obs column naming each point's section."),
           layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
           chunk: int = typer.Option(1_000_000, help="Rows read at a time."),
@@ -203,18 +224,14 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
     """Write a stack too large for RAM to a point store, for `reconstruct fit STORE`."""
     import anndata as ad
 
-    from voxelome.train.point_data import variable_genes
     from voxelome.train.point_store import open_point_store, write_point_store
 
-    if n_genes < 0:
-        raise VoxelomeError(f"--n-genes {n_genes} must be ≥ 0 (0 = every gene).")
+    if n_genes is not None and n_genes < 0:
+        raise VoxelomeError(f"--n-genes {n_genes} must be ≥ 0 (0 = every gene, or only the --genes named).")
     gene_list = _genes(genes)
-    if gene_list is None and n_genes > 0 and stack.is_file():
+    if stack.is_file():
         backed = ad.read_h5ad(stack, backed="r")
-        if n_genes < backed.n_vars:
-            gene_list = variable_genes(backed, n_genes, layer=layer, chunk=chunk)
-            typer.echo(f"keeping the {len(gene_list)} most variable of {backed.n_vars} genes (--n-genes; --genes A,B "
-                       "to choose them, --n-genes 0 for all)")
+        gene_list = _choose_genes(backed, gene_list, n_genes, layer=layer, chunk=chunk, verb="keeping")
         backed.file.close()
     write_point_store(stack, out, genes=gene_list, layer=layer, section_key=section_key, chunk=chunk,
                       overwrite=overwrite)
