@@ -11,6 +11,8 @@ stacks, folds, 100 genes, spot QC and scores as ``bench_field.py --only real_sta
   inner sections, evenly spread, fits its 5 candidates on the rest and keeps the best mean r), then the final fit;
 - **top2**: the mean of the predictions of select's choice and the runner-up (``second``; the top-2 ensemble
   declared before ``bench_field.py``'s fifth-session run), both fitted on the fold's training sections;
+- **val_guided**: top2 where the two best averaged beat the best alone on the validation sections themselves
+  (``select_field``'s ``top2_mean_r``), else select;
 - the section-interpolation and 3D kNN baselines, their k chosen on the **same** held-out sections.
 
 ``--only phantom`` runs the same on ``bench_field.py``'s simulated Visium phantom stack (its three held-out
@@ -128,7 +130,12 @@ def stack_folds(out: Path, name: str, max_folds=None) -> dict:
             preds[tag] = (field.predict(qxyz, value="measured"), field.predict(qxyz))
         # top2 (declared before bench_field.py's fifth-session run): the mean of the two best validation candidates
         preds["top2"] = tuple((a + b) / 2 for a, b in zip(preds["select"], preds["second"]))
+        # val_guided (declared in the seventh session before its scores were seen): top2 where the two best averaged
+        # beat the best alone on the validation sections, else the best alone
+        val_best = chosen["mean_r"][chosen["best"]]
+        preds["val_guided"] = preds["top2"] if chosen["top2_mean_r"] > val_best else preds["select"]
         row["second_best"] = chosen["ranking"][1]
+        row["validation_r"] = {"best": val_best, "top2": chosen["top2_mean_r"]}
         for tag, (measured, rate) in preds.items():
             s = per_gene_scores(measured, truth)
             row[tag] = {"r": s["mean_r"], "rmse": s["mean_rmse"]}
@@ -138,10 +145,11 @@ def stack_folds(out: Path, name: str, max_folds=None) -> dict:
         assert h not in val_names
         print(json.dumps({"fold": h, "val": val_names, "best": chosen["best"], "select": row["select"]["r"],
                           "ntf": row["ntf"]["r"], "robust": row["robust"]["r"], "second": row["second"]["r"],
-                          "top2": row["top2"]["r"], **{b: (base[b]["r"], base[b]["k"]) for b in BASELINE_KS},
+                          "top2": row["top2"]["r"], "val_guided": row["val_guided"]["r"],
+                          "val_top2_minus_best": row["validation_r"]["top2"] - row["validation_r"]["best"], **{b: (base[b]["r"], base[b]["k"]) for b in BASELINE_KS},
                           "wall_s": round(row["wall_s"], 1)}), flush=True)
         res["folds"].append(row)
-    for m in ("select", "ntf", "robust", "second", "top2"):
+    for m in ("select", "ntf", "robust", "second", "top2", "val_guided"):
         res[f"mean_r_{m}"] = float(np.mean([f[m]["r"] for f in res["folds"]]))
         if truth_all is not None:
             res[f"mean_truth_r_{m}"] = float(np.mean([f[m]["truth_r"] for f in res["folds"]]))

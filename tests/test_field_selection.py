@@ -57,6 +57,12 @@ def test_selection_keeps_the_best_held_out_score_and_resumes(data, tmp_path):
     y = test.values.toarray() if hasattr(test.values, "toarray") else np.asarray(test.values)
     truth = np.log1p(y / test.library[:, None] * 1e4)
     assert per_gene_scores(pred, truth)["mean_r"] == pytest.approx(res["scores"]["sharp"]["z050"], abs=1e-6)
+    # the two candidates' averaged prediction is scored on the same spots (the ensemble of `--ensemble 2`)
+    fit_field(train, candidate_config(train, CANDIDATES["blurred"], **TINY), tmp_path / "check2", progress=False)
+    pair = (pred + FittedField.load(tmp_path / "check2").predict(test.xyz_um, value="measured")) / 2
+    assert res["pair_mean_r"] == [{"members": ["sharp", "blurred"], "mean_r": pytest.approx(
+        per_gene_scores(pair, truth)["mean_r"], abs=1e-6)}]
+    assert res["top2_mean_r"] == res["pair_mean_r"][0]["mean_r"] and not (tmp_path / "predictions").exists()
     # jitter in µm = the suggestion for the whole stack × the candidate's scale
     assert res["overrides"]["jitter_um"] == pytest.approx(candidate_config(data, CANDIDATES["sharp"], **TINY).jitter_um)
     # resume: recorded scores are reused, not refitted (a planted score survives) …

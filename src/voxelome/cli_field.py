@@ -157,6 +157,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
             loadings = pca_loadings(data, chosen["pca"])
         typer.echo(f"chosen on held-out {', '.join(chosen['validation_sections'])}: {chosen['best']} (mean r "
                    + ", ".join(f"{k}: {v:.3f}" for k, v in chosen["mean_r"].items()) + f"; {out / 'selection'}/selection.json)")
+        typer.echo(f"held-out mean r of the two best averaged: {chosen['top2_mean_r']:.3f} (the best alone: "
+                   f"{chosen['mean_r'][chosen['best']]:.3f})")
         if ensemble > 1:
             _fit_ensemble(data, chosen, out, ensemble, preset, overrides, resume=not no_resume)
             return

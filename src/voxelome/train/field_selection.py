@@ -148,8 +148,9 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
         ``best`` (name), ``overrides`` (its FieldConfig overrides, jitter in µm), ``pca`` (the low-rank
         output's principal axes, 0 = none: fit with ``loadings=pca_loadings(data, pca)``), ``ranking`` (every
         candidate, best mean r first), ``settings`` (name → {``overrides``, ``pca``} for each), ``scores``
-        (name → {section: mean r}), ``mean_r`` (name → mean over the held-out sections),
-        ``validation_sections`` (names).
+        (name → {section: mean r}), ``mean_r`` (name → mean over the held-out sections), ``pair_mean_r``
+        (every two candidates' averaged prediction: ``{"members": [a, b], "mean_r": …}``), ``top2_mean_r``
+        (that of the two best), ``validation_sections`` (names).
     """
     cands = dict(FIELD_CANDIDATES if candidates is None else candidates)
     if not data.is_counts:
@@ -172,7 +173,16 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
         if all(old.get(k) == record[k] for k in ("format", "preset", "overrides", "budget", "candidates",
                                                  "validation_sections")):
             record["scores"] = old.get("scores", {})
-    todo = [(n, c) for n in cands for c in held if data.section_names[c] not in record["scores"].get(n, {})]
+            if "pair_mean_r" in old:
+                record["pair_mean_r"] = old["pair_mean_r"]
+    preds_dir = work / "predictions"  # held-out predictions, kept until the pairs are scored
+
+    def pred_path(name, code):
+        return preds_dir / f"{list(cands).index(name)}-{code}.npy"
+
+    pairs_done = "pair_mean_r" in record
+    todo = [(n, c) for n in cands for c in held if data.section_names[c] not in record["scores"].get(n, {})
+            or not (pairs_done or pred_path(n, c).exists())]
     from voxelome.infer.field_export import FittedField
 
     bar = tqdm(total=len(cands) * len(held), initial=len(cands) * len(held) - len(todo), desc="choose field settings",
@@ -192,11 +202,24 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
         # are not known where the field is used
         pred = FittedField.load(run).predict(test.xyz_um, value="measured")
         r = per_gene_scores(pred, held_out_truth(test))["mean_r"]
+        preds_dir.mkdir(exist_ok=True)
+        np.save(pred_path(name, code), pred)
         record["scores"].setdefault(name, {})[data.section_names[code]] = float(r)
         atomic_write_json(path, record, indent=1)
         bar.update()
     bar.close()
     shutil.rmtree(work / "fits", ignore_errors=True)
+    if not pairs_done:  # the mean of every two candidates, scored on the same held-out spots
+        names, pair_r = list(cands), []
+        truths = {c: held_out_truth(split_section(data, c)[1]) for c in held}
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                r = [per_gene_scores((np.load(pred_path(a, c)) + np.load(pred_path(b, c))) / 2, truths[c])["mean_r"]
+                     for c in held]
+                pair_r.append({"members": [a, b], "mean_r": float(np.nanmean(r))})
+        record["pair_mean_r"] = pair_r
+        atomic_write_json(path, record, indent=1)
+    shutil.rmtree(preds_dir, ignore_errors=True)
     mean = {n: float(np.nanmean([record["scores"][n][data.section_names[c]] for c in held])) for n in cands}
     # best mean r first; NaN (a candidate that failed on every section) last; ties keep the candidates' order
     ranking = sorted(cands, key=lambda n: (-np.nan_to_num(mean[n], nan=-np.inf), list(cands).index(n)))
@@ -207,8 +230,11 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
     atomic_write_json(path, _jsonable(record), indent=1)
     settings = {n: {"overrides": candidate_overrides(data, cands[n]), "pca": int(cands[n].get("pca", 0))}
                 for n in ranking}
+    top_pair = next(p["mean_r"] for p in record["pair_mean_r"] if set(p["members"]) == set(ranking[:2])) \
+        if len(ranking) > 1 else float("nan")
     return {"best": best, **settings[best], "ranking": ranking, "settings": settings, "scores": record["scores"],
-            "mean_r": mean, "validation_sections": record["validation_sections"]}
+            "mean_r": mean, "top2_mean_r": top_pair, "pair_mean_r": record["pair_mean_r"],
+            "validation_sections": record["validation_sections"]}
 
 
 def _jsonable(obj):
