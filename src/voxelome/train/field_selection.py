@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from voxelome.errors import VoxelomeError
 from voxelome.evaluate.field_baselines import per_gene_scores
-from voxelome.io.atomic import atomic_write_json
+from voxelome.io.atomic import atomic_path, atomic_write_json
 from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
 from voxelome.train.point_data import PointData
 
@@ -202,8 +202,8 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
         # are not known where the field is used
         pred = FittedField.load(run).predict(test.xyz_um, value="measured")
         r = per_gene_scores(pred, held_out_truth(test))["mean_r"]
-        preds_dir.mkdir(exist_ok=True)
-        np.save(pred_path(name, code), pred)
+        with atomic_path(pred_path(name, code)) as tmp, open(tmp, "wb") as fh:  # a killed run leaves no torn file
+            np.save(fh, pred)
         record["scores"].setdefault(name, {})[data.section_names[code]] = float(r)
         atomic_write_json(path, record, indent=1)
         bar.update()
