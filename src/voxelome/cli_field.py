@@ -41,12 +41,15 @@ def _sets(items: list[str]) -> dict:
     return parse_sets(items, example="iterations=2000")
 
 
+def _check_n_genes(n_genes) -> None:
+    if n_genes is not None and n_genes < 0:
+        raise VoxelomeError(f"--n-genes {n_genes} must be ≥ 0 (0 = every gene, or only the --genes named).")
+
+
 def _choose_genes(adata, named, n_genes, *, layer=None, chunk: int = 1_000_000, verb: str = "modelling"):
     """The genes to model: the ``named`` ones, plus the ``n_genes`` most variable others (default: 500 without named
-    genes, none beside them). ``None`` = every gene."""
+    genes, none beside them; checked by :func:`_check_n_genes`). ``None`` = every gene."""
     n = (0 if named else DEFAULT_FIELD_GENES) if n_genes is None else int(n_genes)
-    if n < 0:
-        raise VoxelomeError(f"--n-genes {n} must be ≥ 0 (0 = every gene, or only the --genes named).")
     if n == 0:
         return named
     from voxelome.train.point_data import variable_genes
@@ -89,8 +92,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         set_: list[str] = typer.Option([], "--set", help="Override a FieldConfig field, key=value (repeatable)."),
         select_sections: int = typer.Option(2, help="With --settings select: inner sections held out in turn."),
         ensemble: int = typer.Option(2, help="With --settings select: fit the N best candidates in full and query "
-                                     "their mean (RUN/members/, RUN/ensemble.json); 1 = the best alone (half the "
-                                     "time of the default)."),
+                                     "their mean (RUN/members/, RUN/ensemble.json); 1 = the best alone (one full "
+                                     "fit instead of two)."),
         no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of resuming last.pt.")):
     """Fit a field to a registered stack of sections."""
     import anndata as ad
@@ -107,8 +110,7 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
 
     if not stack.exists():
         raise VoxelomeError(f"stack file {stack} does not exist.")
-    if n_genes is not None and n_genes < 0:
-        raise VoxelomeError(f"--n-genes {n_genes} must be ≥ 0 (0 = every gene, or only the --genes named).")
+    _check_n_genes(n_genes)
     choices = ["auto", "select", "ntf", "robust"]
     if settings not in choices:
         raise VoxelomeError(f"--settings {settings!r} is not one of {', '.join(choices)}.{did_you_mean(settings, choices)}")
@@ -132,15 +134,15 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if adata is not None:
         data = PointData.from_anndata(adata, genes=gene_list, obsm_key=obsm_key, layer=layer, section_key=section_key)
     overrides = _sets(set_)
+    chosen_by_user = likelihood or jitter != "auto" or {"likelihood", "jitter_um", "section_dim"} & set(overrides)
     if settings == "auto":
-        chosen_by_user = likelihood or jitter != "auto" or {"likelihood", "jitter_um", "section_dim"} & set(overrides)
         can = adata is not None and sig is None and obsm_key is None and len(data.section_names) >= 3
         settings = "select" if can and not chosen_by_user else "ntf"
         typer.echo(f"--settings auto → {settings}" + ("" if settings == "select" else (
             " (--likelihood/--jitter/--set given)" if chosen_by_user else
             " (choosing needs ≥ 3 sections of genes held in memory)")))
     if settings == "select":
-        if likelihood or jitter != "auto" or {"likelihood", "jitter_um", "section_dim"} & set(overrides):
+        if chosen_by_user:
             raise VoxelomeError("--settings select chooses the likelihood, jitter and section effects itself; drop "
                                 "--likelihood, --jitter and --set likelihood/jitter_um/section_dim, or pick other --settings.")
         if sig is not None or obsm_key:
@@ -228,8 +230,7 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
 
     from voxelome.train.point_store import open_point_store, write_point_store
 
-    if n_genes is not None and n_genes < 0:
-        raise VoxelomeError(f"--n-genes {n_genes} must be ≥ 0 (0 = every gene, or only the --genes named).")
+    _check_n_genes(n_genes)
     gene_list = _genes(genes)
     if stack.is_file():
         backed = ad.read_h5ad(stack, backed="r")

@@ -85,7 +85,6 @@ def _write_slice_tif(path: Path, slice_: np.ndarray, pixel_size_um: float) -> No
 
 
 def _plane(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_rotation, depth_um, seed):
-
     from voxelome.cli import _triplet
     from voxelome.io import read_volume
     from voxelome.io.atomic import atomic_write_json

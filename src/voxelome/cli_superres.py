@@ -247,7 +247,9 @@ def run_predict(run: Path, sections: list[Path], images: list[Path], out: Path, 
                                 f"integer multiple of it (e.g. {(grid[0] * 4, grid[1] * 4)}). Resample the labels "
                                 "to the map's grid.")
     preds, masks, report, pixel_um = [], [], {"mode": mode, "sections": {}}, None
-    bar = _progress(pairs, progress and volume, "superres predict")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(pairs, desc="superres predict", unit="section", disable=not (progress and volume))
     for pair in bar:
         pred = model.predict(pair, samples, steps=steps, seed=seed, keep_samples=labels is not None)
         preds.append(pred)
@@ -279,14 +281,6 @@ def run_predict(run: Path, sections: list[Path], images: list[Path], out: Path, 
         report["labels"] = {"n": int(cells.n_obs), "file": str(Path(out) / "labels.h5ad")}
     (Path(out) / "report.json").write_text(json.dumps(report, indent=1, default=float))
     return report
-
-
-def _progress(items, show: bool, desc: str):
-    if not show:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="section")
 
 
 _SPOTS_HELP = ("Legacy ST spot file (x y … pixel_x pixel_y selected) of each --section, in order, when it is not "

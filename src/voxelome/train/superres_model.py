@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from voxelome.constants import CHECKPOINT_FILE
 from voxelome.errors import VoxelomeError
@@ -194,7 +195,7 @@ class TrainedSuperRes:
         if self.config.deterministic:
             raise VoxelomeError("the deterministic baseline has no spread to calibrate; calibrate a diffusion run.")
         means, stds, truths, masks = [], [], [], []
-        for p in _bar(pairs, progress, "calibrate", "section"):
+        for p in tqdm(pairs, desc="calibrate", unit="section", disable=not progress):
             s = self.sample(p, seed=seed)
             means.append(s.mean(0))
             stds.append(s.std(0, ddof=1))
@@ -265,24 +266,21 @@ class TrainedSuperRes:
         if n < 2:
             raise VoxelomeError(f"n_samples={n_samples!r} must be ≥ 2 (a mean and a spread need several samples).")
         table = {}
-        bar = _bar(None, progress, "select steps", "map", total=len(candidates) * len(pairs))
+        bar = tqdm(total=len(candidates) * len(pairs), desc="select steps", unit="map", disable=not progress)
         for k in candidates:
             rows = []
             for i, p in enumerate(pairs):
-                if bar is not None:
-                    bar.set_postfix(steps=k)
+                bar.set_postfix(steps=k)
                 truth = _target_map(p, target)
                 sc = superres_scores(self.sample(p, n, steps=k, seed=seed + i).mean(0), truth, p.high_mask)
                 sc.pop("per_gene", None)
                 rows.append(sc)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
             m = mean_scores(rows)
             score = {"ssim+pearson": m["ssim"] + m["pearson"], "ssim": m["ssim"], "pearson": m["pearson"],
                      "rmse": -m["rmse"]}[metric]
             table[k] = {"rmse": m["rmse"], "ssim": m["ssim"], "pearson": m["pearson"], "score": float(score)}
-        if bar is not None:
-            bar.close()
+        bar.close()
         best = max(candidates, key=lambda k: (table[k]["score"], -k))  # ties → fewer steps (cheaper)
         if (best, n) != (self.sample_steps, self.n_samples) and self.multipliers is not None:
             self.multipliers, self.tau = None, None  # fitted for the old sampler; recalibrate
@@ -295,11 +293,3 @@ class TrainedSuperRes:
             atomic_write_json(self.run_dir / SAMPLER_FILE, result)
         return result
 
-
-def _bar(items, show: bool, desc: str, unit: str, total: int | None = None):
-    """``items`` wrapped in a tqdm bar when ``show`` (``items=None``: a manual bar of ``total``, or None)."""
-    if not show:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit=unit, total=total)
