@@ -24,12 +24,13 @@ GENES = [f"g{i}" for i in range(12)]
 HELD_OUT = "z200"
 
 
-def synthetic_stack(seed=0, n_genes=12, z_planes=np.arange(0, 401, 50.0), pitch=40.0, library=150.0):
+def synthetic_stack(seed=0, n_genes=12, z_planes=np.arange(0, 401, 50.0), pitch=40.0, library=150.0, depth=None):
     """Serial axial sections (a 40 µm spot grid every 50 µm in z) of a smooth 3D field of 12 genes.
 
     Log-rates are sums of 6 random 3D Gaussian blobs; counts are negative binomial (θ = 5) around
     ``library · rate``; a 13th column ``other`` holds the rest of the library. ``obsm['truth']``
-    is the noise-free ``log1p(1e4 · rate)`` of the 12 genes.
+    is the noise-free ``log1p(1e4 · rate)`` of the 12 genes. ``depth``: optional function of the
+    points ``(n, 3)`` µm multiplying each spot's expected library (spatially varying sequencing depth).
     """
     rng = np.random.default_rng(seed)
     centres = rng.uniform([100, 100, -50], [900, 900, 450], (6, 3))
@@ -47,7 +48,7 @@ def synthetic_stack(seed=0, n_genes=12, z_planes=np.arange(0, 401, 50.0), pitch=
     sections = []
     for z in z_planes:
         xyz = np.column_stack([xx.ravel(), yy.ravel(), np.full(xx.size, z)])
-        lib = library * np.exp(rng.normal(0, 0.2, len(xyz)))
+        lib = library * np.exp(rng.normal(0, 0.2, len(xyz))) * (1.0 if depth is None else depth(xyz))
         counts = rng.poisson(rng.gamma(5.0, lib[:, None] * rate(xyz) / 5.0))
         X = np.column_stack([counts, rng.poisson(lib * 0.5)]).astype(np.float32)
         name = f"z{int(z):03d}"

@@ -114,7 +114,8 @@ class FittedField:
             Identical for the Gaussian likelihood.
         library : float or array, shape (...), optional
             Library size (total counts) of the spot each point stands for, with ``value="measured"``;
-            default the median library of the training points.
+            default the field's own prediction of the local library where it has a library field
+            (``FieldConfig.model_library``), else the median library of the training points.
         batch_size : int
             Points per forward pass (bounds memory).
 
@@ -137,8 +138,9 @@ class FittedField:
         lo, hi = self.box_um
         unit = ((flat - lo) / (hi - lo)).astype(np.float32)
         sec = None if section is None else np.broadcast_to(np.asarray(section, np.int64), pts.shape[:-1]).ravel().copy()
-        lib = None
-        if value == "measured" and self.model.counts:
+        lib, own_library = None, value == "measured" and self.model.counts and library is None \
+            and getattr(self.model, "library_head", False)
+        if value == "measured" and self.model.counts and not own_library:
             lib = self.meta.get("median_library") if library is None else library
             if lib is None:
                 raise VoxelomeError("this field's run predates stored library sizes; pass library= (total counts "
@@ -151,7 +153,9 @@ class FittedField:
         for i in range(0, len(flat), batch_size):
             x = torch.from_numpy(unit[i:i + batch_size]).to(self.device)
             s = None if sec is None else torch.from_numpy(sec[i:i + batch_size]).to(self.device)
-            if lib is not None:
+            if own_library:
+                y = self.model.expected_measurement(x, None, s, target_sum=self.config.target_sum)
+            elif lib is not None:
                 y = self.model.expected_measurement(x, torch.from_numpy(lib[i:i + batch_size]).to(self.device), s,
                                                     target_sum=self.config.target_sum)
             else:

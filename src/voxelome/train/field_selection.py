@@ -5,8 +5,8 @@ data: on the registered breast/her2st stacks the best of the same candidates dif
 (BENCHMARKS.md, "Neural transcriptomic field on the real stacks"). :func:`select_field` therefore holds out
 inner sections of the user's own stack one at a time, fits every candidate on the other sections (short fits,
 :data:`SELECT_BUDGET`), scores its prediction of the held-out section's spots (mean per-gene Pearson r of log1p
-counts per 10k, the benchmark's score; the prediction is a typical spot's measured value, as where the field is
-used) and keeps the candidate with the best mean over the held-out sections. End sections are never held out:
+counts per 10k, the benchmark's score; the prediction is the expected measured value of a spot there, as where the
+field is used) and keeps the candidate with the best mean over the held-out sections. End sections are never held out:
 predicting them is extrapolation, another task. Scores are written to ``selection.json`` as each fit finishes, so
 an interrupted selection resumes without refitting.
 """
@@ -198,8 +198,8 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
                                          batch_size=min(config.batch_size, int(budget[1])))
         fit_field(train, config, run, resume=False, progress=False,
                   loadings=pca_loadings(train, k) if k else None)
-        # a typical spot's measured value (the training spots' median library): the held-out spots' own depths
-        # are not known where the field is used
+        # the expected measured value of a spot there (count fields: at the library their library field predicts,
+        # else the training median): the held-out spots' own depths are not known where the field is used
         pred = FittedField.load(run).predict(test.xyz_um, value="measured")
         r = per_gene_scores(pred, held_out_truth(test))["mean_r"]
         with atomic_path(pred_path(name, code)) as tmp, open(tmp, "wb") as fh:  # a killed run leaves no torn file

@@ -72,6 +72,13 @@ class FieldConfig:
     """Per-section embedding size for batch effects (0 disables them)."""
     section_penalty: float = 1e-3
     """L2 penalty on the section effects, so the shared field explains what sections have in common."""
+    model_library: bool = True
+    """Count likelihoods: also learn the spots' log library size as a field (one more output), so that
+    expected *measured* values away from the measured spots use the local sequencing depth instead of
+    the training median (depth varies across a tissue; see BENCHMARKS.md, "library field"). Ignored
+    for ``gaussian``."""
+    library_weight: float = 1.0
+    """Weight of the log library's log-likelihood in the loss, in genes (1: it counts as one more gene)."""
     low_rank: str = "mixture"
     """With fixed gene loadings: ``mixture`` (softmax proportions @ loadings) or ``linear``."""
     target_sum: float = 1e4
@@ -114,6 +121,7 @@ class FieldConfig:
         check_positive("lr", self.lr)
         check_positive("target_sum", self.target_sum)
         check_positive("section_penalty", self.section_penalty, allow_zero=True)
+        check_positive("library_weight", self.library_weight)
         check_positive("box_margin", self.box_margin, allow_zero=True)
         jit = np.broadcast_to(np.asarray(self.jitter_um, dtype=float), (3,))
         if not (np.isfinite(jit).all() and (jit >= 0).all()):
@@ -151,6 +159,7 @@ def make_field_config(preset: str = "paper", **overrides) -> FieldConfig:
 
 def field_config_from_dict(d: dict) -> FieldConfig:
     known = {f.name for f in fields(FieldConfig)}
+    d = {"model_library": False, **d}  # runs written before the library field had none
     return FieldConfig(**{k: (tuple(v) if k == "jitter_um" else v) for k, v in d.items() if k in known})
 
 
@@ -206,7 +215,8 @@ def build_field_model(config: FieldConfig, meta: dict) -> TranscriptomicField:
     return TranscriptomicField(
         len(meta["genes"]), config.likelihood, len(meta["section_names"]), config.encoding(), config.hidden,
         config.n_hidden_layers, config.section_dim, None if loadings is None else torch.tensor(loadings),
-        config.low_rank, meta["backend"], meta["table_dtype"])
+        config.low_rank, meta["backend"], meta["table_dtype"],
+        library_head=config.model_library and is_count_model(config.likelihood))
 
 
 def _amp_dtype(config: FieldConfig, device: torch.device):
@@ -262,11 +272,17 @@ class _Batches:
 
 
 def _init_bias(model: TranscriptomicField, data: PointData, config: FieldConfig) -> None:
-    """Start every gene at its mean (log mean rate for counts), so early steps learn structure, not scale."""
-    if model.loadings is not None and model.low_rank == "mixture":
-        return
+    """Start every gene at its mean (log mean rate for counts), and the library head at the mean log library, so
+    early steps learn structure, not scale."""
     rng = np.random.default_rng(config.seed)
     idx = rng.choice(len(data), min(len(data), 20_000), replace=False)
+    if model.library_head:
+        log_lib = np.log(data.library[idx])
+        with torch.no_grad():
+            model.library_bias.fill_(float(log_lib.mean()))
+            model.library_log_sigma.fill_(float(np.log(max(log_lib.std(), 1e-3))))
+    if model.loadings is not None and model.low_rank == "mixture":
+        return
     y = data.rows(idx).astype(np.float64)
     if model.counts:
         rate = y.sum(0) / data.library[idx].sum()
@@ -342,7 +358,7 @@ def fit_field(data: PointData | object, config: FieldConfig, run_dir, *, loading
     held_out = None if validation is None else batches.fixed(validation, validation_points)
 
     def loss_fn(x, y, log_lib, sec):
-        nll = -model.log_prob(x, y, log_lib, sec).mean()
+        nll = model.objective(x, y, log_lib, sec, config.library_weight)
         if model.section_out is not None and config.section_penalty > 0:
             nll = nll + config.section_penalty * model.section_out.weight.square().sum() / model.n_genes
         return nll

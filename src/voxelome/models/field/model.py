@@ -13,11 +13,18 @@ expected fraction of the spot's library) or its mean (Gaussian), at points ``x``
   use) is the average section.
 - Per-gene likelihood parameters (NB inverse dispersion, ZINB zero-inflation, Gaussian σ) are
   learned with the field (:mod:`voxelome.models.field.likelihoods`).
+- Optionally (count likelihoods) a **library field**: one more field output is the log library size
+  (total counts) of a spot at ``x``, Gaussian with a learned σ and a centred per-section offset. The
+  expected *measured* value at a point away from every measured spot then uses the local depth, not
+  one typical library: sequencing depth varies across a tissue (cellularity, RNA quality), and a
+  log-normalised spot value depends on it (BENCHMARKS.md, "library field").
 
 Method: Neural Transcriptomic Field (Gong et al., bioRxiv 2026).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -54,14 +61,20 @@ class TranscriptomicField(nn.Module):
         non-negative loadings.
     backend, table_dtype : str
         Encoding backend (``torch`` or ``tcnn``) and table storage dtype.
+    library_head : bool
+        Count likelihoods only: also model the log library size as a field (see the module docstring).
     """
 
     def __init__(self, n_genes: int, likelihood: str = "nb", n_sections: int = 1,
                  encoding: HashGridConfig = HashGridConfig(), hidden: int = 64, n_hidden_layers: int = 1,
                  section_dim: int = 8, loadings: torch.Tensor | None = None, low_rank: str = "mixture",
-                 backend: str = "torch", table_dtype: str = "float32"):
+                 backend: str = "torch", table_dtype: str = "float32", library_head: bool = False):
         super().__init__()
         self.likelihood = lk.check_likelihood(likelihood)
+        if library_head and not self.counts:
+            raise VoxelomeError(f"library_head=True needs a count likelihood (got {likelihood!r}): a Gaussian field "
+                                "models normalised values, which carry no library size.")
+        self.library_head = bool(library_head)
         self.low_rank = check_choice("low_rank", low_rank, LOW_RANK_MODES)
         self.n_genes = int(n_genes)
         if loadings is not None:
@@ -75,7 +88,7 @@ class TranscriptomicField(nn.Module):
             self.register_buffer("loadings", loadings)
         else:
             self.loadings = None
-        n_out = n_genes if loadings is None else loadings.shape[0]
+        n_out = (n_genes if loadings is None else loadings.shape[0]) + int(self.library_head)
         self.field = NeuralField(make_encoding(encoding, backend, table_dtype), n_out, hidden, n_hidden_layers)
         self.bias = nn.Parameter(torch.zeros(n_genes))
         self.gene_params = nn.ParameterDict({k: nn.Parameter(v) for k, v in lk.init_params(likelihood, n_genes).items()})
@@ -87,6 +100,10 @@ class TranscriptomicField(nn.Module):
             nn.init.zeros_(self.section_out.weight)
         else:
             self.section_embedding = self.section_out = None
+        if self.library_head:
+            self.library_bias = nn.Parameter(torch.zeros(()))
+            self.library_log_sigma = nn.Parameter(torch.zeros(()))
+            self.library_section = nn.Parameter(torch.zeros(max(self.n_sections, 1)))
 
     @property
     def counts(self) -> bool:
@@ -99,12 +116,33 @@ class TranscriptomicField(nn.Module):
         w = self.section_embedding.weight
         return self.section_out(self.section_embedding(section) - w.mean(0))
 
+    def heads(self, x01: torch.Tensor, section: torch.Tensor | None = None):
+        """:meth:`location` ``(n, g)`` and the predicted log library ``(n,)`` (``None`` without a library head)
+        from one pass of the field."""
+        h = self.field(x01).float()
+        if not self.library_head:
+            return self._genes(h, section), None
+        log_lib = h[:, -1] + self.library_bias
+        if section is not None:
+            log_lib = log_lib + (self.library_section - self.library_section.mean())[section]
+        return self._genes(h[:, :-1], section), log_lib
+
     def location(self, x01: torch.Tensor, section: torch.Tensor | None = None) -> torch.Tensor:
         """Log rate (count models) or mean (gaussian) ``(n, g)`` float32 at points ``(n, 3)`` in ``[0, 1]^3``.
 
         ``section`` ``(n,)`` adds each row's section effect; ``None`` gives the average section.
         """
-        h = self.field(x01).float()
+        return self.heads(x01, section)[0]
+
+    def log_library(self, x01: torch.Tensor, section: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted log library size ``(n,)`` (natural log of total counts) of a spot at each point; ``section``
+        as in :meth:`location`. Needs ``library_head``."""
+        if not self.library_head:
+            raise VoxelomeError("this field has no library head (fit with model_library=True and a count "
+                                "likelihood); pass the spots' library sizes instead.")
+        return self.heads(x01, section)[1]
+
+    def _genes(self, h: torch.Tensor, section: torch.Tensor | None) -> torch.Tensor:
         if self.loadings is None:
             loc = h + self.bias
         elif self.low_rank == "linear":
@@ -119,6 +157,17 @@ class TranscriptomicField(nn.Module):
     def log_prob(self, x01, y, log_library=None, section=None) -> torch.Tensor:
         """Elementwise log-likelihood ``(n, g)`` of observations ``y`` at points ``x01``."""
         return lk.log_prob(self.likelihood, y, self.location(x01, section), dict(self.gene_params), log_library)
+
+    def objective(self, x01, y, log_library=None, section=None, library_weight: float = 1.0) -> torch.Tensor:
+        """Training loss: the negative log-likelihood per modelled value (mean over points and genes; with a
+        library head the log library counts as ``library_weight`` more values of each point)."""
+        loc, log_lib = self.heads(x01, section)
+        ll = lk.log_prob(self.likelihood, y, loc, dict(self.gene_params), log_library)
+        if log_lib is None:
+            return -ll.mean()
+        z = (log_library - log_lib) * torch.exp(-self.library_log_sigma)
+        lib_ll = -0.5 * z.square() - self.library_log_sigma - 0.5 * math.log(2 * math.pi)
+        return -(ll.sum(1) + library_weight * lib_ll).mean() / (ll.shape[1] + library_weight)
 
     def expression(self, x01: torch.Tensor, section: torch.Tensor | None = None, *,
                    target_sum: float = 1e4) -> torch.Tensor:
@@ -139,10 +188,14 @@ class TranscriptomicField(nn.Module):
         The best squared-error prediction of a noisy measured spot on the log1p scale (it includes
         the ZINB zero-inflation); :meth:`expression` (log1p of the expected rate) is the denoised
         value and lies above it (Jensen). For the Gaussian likelihood both are the modelled mean.
-        ``log_library`` ``(n,)``.
+        ``log_library`` ``(n,)``; ``None`` uses the library head's prediction at each point.
         """
-        loc = self.location(x01, section)
+        loc, predicted = self.heads(x01, section)
         if not self.counts:
             return loc
+        if log_library is None:
+            if predicted is None:
+                raise VoxelomeError("pass log_library: this field has no library head to predict it.")
+            log_library = predicted
         return lk.expected_log1p(self.likelihood, loc.double(), {k: v.double() for k, v in self.gene_params.items()},
                                  log_library.double(), target_sum).float()

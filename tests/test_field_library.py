@@ -1,0 +1,104 @@
+"""The library field: count-likelihood fields also learn the spots' log library size, so expected *measured*
+values away from the measured spots follow the local sequencing depth (seeded synthetic stack of shallow spots whose
+depth varies 8-fold across x)."""
+
+import numpy as np
+import pytest
+import torch
+
+from voxelome.errors import VoxelomeError
+from voxelome.evaluate.field_baselines import per_gene_scores
+from voxelome.infer.field_export import FittedField
+from voxelome.models.field import TranscriptomicField
+from voxelome.models.field.encoding import HashGridConfig
+from voxelome.train.checkpoint import load_checkpoint, save_checkpoint
+from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
+from voxelome.train.point_data import PointData
+from test_field_fit import GENES, HELD_OUT, log_norm, synthetic_stack
+
+
+def depth(xyz):
+    """Sequencing depth ×0.35 at x = 0 µm to ×2.8 at x = 1,000 µm."""
+    return np.exp(np.log(8.0) * (xyz[:, 0] / 1000.0 - 0.5))
+
+
+@pytest.fixture(scope="module")
+def split():
+    stack = synthetic_stack(seed=3, depth=depth, library=40.0)  # libraries of ~14 to 110 counts
+    held = (stack.obs["section"] == HELD_OUT).to_numpy()
+    return stack[~held].copy(), stack[held].copy()
+
+
+@pytest.fixture(scope="module")
+def runs(split, tmp_path_factory):
+    """The same NB fit with and without the library field."""
+    data = PointData.from_anndata(split[0], genes=GENES)
+    out = {}
+    for with_library in (True, False):
+        config = make_field_config("cpu", iterations=500, batch_size=1024, n_levels=8, log2_table_size=14,
+                                   jitter_um=suggest_jitter(data), seed=0, num_threads=2, model_library=with_library)
+        out[with_library] = fit_field(data, config, tmp_path_factory.mktemp("lib") / "run", progress=False)
+    return out
+
+
+def test_library_field_predicts_held_out_measured_spots_better(runs, split):
+    _, test = split
+    xyz, measured = test.obsm["spatial_3d"], log_norm(test)
+    with_lib, without = FittedField.load(runs[True]), FittedField.load(runs[False])
+    assert with_lib.model.library_head and not without.model.library_head
+    r_lib = per_gene_scores(with_lib.predict(xyz, value="measured"), measured)["mean_r"]
+    r_median = per_gene_scores(without.predict(xyz, value="measured"), measured)["mean_r"]
+    assert r_lib > r_median + 0.05, (r_lib, r_median)
+    # the predicted library follows the true depth of the held-out section's spots
+    with torch.no_grad():
+        lo, hi = with_lib.box_um
+        log_lib = with_lib.model.log_library(torch.tensor((xyz - lo) / (hi - lo), dtype=torch.float32)).numpy()
+    true_log_depth = np.log(depth(xyz))
+    assert np.corrcoef(log_lib, true_log_depth)[0, 1] > 0.9
+    # the denoised expression (rate) does not depend on depth: both fits agree with the truth about as well
+    truth = test.obsm["truth"]
+    r_rate = [per_gene_scores(f.predict(xyz), truth)["mean_r"] for f in (with_lib, without)]
+    assert abs(r_rate[0] - r_rate[1]) < 0.03, r_rate
+    # an explicit library still wins over the field's own
+    own = np.asarray(test.X).sum(1)
+    with torch.no_grad():
+        direct = with_lib.model.expected_measurement(torch.tensor((xyz[:20] - lo) / (hi - lo), dtype=torch.float32),
+                                                     torch.tensor(np.log(own[:20]), dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(with_lib.predict(xyz[:20], value="measured", library=own[:20]), direct, rtol=1e-5)
+
+
+def test_runs_without_the_setting_load_as_before(runs, tmp_path):
+    """A checkpoint written before the library field existed (no ``model_library`` in its config) loads without
+    a head and predicts measured values at the training median library."""
+    ckpt = load_checkpoint(runs[False] / "checkpoint.pt")
+    del ckpt["config"]["model_library"]
+    run = tmp_path / "old"
+    run.mkdir()
+    save_checkpoint(run / "checkpoint.pt", **{k: ckpt[k] for k in ("model_state", "config", "meta", "iteration")})
+    old, new = FittedField.load(run), FittedField.load(runs[False])
+    assert not old.model.library_head and old.config.model_library is False
+    pts = np.random.default_rng(0).uniform(0, 1000, (30, 3))
+    np.testing.assert_array_equal(old.predict(pts, value="measured"), new.predict(pts, value="measured"))
+
+
+def test_library_head_needs_a_count_likelihood():
+    with pytest.raises(VoxelomeError, match="count likelihood"):
+        TranscriptomicField(4, "gaussian", encoding=HashGridConfig(4, 2, 10), library_head=True)
+    # the config's default is ignored by Gaussian fits (no head is built)
+    model = TranscriptomicField(4, "nb", encoding=HashGridConfig(4, 2, 10))
+    with pytest.raises(VoxelomeError, match="no library head"):
+        model.log_library(torch.rand(5, 3))
+
+
+def test_objective_without_head_is_the_mean_negative_log_likelihood():
+    torch.manual_seed(0)
+    model = TranscriptomicField(4, "nb", n_sections=3, encoding=HashGridConfig(4, 2, 10))
+    x, y = torch.rand(16, 3), torch.poisson(torch.full((16, 4), 3.0))
+    log_lib, sec = torch.full((16,), 3.0), torch.randint(0, 3, (16,))
+    torch.testing.assert_close(model.objective(x, y, log_lib, sec), -model.log_prob(x, y, log_lib, sec).mean())
+    head = TranscriptomicField(4, "nb", n_sections=3, encoding=HashGridConfig(4, 2, 10), library_head=True)
+    loc, pred = head.heads(x, sec)
+    assert loc.shape == (16, 4) and pred.shape == (16,)
+    expected = -(head.log_prob(x, y, log_lib, sec).sum(1)
+                 + torch.distributions.Normal(pred, head.library_log_sigma.exp()).log_prob(log_lib)).mean() / 5
+    torch.testing.assert_close(head.objective(x, y, log_lib, sec), expected)
