@@ -102,3 +102,32 @@ def test_objective_without_head_is_the_mean_negative_log_likelihood():
     expected = -(head.log_prob(x, y, log_lib, sec).sum(1)
                  + torch.distributions.Normal(pred, head.library_log_sigma.exp()).log_prob(log_lib)).mean() / 5
     torch.testing.assert_close(head.objective(x, y, log_lib, sec), expected)
+
+
+def test_cli_predict_measured_values(runs, split, tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from voxelome.cli import app
+
+    _, test = split
+    xyz = test.obsm["spatial_3d"][:15]
+    field = FittedField.load(runs[True])
+    table = pd.DataFrame(xyz, columns=["x", "y", "z"])
+    table.to_csv(tmp_path / "pts.csv", index=False)
+    runner = CliRunner()
+    args = ["reconstruct", "predict", str(runs[True]), "--points", str(tmp_path / "pts.csv")]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "m.csv"), "--value", "measured"])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "m.csv")[GENES].to_numpy(),
+                               field.predict(xyz, value="measured"), rtol=1e-5, atol=1e-6)
+    table["library"] = np.asarray(test.X).sum(1)[:15]
+    table.to_csv(tmp_path / "pts_lib.csv", index=False)
+    res = runner.invoke(app, [*args[:-1], str(tmp_path / "pts_lib.csv"), "--out", str(tmp_path / "l.csv"),
+                              "--value", "measured"])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "l.csv")[GENES].to_numpy(),
+                               field.predict(xyz, value="measured", library=table["library"].to_numpy()),
+                               rtol=1e-5, atol=1e-6)
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "x.csv"), "--value", "mean"])
+    assert res.exit_code == 2 and "--value 'mean'" in res.output

@@ -293,17 +293,25 @@ def section(run: Path = typer.Argument(..., help="Run folder from `reconstruct f
 def predict(run: Path = typer.Argument(..., help="Run folder from `reconstruct fit`."),
             points: Path = typer.Option(..., help="CSV with columns x, y, z (µm)."),
             out: Path = typer.Option(..., help="Output CSV: x, y, z and one column per gene."),
-            genes: Optional[str] = typer.Option(None, help="Genes (default all).")):
+            genes: Optional[str] = typer.Option(None, help="Genes (default all)."),
+            value: str = typer.Option("rate", help="rate: denoised log1p counts per 10k; measured: the expected "
+                                      "log1p value a spot there would read (count fields: at the CSV's `library` "
+                                      "column (total counts) when it has one, else at the depth the field predicts "
+                                      "there).")):
     """Field values at arbitrary points."""
     import pandas as pd
 
+    if value not in ("rate", "measured"):
+        raise VoxelomeError(f"--value {value!r}: use 'rate' (denoised expression) or 'measured' (what a spot would "
+                            "read).")
     table = pd.read_csv(points)
     missing = [c for c in "xyz" if c not in table.columns]
     if missing:
         raise VoxelomeError(f"{points} lacks columns {missing}; it needs x, y, z in µm.")
     field = _load(run)
     names = [field.genes[i] for i in field.gene_index(_genes(genes))]
-    values = field.predict(table[["x", "y", "z"]].to_numpy(float), names)
+    library = table["library"].to_numpy(float) if value == "measured" and "library" in table.columns else None
+    values = field.predict(table[["x", "y", "z"]].to_numpy(float), names, value=value, library=library)
     pd.concat([table[["x", "y", "z"]], pd.DataFrame(values, columns=names)], axis=1).to_csv(out, index=False)
     typer.echo(f"{len(table)} points × {len(names)} genes → {out}")
 

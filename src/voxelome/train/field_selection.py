@@ -64,8 +64,9 @@ def pca_loadings(data: PointData, k: int) -> np.ndarray:
 
 
 #: The candidate of ``reconstruct fit --settings robust``: on the five real stacks of BENCHMARKS.md (16 µm serial
-#: sections, near-replicates) never more than 0.017 r below 3D kNN, where NB fits with section effects collapsed on
-#: her2st B (held-out r 0.04–0.16 against 0.2–0.3); but its smoothing across sections loses to kNN on the phantom.
+#: sections, near-replicates) never more than 0.017 r below 3D kNN, where NB fits scored at the training median
+#: library collapsed on her2st B (held-out r 0.04–0.16 against 0.2–0.3; the library field, ``model_library``, fixed
+#: most of that); but its smoothing across sections loses to kNN on the phantom.
 ROBUST_CANDIDATE = "gaussian, jitter ×1.5 in-plane ×6 across, no section effects"
 
 
