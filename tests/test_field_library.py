@@ -131,3 +131,10 @@ def test_cli_predict_measured_values(runs, split, tmp_path):
                                rtol=1e-5, atol=1e-6)
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "x.csv"), "--value", "mean"])
     assert res.exit_code == 2 and "--value 'mean'" in res.output
+
+
+def test_config_checks_the_library_settings():
+    with pytest.raises(VoxelomeError, match="model_library='yes'"):
+        make_field_config("cpu", model_library="yes")
+    with pytest.raises(VoxelomeError, match="library_weight"):
+        make_field_config("cpu", library_weight=-1.0)

@@ -122,6 +122,8 @@ class FieldConfig:
         check_positive("target_sum", self.target_sum)
         check_positive("section_penalty", self.section_penalty, allow_zero=True)
         check_positive("library_weight", self.library_weight)
+        if not isinstance(self.model_library, bool):
+            raise VoxelomeError(f"FieldConfig.model_library={self.model_library!r} must be true or false.")
         check_positive("box_margin", self.box_margin, allow_zero=True)
         jit = np.broadcast_to(np.asarray(self.jitter_um, dtype=float), (3,))
         if not (np.isfinite(jit).all() and (jit >= 0).all()):
