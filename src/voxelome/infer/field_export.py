@@ -138,8 +138,9 @@ class FittedField:
         lo, hi = self.box_um
         unit = ((flat - lo) / (hi - lo)).astype(np.float32)
         sec = None if section is None else np.broadcast_to(np.asarray(section, np.int64), pts.shape[:-1]).ravel().copy()
-        lib, own_library = None, value == "measured" and self.model.counts and library is None \
-            and getattr(self.model, "library_head", False)
+        lib = None
+        # a count field's library field predicts each point's depth when no library is given
+        own_library = value == "measured" and library is None and self.model.library_head
         if value == "measured" and self.model.counts and not own_library:
             lib = self.meta.get("median_library") if library is None else library
             if lib is None:
