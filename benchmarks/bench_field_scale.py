@@ -39,11 +39,14 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from voxelome.cli_common import parse_sets
 from voxelome.train.field_trainer import fit_field, make_field_config
 from voxelome.train.point_data import PointData
 from voxelome.train.point_store import PointStoreWriter, open_point_store
 
 BOX_UM, GAP_UM, PROGRAMS, CHUNK = 5000.0, 100.0, 8, 1_000_000
+#: FieldConfig overrides of every fit (``--set``)
+CONFIG_OVERRIDES: dict = {}
 
 
 class Generator:
@@ -164,7 +167,7 @@ def scale(out: Path, n=1_000_000, g=500, iterations=1500, batch=4096, log_every=
     nnz = int(a.X.nnz)
     del a, held  # the points keep the CSR and coordinates; drop the AnnData wrappers (obs names)
     cfg = make_field_config("cpu", iterations=iterations, batch_size=batch, jitter_um=(50.0, 50.0, 75.0),
-                            log_every=log_every, checkpoint_every=10**9, seed=seed)
+                            log_every=log_every, checkpoint_every=10**9, seed=seed, **CONFIG_OVERRIDES)
     t0 = time.perf_counter()
     fit_field(data, cfg, out / f"scale_{n}", resume=False, progress=False, validation=val, validation_points=8192)
     wall = time.perf_counter() - t0
@@ -205,7 +208,7 @@ def scale_disk(out: Path, n=1_000_000, g=500, iterations=1500, batch=4096, log_e
     prep = time.perf_counter() - t0
     del held
     cfg = make_field_config("cpu", iterations=iterations, batch_size=batch, jitter_um=(50.0, 50.0, 75.0),
-                            log_every=log_every, checkpoint_every=10**9, seed=seed)
+                            log_every=log_every, checkpoint_every=10**9, seed=seed, **CONFIG_OVERRIDES)
     flt0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     fit_field(data, cfg, out / f"scale_disk_{n}", resume=False, progress=False, validation=val,
@@ -246,7 +249,10 @@ def main():
     ap.add_argument("--disk", action="store_true",
                     help="generate the stack chunk by chunk into a point store and fit from its memmaps")
     ap.add_argument("--keep-store", action="store_true", help="with --disk: keep the store (deleted by default)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="FieldConfig overrides (e.g. model_library=false); the results file name gets a suffix")
     args = ap.parse_args()
+    CONFIG_OVERRIDES.update(parse_sets(args.set))
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     for n in args.cells:
@@ -254,8 +260,9 @@ def main():
                if args.disk else scale(args.out, n, args.genes, args.iterations, args.batch_size))
         res = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                           f"{torch.get_num_threads()} thread(s), no GPU, {os.cpu_count()} cores, "
-                          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM", **run}
-        tag = "_disk" if args.disk else ""
+                          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
+               "config_overrides": CONFIG_OVERRIDES, **run}
+        tag = ("_disk" if args.disk else "") + "".join(f"_{k}-{v}" for k, v in CONFIG_OVERRIDES.items())
         (args.out / f"results{tag}_{n}x{args.genes}.json").write_text(json.dumps(res, indent=1))
 
 
