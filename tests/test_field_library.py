@@ -12,7 +12,7 @@ from voxelome.infer.field_export import FittedField
 from voxelome.models.field import TranscriptomicField
 from voxelome.models.field.encoding import HashGridConfig
 from voxelome.train.checkpoint import load_checkpoint, save_checkpoint
-from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
+from voxelome.train.field_trainer import build_field_model, fit_field, make_field_config, suggest_jitter
 from voxelome.train.point_data import PointData
 from test_field_fit import GENES, HELD_OUT, log_norm, synthetic_stack
 
@@ -84,7 +84,11 @@ def test_runs_without_the_setting_load_as_before(runs, tmp_path):
 def test_library_head_needs_a_count_likelihood():
     with pytest.raises(VoxelomeError, match="count likelihood"):
         TranscriptomicField(4, "gaussian", encoding=HashGridConfig(4, 2, 10), library_head=True)
-    # the config's default is ignored by Gaussian fits (no head is built)
+    # the config's default (model_library=True) builds a head for count likelihoods only
+    meta = {"genes": list("abcd"), "section_names": ["s0", "s1"], "backend": "torch", "table_dtype": "float32"}
+    small = {"n_levels": 4, "log2_table_size": 10}
+    assert build_field_model(make_field_config("cpu", likelihood="nb", **small), meta).library_head
+    assert not build_field_model(make_field_config("cpu", likelihood="gaussian", **small), meta).library_head
     model = TranscriptomicField(4, "nb", encoding=HashGridConfig(4, 2, 10))
     with pytest.raises(VoxelomeError, match="no library head"):
         model.log_library(torch.rand(5, 3))
