@@ -97,10 +97,7 @@ def stack_folds(out: Path, name: str) -> dict:
                      "knn_library": median.predict(test_xyz, value="measured", library=knn_library),
                      "own_library": median.predict(test_xyz, value="measured", library=test_library)}
             row[tag] = {k: per_gene_scores(p, truth)["mean_r"] for k, p in preds.items()}
-            lo, hi = with_lib.box_um
-            with torch.no_grad():
-                log_lib = with_lib.model.log_library(torch.tensor((test_xyz - lo) / (hi - lo), dtype=torch.float32))
-            row[tag]["library_r"] = float(np.corrcoef(log_lib.numpy(), np.log(test_library))[0, 1])
+            row[tag]["library_r"] = float(np.corrcoef(np.log(with_lib.library(test_xyz)), np.log(test_library))[0, 1])
             row[tag]["knn_library_r"] = float(np.corrcoef(np.log(knn_library), np.log(test_library))[0, 1])
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else
                               {a: round(b, 4) for a, b in v.items()} if isinstance(v, dict) else v)

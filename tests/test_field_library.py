@@ -8,6 +8,7 @@ import torch
 
 from voxelome.errors import VoxelomeError
 from voxelome.evaluate.field_baselines import per_gene_scores
+from voxelome.infer.field_ensemble import FieldEnsemble
 from voxelome.infer.field_export import FittedField
 from voxelome.models.field import TranscriptomicField
 from voxelome.models.field.encoding import HashGridConfig
@@ -50,17 +51,21 @@ def test_library_field_predicts_held_out_measured_spots_better(runs, split):
     r_median = per_gene_scores(without.predict(xyz, value="measured"), measured)["mean_r"]
     assert r_lib > r_median + 0.05, (r_lib, r_median)
     # the predicted library follows the true depth of the held-out section's spots
-    with torch.no_grad():
-        lo, hi = with_lib.box_um
-        log_lib = with_lib.model.log_library(torch.tensor((xyz - lo) / (hi - lo), dtype=torch.float32)).numpy()
-    true_log_depth = np.log(depth(xyz))
-    assert np.corrcoef(log_lib, true_log_depth)[0, 1] > 0.9
+    library = with_lib.library(xyz)
+    assert library.shape == (len(xyz),) and (library > 0).all()
+    assert np.corrcoef(np.log(library), np.log(depth(xyz)))[0, 1] > 0.9
+    with pytest.raises(VoxelomeError, match="no library field"):
+        without.library(xyz)
+    # an ensemble's library: the members' with a library field (here only one)
+    ensemble = FieldEnsemble.from_members([runs[True], runs[False]])
+    np.testing.assert_allclose(ensemble.library(xyz[:10]), library[:10], rtol=1e-6)
     # the denoised expression (rate) does not depend on depth: both fits agree with the truth about as well
     truth = test.obsm["truth"]
     r_rate = [per_gene_scores(f.predict(xyz), truth)["mean_r"] for f in (with_lib, without)]
     assert abs(r_rate[0] - r_rate[1]) < 0.03, r_rate
     # an explicit library still wins over the field's own
     own = np.asarray(test.X).sum(1)
+    lo, hi = with_lib.box_um
     with torch.no_grad():
         direct = with_lib.model.expected_measurement(torch.tensor((xyz[:20] - lo) / (hi - lo), dtype=torch.float32),
                                                      torch.tensor(np.log(own[:20]), dtype=torch.float32)).numpy()

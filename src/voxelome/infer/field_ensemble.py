@@ -104,3 +104,12 @@ class FieldEnsemble(FittedField):
             y = field.predict(points_xyz_um, genes, **kwargs)
             total = y if total is None else total + y
         return total / np.float32(len(self.members))
+
+    def library(self, points_xyz_um, **kwargs) -> np.ndarray:
+        """Geometric mean of the members' :meth:`FittedField.library` (members without a library field, e.g.
+        Gaussian ones, are left out)."""
+        with_field = [f for f in self.members if f.model.library_head]
+        if not with_field:
+            raise VoxelomeError("no member of this ensemble has a library field (all are Gaussian or were fitted "
+                                "without model_library); refit a count likelihood to predict depth.")
+        return np.exp(np.mean([np.log(f.library(points_xyz_um, **kwargs)) for f in with_field], axis=0))

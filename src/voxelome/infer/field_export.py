@@ -127,17 +127,8 @@ class FittedField:
         if value not in ("rate", "measured"):
             raise VoxelomeError(f"value={value!r} is not one of 'rate' (denoised expression) or 'measured' "
                                 "(expected measured log1p value).")
-        pts = np.asarray(points_xyz_um, dtype=np.float64)
-        if pts.shape[-1:] != (3,):
-            raise VoxelomeError(f"points have shape {pts.shape}; expected (..., 3) µm (x, y, z).")
-        flat = pts.reshape(-1, 3)
-        if not np.isfinite(flat).all():
-            raise VoxelomeError(f"{int((~np.isfinite(flat).all(1)).sum())} query points have NaN/inf coordinates; "
-                                "drop them first.")
+        shape, unit, sec = self._queries(points_xyz_um, section)
         idx = torch.from_numpy(self.gene_index(genes)).to(self.device)
-        lo, hi = self.box_um
-        unit = ((flat - lo) / (hi - lo)).astype(np.float32)
-        sec = None if section is None else np.broadcast_to(np.asarray(section, np.int64), pts.shape[:-1]).ravel().copy()
         lib = None
         # a count field's library field predicts each point's depth when no library is given
         own_library = value == "measured" and library is None and self.model.library_head
@@ -146,12 +137,12 @@ class FittedField:
             if lib is None:
                 raise VoxelomeError("this field's run predates stored library sizes; pass library= (total counts "
                                     "of a typical spot) with value='measured'.")
-            lib = np.broadcast_to(np.asarray(lib, np.float64), pts.shape[:-1]).ravel()
+            lib = np.broadcast_to(np.asarray(lib, np.float64), shape).ravel()
             if not (np.isfinite(lib).all() and (lib > 0).all()):
                 raise VoxelomeError("library sizes must be positive and finite (total counts per spot).")
             lib = np.log(lib).astype(np.float32)
-        out = np.empty((len(flat), len(idx)), np.float32)
-        for i in range(0, len(flat), batch_size):
+        out = np.empty((len(unit), len(idx)), np.float32)
+        for i in range(0, len(unit), batch_size):
             x = torch.from_numpy(unit[i:i + batch_size]).to(self.device)
             s = None if sec is None else torch.from_numpy(sec[i:i + batch_size]).to(self.device)
             if own_library:
@@ -162,7 +153,49 @@ class FittedField:
             else:
                 y = self.model.expression(x, s, target_sum=self.config.target_sum)
             out[i:i + batch_size] = y[:, idx].float().cpu().numpy()
-        return out.reshape(*pts.shape[:-1], len(idx))
+        return out.reshape(*shape, len(idx))
+
+    @torch.no_grad()
+    def library(self, points_xyz_um, *, section=None, batch_size: int = 65536) -> np.ndarray:
+        """Library size (total counts) the library field expects of a spot at each point.
+
+        Parameters
+        ----------
+        points_xyz_um : array, shape (..., 3)
+            Query points in µm ``(x, y, z)``.
+        section : array of int, shape (...), optional
+            Training-section code of each point (its depth offset); default the average section.
+
+        Returns
+        -------
+        ndarray, shape (...), float64
+            ``exp`` of the predicted log library, counts.
+        """
+        if not self.model.library_head:
+            raise VoxelomeError("this field has no library field (a Gaussian field, or one fitted with "
+                                "model_library=False or before it existed); refit a count likelihood to predict depth.")
+        shape, unit, sec = self._queries(points_xyz_um, section)
+        out = np.empty(len(unit))
+        for i in range(0, len(unit), batch_size):
+            x = torch.from_numpy(unit[i:i + batch_size]).to(self.device)
+            s = None if sec is None else torch.from_numpy(sec[i:i + batch_size]).to(self.device)
+            out[i:i + batch_size] = torch.exp(self.model.log_library(x, s).double()).cpu().numpy()
+        return out.reshape(shape)
+
+    def _queries(self, points_xyz_um, section):
+        """Checked query points → (their leading shape, ``(n, 3)`` float32 unit-cube coordinates, ``(n,)`` section
+        codes or None)."""
+        pts = np.asarray(points_xyz_um, dtype=np.float64)
+        if pts.shape[-1:] != (3,):
+            raise VoxelomeError(f"points have shape {pts.shape}; expected (..., 3) µm (x, y, z).")
+        flat = pts.reshape(-1, 3)
+        if not np.isfinite(flat).all():
+            raise VoxelomeError(f"{int((~np.isfinite(flat).all(1)).sum())} query points have NaN/inf coordinates; "
+                                "drop them first.")
+        lo, hi = self.box_um
+        unit = ((flat - lo) / (hi - lo)).astype(np.float32)
+        sec = None if section is None else np.broadcast_to(np.asarray(section, np.int64), pts.shape[:-1]).ravel().copy()
+        return pts.shape[:-1], unit, sec
 
     def section_codes(self, labels) -> np.ndarray:
         """Training-section codes of section labels; unknown labels get ``-1``."""
