@@ -25,7 +25,6 @@ her2st_G her2st_H`` runs the same on the her2st patients never used for the fiel
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
@@ -38,11 +37,10 @@ from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_field import REAL_GENES, REAL_STACKS, log_norm, per_gene_scores, read_real_stack  # noqa: E402
-from bench_field_select import BUDGET, phantom_input  # noqa: E402
+from bench_field_select import BUDGET, final_fit, phantom_input  # noqa: E402
 
-from voxelome.infer.field_export import FittedField  # noqa: E402
 from voxelome.train.field_selection import FIELD_CANDIDATES, candidate_overrides  # noqa: E402
-from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter  # noqa: E402
+from voxelome.train.field_trainer import suggest_jitter  # noqa: E402
 from voxelome.train.point_data import PointData  # noqa: E402
 
 KNN_K = 64
@@ -56,15 +54,6 @@ def settings(data: PointData) -> dict:
     """The two NB settings a user gets: select's NB candidate, and ``--settings ntf``."""
     return {"nb_narrow": candidate_overrides(data, FIELD_CANDIDATES["nb, jitter ×0.5"]),
             "ntf": {"likelihood": "nb", "jitter_um": suggest_jitter(data)}}
-
-
-def fit(data, run: Path, overrides: dict) -> FittedField:
-    config = make_field_config("cpu", **{**BUDGET, **overrides})
-    if not (run / "checkpoint.pt").exists():
-        fit_field(data, config, run, resume=True, progress=False)
-    field = FittedField.load(run)
-    assert field.config == dataclasses.replace(config, device=field.config.device), f"stale run in {run}"
-    return field
 
 
 def stack_folds(out: Path, name: str) -> dict:
@@ -85,13 +74,14 @@ def stack_folds(out: Path, name: str) -> dict:
         test_library = np.asarray(stack.X[te].sum(1), np.float64).ravel()  # over all genes, as PointData's
         truth = y_all[te][:, top]
         row = {"held_out": h}
-        d, i = cKDTree(data.xyz_um).query(test_xyz, k=KNN_K)
+        _, i = cKDTree(data.xyz_um).query(test_xyz, k=KNN_K)
         row["knn_3d"] = per_gene_scores(y_all[tr][:, top][i].mean(1), truth)["mean_r"]
         _, j = cKDTree(data.xyz_um).query(test_xyz, k=LIBRARY_K)
         knn_library = np.exp(np.log(data.library)[j].mean(1))
         for tag, overrides in settings(data).items():
-            with_lib = fit(data, out / "runs" / name / h / f"{tag}-library", {**overrides, "model_library": True})
-            median = fit(data, out / "runs" / name / h / f"{tag}-median", {**overrides, "model_library": False})
+            runs = out / "runs" / name / h
+            with_lib = final_fit(data, runs / f"{tag}-library", {**BUDGET, **overrides, "model_library": True})
+            median = final_fit(data, runs / f"{tag}-median", {**BUDGET, **overrides, "model_library": False})
             preds = {"median": median.predict(test_xyz, value="measured"),
                      "field": with_lib.predict(test_xyz, value="measured"),
                      "knn_library": median.predict(test_xyz, value="measured", library=knn_library),

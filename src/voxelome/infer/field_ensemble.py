@@ -2,10 +2,9 @@
 
 ``reconstruct fit --settings select --ensemble 2`` fits the two candidates that predicted the held-out inner
 sections best and averages them: on the five registered real stacks the mean of the top two was better than the
-best alone on 15 of 17 held-out sections, and tied with it on the simulated phantom (BENCHMARKS.md, fifth and
-seventh sessions). Every member predicts on one
-scale (``log1p`` counts per ``target_sum``, or the modelled value), whatever its likelihood, so their mean is well
-defined.
+best alone on 15 of 17 held-out sections (10 of 17 once count fields had a library field), and tied with it on the
+simulated phantom (BENCHMARKS.md, fifth, seventh and eighth sessions). Every member predicts on one scale (``log1p``
+counts per ``target_sum``, or the modelled value), whatever its likelihood, so their mean is well defined.
 
 A run folder holds the members in ``members/candidate-K/`` (ordinary field runs; K = the candidate's index in
 :data:`~voxelome.train.field_selection.FIELD_CANDIDATES`) and ``ensemble.json`` naming them;

@@ -142,17 +142,15 @@ class FittedField:
                 raise VoxelomeError("library sizes must be positive and finite (total counts per spot).")
             lib = np.log(lib).astype(np.float32)
         out = np.empty((len(unit), len(idx)), np.float32)
-        for i in range(0, len(unit), batch_size):
-            x = torch.from_numpy(unit[i:i + batch_size]).to(self.device)
-            s = None if sec is None else torch.from_numpy(sec[i:i + batch_size]).to(self.device)
+        for rows, x, s in self._batches(unit, sec, batch_size):
             if own_library:
                 y = self.model.expected_measurement(x, None, s, target_sum=self.config.target_sum)
             elif lib is not None:
-                y = self.model.expected_measurement(x, torch.from_numpy(lib[i:i + batch_size]).to(self.device), s,
+                y = self.model.expected_measurement(x, torch.from_numpy(lib[rows]).to(self.device), s,
                                                     target_sum=self.config.target_sum)
             else:
                 y = self.model.expression(x, s, target_sum=self.config.target_sum)
-            out[i:i + batch_size] = y[:, idx].float().cpu().numpy()
+            out[rows] = y[:, idx].float().cpu().numpy()
         return out.reshape(*shape, len(idx))
 
     @torch.no_grad()
@@ -176,10 +174,8 @@ class FittedField:
                                 "model_library=False or before it existed); refit a count likelihood to predict depth.")
         shape, unit, sec = self._queries(points_xyz_um, section)
         out = np.empty(len(unit))
-        for i in range(0, len(unit), batch_size):
-            x = torch.from_numpy(unit[i:i + batch_size]).to(self.device)
-            s = None if sec is None else torch.from_numpy(sec[i:i + batch_size]).to(self.device)
-            out[i:i + batch_size] = torch.exp(self.model.log_library(x, s).double()).cpu().numpy()
+        for rows, x, s in self._batches(unit, sec, batch_size):
+            out[rows] = torch.exp(self.model.log_library(x, s).double()).cpu().numpy()
         return out.reshape(shape)
 
     def _queries(self, points_xyz_um, section):
@@ -196,6 +192,13 @@ class FittedField:
         unit = ((flat - lo) / (hi - lo)).astype(np.float32)
         sec = None if section is None else np.broadcast_to(np.asarray(section, np.int64), pts.shape[:-1]).ravel().copy()
         return pts.shape[:-1], unit, sec
+
+    def _batches(self, unit: np.ndarray, sec, batch_size: int):
+        """``(rows slice, coordinates tensor, section tensor or None)`` per forward pass, on the field's device."""
+        for i in range(0, len(unit), batch_size):
+            rows = slice(i, i + batch_size)
+            yield (rows, torch.from_numpy(unit[rows]).to(self.device),
+                   None if sec is None else torch.from_numpy(sec[rows]).to(self.device))
 
     def section_codes(self, labels) -> np.ndarray:
         """Training-section codes of section labels; unknown labels get ``-1``."""

@@ -24,8 +24,6 @@ Method: Neural Transcriptomic Field (Gong et al., bioRxiv 2026).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -165,8 +163,7 @@ class TranscriptomicField(nn.Module):
         ll = lk.log_prob(self.likelihood, y, loc, dict(self.gene_params), log_library)
         if log_lib is None:
             return -ll.mean()
-        z = (log_library - log_lib) * torch.exp(-self.library_log_sigma)
-        lib_ll = -0.5 * z.square() - self.library_log_sigma - 0.5 * math.log(2 * math.pi)
+        lib_ll = lk.gaussian_log_prob(log_library, log_lib, self.library_log_sigma)
         return -(ll.sum(1) + library_weight * lib_ll).mean() / (ll.shape[1] + library_weight)
 
     def expression(self, x01: torch.Tensor, section: torch.Tensor | None = None, *,
