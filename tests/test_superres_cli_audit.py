@@ -14,6 +14,9 @@ import pytest
 import tifffile
 from test_superres_cli import TINY, files, invoke, run  # noqa: F401  (module fixtures reused)
 
+from voxelome.datasets.superres_sections import restore_pair
+from voxelome.infer.slide import read_slide_map
+
 
 def _legacy_st(h5ad_path, d):
     """The synthetic section written as legacy ST: counts ``<name>.tsv.gz`` and a spot file in another folder."""
@@ -116,6 +119,14 @@ def test_restore_report_scores_baselines_beside_the_model(run, files, tmp_path):
     for scores in (entry["scores"], *entry["baseline_scores"].values()):
         assert set(scores) == {"rmse", "ssim", "pearson", "pearson_median"}
         assert np.isfinite(scores["rmse"]) and scores["rmse"] > 0
+    # the intervals' coverage of the section's real spots, recomputed from the written bounds
+    genes = json.loads((tmp_path / "r.zarr" / "summary.json").read_text())["genes"]
+    pair = restore_pair(ad.read_h5ad(s), genes)
+    lower, upper = (read_slide_map(tmp_path / "r.zarr" / f"{k}.ome.zarr")[0] for k in ("lower", "upper"))
+    inside = (pair.high >= lower) & (pair.high <= upper)
+    assert entry["interval"]["calibrated"] is True and entry["interval"]["level"] == 0.9
+    assert entry["interval"]["coverage"] == pytest.approx(inside[:, pair.high_mask].mean(), abs=1e-6)
+    assert entry["interval"]["mean_width"] > 0
 
 
 def test_more_genes_than_the_sections_share_is_said(files, tmp_path):  # noqa: F811

@@ -200,6 +200,7 @@ def run_predict(run: Path, sections: list[Path], images: list[Path], out: Path, 
     from voxelome.errors import check_choice
     from voxelome.evaluate.superres_baselines import bicubic_upsample, nearest_upsample
     from voxelome.evaluate.superres_metrics import superres_scores
+    from voxelome.models.diffusion.calibration import coverage
     from voxelome.infer.superres import aggregate_to_labels, write_superres
     from voxelome.train.superres_model import TrainedSuperRes
 
@@ -267,6 +268,10 @@ def run_predict(run: Path, sections: list[Path], images: list[Path], out: Path, 
             for name, fn in (("nearest", nearest_upsample), ("bicubic", bicubic_upsample)):
                 base = superres_scores(fn(pair.low, pair.low_mask, pair.factor), pair.high, pair.high_mask)
                 entry["baseline_scores"][name] = {k: base[k] for k in keys}
+            if not model.config.deterministic:  # do the intervals hold on this section's real spots?
+                entry["interval"] = {"level": pred.level, "calibrated": pred.calibrated,
+                                     "coverage": coverage(pred.lower, pred.upper, pair.high, pair.high_mask),
+                                     "mean_width": float((pred.upper - pred.lower)[:, pair.high_mask].mean())}
         report["sections"][pair.name] = entry
     write_superres(out, preds if volume else preds[0], model.genes, pixel_um,
                    masks=masks if volume else masks[0], section_spacing_um=section_spacing_um,
