@@ -17,7 +17,9 @@ stacks, folds, 100 genes, spot QC and scores as ``bench_field.py --only real_sta
 
 ``--only phantom`` runs the same on ``bench_field.py``'s simulated Visium phantom stack (its three held-out
 sections; r also against the true expression, the field's denoised value). Every field uses preset ``cpu`` with 400 iterations × 2,048 points (``bench_field.py``'s real-stack budget); the
-test section is used only for the scores.
+test section is used only for the scores. ``--final-budget cli`` fits select's choice and its runner-up (so top2)
+with the preset's own budget instead (``cpu``: 1,500 × 4,096), as ``reconstruct fit`` does after choosing; with the
+``--out`` of an earlier run the selections and the other fits are reused.
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python benchmarks/bench_field_select.py \\
         --out benchmarks/out/field_select
@@ -89,7 +91,7 @@ def phantom_input():
     return stack, sorted(set(stack.obs["section"])), list(PHANTOM_FOLDS), truth
 
 
-def stack_folds(out: Path, name: str, max_folds=None) -> dict:
+def stack_folds(out: Path, name: str, max_folds=None, final_budget: str = "bench") -> dict:
     t0 = time.perf_counter()
     if name == "phantom":
         stack, names, held_out, truth_all = phantom_input()
@@ -118,11 +120,15 @@ def stack_folds(out: Path, name: str, max_folds=None) -> dict:
         row = {"held_out": h, "validation": val_names, "baselines": base, "selection": chosen}
         if truth_all is not None:
             row["baselines_vs_truth"] = base_all["truth"]
-        fields = {"select": ("select", {**BUDGET, **chosen["overrides"]}),
+        # the final fits of select and its runner-up: at the comparison budget, or (``cli``) at the preset's own
+        # budget, as `reconstruct fit` fits them after choosing
+        final = BUDGET if final_budget == "bench" else {}
+        suffix = "" if final_budget == "bench" else "_cli"
+        fields = {"select": ("select" + suffix, {**final, **chosen["overrides"]}),
                   "ntf": ("default", {**BUDGET, "likelihood": "nb", "jitter_um": suggest_jitter(data)}),
                   "robust": ("robust", {**BUDGET, **candidate_overrides(data, FIELD_CANDIDATES[ROBUST_CANDIDATE])})}
         second = chosen["settings"][chosen["ranking"][1]]
-        fields["second"] = ("second", {**BUDGET, **second["overrides"]})
+        fields["second"] = ("second" + suffix, {**final, **second["overrides"]})
         preds = {}
         for tag, (folder, overrides) in fields.items():
             pca = {"select": chosen["pca"], "second": second["pca"]}.get(tag, 0)
@@ -171,15 +177,19 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/field_select"))
     ap.add_argument("--only", nargs="*", default=list(REAL_STACKS), choices=(*REAL_STACKS, "phantom"))
     ap.add_argument("--max-folds", type=int, default=None)
+    ap.add_argument("--final-budget", choices=("bench", "cli"), default="bench",
+                    help="final fits of select / second (top2): the comparison budget (400 × 2,048), or the "
+                         "preset's own (cpu: 1,500 × 4,096), as `reconstruct fit` does; results_<stacks>_cli.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     results = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
-               "budget": BUDGET, "inner_sections_rule": inner_sections.__doc__.split("\n")[0]}
+               "budget": BUDGET, "final_budget": args.final_budget, "inner_sections_rule": inner_sections.__doc__.split("\n")[0]}
     for name in args.only:
-        results[name] = stack_folds(args.out, name, args.max_folds)
+        results[name] = stack_folds(args.out, name, args.max_folds, args.final_budget)
         print(json.dumps({k: v for k, v in results[name].items() if k != "folds"}), flush=True)
-        (args.out / f"results_{'_'.join(args.only)}.json").write_text(json.dumps(results, indent=1, default=str))
+        tag = "" if args.final_budget == "bench" else "_cli"
+        (args.out / f"results_{'_'.join(args.only)}{tag}.json").write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

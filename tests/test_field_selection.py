@@ -174,10 +174,16 @@ def test_cli_default_and_ntf_settings(stack, tmp_path):
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "x"), "--settings", "robst"])
     assert res.exit_code == 2 and "Did you mean 'robust'" in res.output
     # the default (auto): choose on held-out sections when there are ≥ 3 sections, else NTF's recipe
-    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "auto"), *quick])
+    wide = [q if q != "batch_size=64" else "batch_size=4096" for q in quick]  # above the selection's cap
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "auto"), *wide])
     assert res.exit_code == 0 and "--settings auto → select" in res.output, res.output
     picked = json.loads((tmp_path / "auto" / "selection" / SELECTION_FILE).read_text())
     assert picked["budget"] == [400, 2048] and len(picked["scores"]) == len(FIELD_CANDIDATES)
+    # the chosen candidates are fitted with the schedule they were compared at, not the longer one asked for
+    members = json.loads((tmp_path / "auto" / "ensemble.json").read_text())["members"]
+    for member in members:
+        cfg = yaml.safe_load((tmp_path / "auto" / member / "config.yaml").read_text())["config"]
+        assert cfg["batch_size"] == 2048 and cfg["iterations"] == 5
     two = tmp_path / "two.h5ad"
     stack[stack.obs["section"].isin(["z000", "z050"])].copy().write_h5ad(two)
     res = runner.invoke(app, ["reconstruct", "fit", str(two), "--out", str(tmp_path / "two"), *quick])

@@ -91,9 +91,9 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         signatures_model: Optional[Path] = typer.Option(None, help="A `voxelome signatures` .npz: low-rank field through its fixed gene loadings."),
         set_: list[str] = typer.Option([], "--set", help="Override a FieldConfig field, key=value (repeatable)."),
         select_sections: int = typer.Option(2, help="With --settings select: inner sections held out in turn."),
-        ensemble: int = typer.Option(2, help="With --settings select: fit the N best candidates in full and query "
-                                     "their mean (RUN/members/, RUN/ensemble.json); 1 = the best alone (one full "
-                                     "fit instead of two)."),
+        ensemble: int = typer.Option(2, help="With --settings select: fit the N best candidates (on the whole stack, "
+                                     "with the schedule they were compared at) and query their mean (RUN/members/, "
+                                     "RUN/ensemble.json); 1 = the best alone (one fit instead of two)."),
         no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of resuming last.pt.")):
     """Fit a field to a registered stack of sections."""
     import anndata as ad
@@ -104,6 +104,7 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         candidate_overrides,
         pca_loadings,
         select_field,
+        with_budget,
     )
     from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
     from voxelome.train.point_data import PointData
@@ -179,6 +180,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         raise VoxelomeError(f"likelihood {base['likelihood']!r} models counts, but the stack's values are not counts; "
                             "use --likelihood gaussian or pass the raw counts.")
     config = make_field_config(preset, **{**base, **overrides})
+    if settings == "select":  # the schedule the candidates were compared with: fit what was validated
+        config = with_budget(config, chosen["budget"])
     if sig is not None:
         lookup = {g: i for i, g in enumerate(sig.genes)}
         load = np.asarray(sig.loadings)[:, [lookup[g] for g in data.genes]]
@@ -194,7 +197,7 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
 def _fit_ensemble(data, chosen: dict, out: Path, n: int, preset: str, overrides: dict, resume: bool) -> None:
     """Fit the ``n`` best candidates of a selection into ``out/members/`` and record them (``ensemble.json``)."""
     from voxelome.infer.field_ensemble import ENSEMBLE_FILE, write_ensemble
-    from voxelome.train.field_selection import FIELD_CANDIDATES, pca_loadings
+    from voxelome.train.field_selection import FIELD_CANDIDATES, pca_loadings, with_budget
     from voxelome.train.field_trainer import fit_field, make_field_config
 
     (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # re-written once every member has finished
@@ -203,7 +206,7 @@ def _fit_ensemble(data, chosen: dict, out: Path, n: int, preset: str, overrides:
         settings = chosen["settings"][name]
         member = f"members/candidate-{list(FIELD_CANDIDATES).index(name)}"  # stable across re-runs: resumable
         typer.echo(f"member {i + 1}/{n}: {name} → {out / member}")
-        config = make_field_config(preset, **{**settings["overrides"], **overrides})
+        config = with_budget(make_field_config(preset, **{**settings["overrides"], **overrides}), chosen["budget"])
         fit_field(data, config, out / member, loadings=pca_loadings(data, settings["pca"]) if settings["pca"] else None,
                   resume=resume)
         members.append(member)

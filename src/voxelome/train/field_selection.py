@@ -116,8 +116,18 @@ def inner_sections(data: PointData, max_sections: int) -> list[int]:
 
 
 #: iterations × batch size of the comparison fits at most (the real-stack benchmark's budget): short complete
-#: schedules rank the candidates; the chosen one is then fitted with the full configuration
+#: schedules rank the candidates, and the chosen ones are fitted with the same schedule (:func:`with_budget`), the
+#: one that was validated: on the real stacks the preset's longer schedule (1,500 × 4,096) scored lower
+#: (BENCHMARKS.md, ninth session)
 SELECT_BUDGET = (400, 2048)
+
+
+def with_budget(config, budget):
+    """``config`` with its iterations and batch size capped at ``budget = (iterations, batch_size)`` (None: as is)."""
+    if budget is None:
+        return config
+    return dataclasses.replace(config, iterations=min(config.iterations, int(budget[0])),
+                               batch_size=min(config.batch_size, int(budget[1])))
 
 
 def select_field(data: PointData, work_dir, *, candidates: dict | None = None, preset: str = "cpu",
@@ -151,7 +161,8 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
         candidate, best mean r first), ``settings`` (name → {``overrides``, ``pca``} for each), ``scores``
         (name → {section: mean r}), ``mean_r`` (name → mean over the held-out sections), ``pair_mean_r``
         (every two candidates' averaged prediction: ``{"members": [a, b], "mean_r": …}``), ``top2_mean_r``
-        (that of the two best), ``validation_sections`` (names).
+        (that of the two best), ``validation_sections`` (names), ``budget`` (the comparison fits' caps: fit the
+        chosen candidates with :func:`with_budget` to fit what was validated).
     """
     cands = dict(FIELD_CANDIDATES if candidates is None else candidates)
     if not data.is_counts:
@@ -194,10 +205,7 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
         shutil.rmtree(run, ignore_errors=True)
         k = cands[name].get("pca", 0)
         config = candidate_config(train, cands[name], preset, **overrides)
-        if budget is not None:
-            config = dataclasses.replace(config, iterations=min(config.iterations, int(budget[0])),
-                                         batch_size=min(config.batch_size, int(budget[1])))
-        fit_field(train, config, run, resume=False, progress=False,
+        fit_field(train, with_budget(config, budget), run, resume=False, progress=False,
                   loadings=pca_loadings(train, k) if k else None)
         # the expected measured value of a spot there (count fields: at the library their library field predicts,
         # else the training median): the held-out spots' own depths are not known where the field is used
@@ -235,7 +243,7 @@ def select_field(data: PointData, work_dir, *, candidates: dict | None = None, p
         if len(ranking) > 1 else float("nan")
     return {"best": best, **settings[best], "ranking": ranking, "settings": settings, "scores": record["scores"],
             "mean_r": mean, "top2_mean_r": top_pair, "pair_mean_r": record["pair_mean_r"],
-            "validation_sections": record["validation_sections"]}
+            "validation_sections": record["validation_sections"], "budget": record["budget"]}
 
 
 def _jsonable(obj):
