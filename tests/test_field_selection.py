@@ -180,6 +180,7 @@ def test_cli_default_and_ntf_settings(stack, tmp_path):
     picked = json.loads((tmp_path / "auto" / "selection" / SELECTION_FILE).read_text())
     assert picked["budget"] == [400, 2048] and len(picked["scores"]) == len(FIELD_CANDIDATES)
     # the chosen candidates are fitted with the schedule they were compared at, not the longer one asked for
+    assert "compared at: 5 iterations × 2048 points" in res.output
     members = json.loads((tmp_path / "auto" / "ensemble.json").read_text())["members"]
     for member in members:
         cfg = yaml.safe_load((tmp_path / "auto" / member / "config.yaml").read_text())["config"]

@@ -162,6 +162,10 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
                    + ", ".join(f"{k}: {v:.3f}" for k, v in chosen["mean_r"].items()) + f"; {out / 'selection'}/selection.json)")
         typer.echo(f"held-out mean r of the two best averaged: {chosen['top2_mean_r']:.3f} (the best alone: "
                    f"{chosen['mean_r'][chosen['best']]:.3f})")
+        if chosen["budget"] is not None:
+            final = with_budget(make_field_config(preset, **{**base, **overrides}), chosen["budget"])
+            typer.echo(f"fitting on every section with the schedule the candidates were compared at: "
+                       f"{final.iterations} iterations × {final.batch_size} points")
         if ensemble > 1:
             _fit_ensemble(data, chosen, out, ensemble, preset, overrides, resume=not no_resume)
             return
