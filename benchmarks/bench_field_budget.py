@@ -1,10 +1,10 @@
-"""Does the field's training schedule matter on small real stacks? 400 × 2,048 points vs the ``cpu`` preset's own.
+"""Does the field's training schedule matter on small real stacks? 400 × 2,048 points vs 1,500 × 4,096.
 
 ``bench_field_select.py`` and ``bench_field_library.py`` fit every field with 400 iterations × 2,048 points (the
-real-stack benchmark budget, also the schedule ``reconstruct fit --settings select`` compares candidates with and,
-since the ninth session, fits the chosen ones with). ``reconstruct fit --settings ntf|robust`` — and ``auto`` on a
-stack too small to choose on (fewer than 3 sections: her2st patients E–H leave 2 training sections per fold) — fit
-with the preset's schedule (``cpu``: 1,500 × 4,096). Here both schedules per fold, on the held-out her2st patients
+real-stack benchmark budget, also the schedule ``reconstruct fit --settings select`` compares candidates with).
+Until the ninth session the ``cpu`` preset — what ``reconstruct fit --settings ntf|robust`` and ``auto`` on a stack
+too small to choose on (fewer than 3 sections: her2st patients E–H leave 2 training sections per fold) fitted
+with — was 1,500 × 4,096; this check made it 400 × 2,048. Here both schedules per fold, on the held-out her2st patients
 E–H by default (3 sections; the middle one predicted from the other two; 100 genes, spot QC and scores of
 ``bench_field_library.py``), beside 3D kNN (k = 64). Measured r = mean per-gene Pearson r of the predicted measured
 value (``value="measured"``, at the library field's depth) against the held-out spots' log1p counts per 10k.
@@ -29,13 +29,13 @@ from scipy.spatial import cKDTree
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_field import REAL_GENES, REAL_STACKS, log_norm, per_gene_scores, read_real_stack  # noqa: E402
 from bench_field_library import HELD_OUT_STACKS, KNN_K  # noqa: E402
-from bench_field_select import BUDGET, final_fit  # noqa: E402
+from bench_field_select import BUDGET, LONG_SCHEDULE, final_fit  # noqa: E402
 
 from voxelome.train.field_selection import FIELD_CANDIDATES, ROBUST_CANDIDATE, candidate_overrides  # noqa: E402
-from voxelome.train.field_trainer import FIELD_PRESETS, suggest_jitter  # noqa: E402
+from voxelome.train.field_trainer import suggest_jitter  # noqa: E402
 from voxelome.train.point_data import PointData  # noqa: E402
 
-SCHEDULES = {"short": BUDGET, "preset": {k: FIELD_PRESETS["cpu"][k] for k in ("iterations", "batch_size")}}
+SCHEDULES = {"short": BUDGET, "long": LONG_SCHEDULE}
 
 
 def settings(data: PointData, which) -> dict:

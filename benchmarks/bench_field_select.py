@@ -17,9 +17,10 @@ stacks, folds, 100 genes, spot QC and scores as ``bench_field.py --only real_sta
 
 ``--only phantom`` runs the same on ``bench_field.py``'s simulated Visium phantom stack (its three held-out
 sections; r also against the true expression, the field's denoised value). Every field uses preset ``cpu`` with 400 iterations × 2,048 points (``bench_field.py``'s real-stack budget); the
-test section is used only for the scores. ``--final-budget cli`` fits select's choice and its runner-up (so top2)
-with the preset's own budget instead (``cpu``: 1,500 × 4,096), as ``reconstruct fit`` does after choosing; with the
-``--out`` of an earlier run the selections and the other fits are reused.
+test section is used only for the scores. ``--final-schedule long`` fits select's choice and its runner-up (so
+top2) with 1,500 × 4,096 points instead, the ``cpu`` preset's schedule before the ninth session, which
+``reconstruct fit`` used for them until then; with the ``--out`` of an earlier run the selections and the other
+fits are reused.
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python benchmarks/bench_field_select.py \\
         --out benchmarks/out/field_select
@@ -67,6 +68,8 @@ from voxelome.train.field_trainer import fit_field, make_field_config, suggest_j
 from voxelome.train.point_data import PointData  # noqa: E402
 
 BUDGET = {"iterations": 400, "batch_size": 2048}
+#: the ``cpu`` preset's schedule until the ninth session (then 400 × 2,048 too)
+LONG_SCHEDULE = {"iterations": 1500, "batch_size": 4096}
 
 
 def final_fit(data, run: Path, overrides: dict, loadings=None) -> FittedField:
@@ -91,7 +94,7 @@ def phantom_input():
     return stack, sorted(set(stack.obs["section"])), list(PHANTOM_FOLDS), truth
 
 
-def stack_folds(out: Path, name: str, max_folds=None, final_budget: str = "bench") -> dict:
+def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "compared") -> dict:
     t0 = time.perf_counter()
     if name == "phantom":
         stack, names, held_out, truth_all = phantom_input()
@@ -120,10 +123,9 @@ def stack_folds(out: Path, name: str, max_folds=None, final_budget: str = "bench
         row = {"held_out": h, "validation": val_names, "baselines": base, "selection": chosen}
         if truth_all is not None:
             row["baselines_vs_truth"] = base_all["truth"]
-        # the final fits of select and its runner-up: at the comparison budget, or (``cli``) at the preset's own
-        # budget, as `reconstruct fit` fits them after choosing
-        final = BUDGET if final_budget == "bench" else {}
-        suffix = "" if final_budget == "bench" else "_cli"
+        # the final fits of select and its runner-up: with the schedule the candidates were compared at, or longer
+        final = BUDGET if final_schedule == "compared" else LONG_SCHEDULE
+        suffix = "" if final_schedule == "compared" else "_long"
         fields = {"select": ("select" + suffix, {**final, **chosen["overrides"]}),
                   "ntf": ("default", {**BUDGET, "likelihood": "nb", "jitter_um": suggest_jitter(data)}),
                   "robust": ("robust", {**BUDGET, **candidate_overrides(data, FIELD_CANDIDATES[ROBUST_CANDIDATE])})}
@@ -177,18 +179,18 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/field_select"))
     ap.add_argument("--only", nargs="*", default=list(REAL_STACKS), choices=(*REAL_STACKS, "phantom"))
     ap.add_argument("--max-folds", type=int, default=None)
-    ap.add_argument("--final-budget", choices=("bench", "cli"), default="bench",
-                    help="final fits of select / second (top2): the comparison budget (400 × 2,048), or the "
-                         "preset's own (cpu: 1,500 × 4,096), as `reconstruct fit` does; results_<stacks>_cli.json")
+    ap.add_argument("--final-schedule", choices=("compared", "long"), default="compared",
+                    help="final fits of select / second (top2): the comparison schedule (400 × 2,048), or 1,500 × "
+                         "4,096 (the cpu preset's before the ninth session); results_<stacks>_long.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     results = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
-               "budget": BUDGET, "final_budget": args.final_budget, "inner_sections_rule": inner_sections.__doc__.split("\n")[0]}
+               "budget": BUDGET, "final_schedule": args.final_schedule, "inner_sections_rule": inner_sections.__doc__.split("\n")[0]}
     for name in args.only:
-        results[name] = stack_folds(args.out, name, args.max_folds, args.final_budget)
+        results[name] = stack_folds(args.out, name, args.max_folds, args.final_schedule)
         print(json.dumps({k: v for k, v in results[name].items() if k != "folds"}), flush=True)
-        tag = "" if args.final_budget == "bench" else "_cli"
+        tag = "" if args.final_schedule == "compared" else "_long"
         (args.out / f"results_{'_'.join(args.only)}{tag}.json").write_text(json.dumps(results, indent=1, default=str))
 
 

@@ -115,10 +115,9 @@ def inner_sections(data: PointData, max_sections: int) -> list[int]:
     return [int(c) for c in inner]
 
 
-#: iterations × batch size of the comparison fits at most (the real-stack benchmark's budget): short complete
-#: schedules rank the candidates, and the chosen ones are fitted with the same schedule (:func:`with_budget`), the
-#: one that was validated: on the real stacks the preset's longer schedule (1,500 × 4,096) scored lower
-#: (BENCHMARKS.md, ninth session)
+#: iterations × batch size of the comparison fits at most (the real-stack benchmark's budget, now also the ``cpu``
+#: preset's): complete schedules rank the candidates, and the chosen ones are fitted with the same schedule
+#: (:func:`with_budget`), the one that was validated, whatever longer one the preset or ``--set`` asks for
 SELECT_BUDGET = (400, 2048)
 
 
