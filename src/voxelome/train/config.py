@@ -22,8 +22,10 @@ class TrainConfig:
     """Network: ``dense`` (voxelome's fully convolutional net) or ``xpression`` (the published patch CNN)."""
     seed: int = 0
     """Seed of every random step (split, crops, augmentation, initialisation)."""
-    epochs: int = 40
-    """Maximum number of epochs (an epoch is ``steps_per_epoch`` optimiser steps)."""
+    epochs: int = 60
+    """Maximum number of epochs (an epoch is ``steps_per_epoch`` optimiser steps). 60, the X-Pression benchmark's
+    budget behind its figures (BENCHMARKS.md: 40 → 60 epochs, with patience 8 → 15, moved the phantom's held-out
+    volume r 0.848 → 0.881); the default was 40 until the ninth session."""
     steps_per_epoch: int = 10
     """Optimiser steps per epoch; validation, checkpointing and early stopping happen per epoch."""
     batch_size: int = 8
