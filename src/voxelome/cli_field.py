@@ -162,10 +162,6 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
                    + ", ".join(f"{k}: {v:.3f}" for k, v in chosen["mean_r"].items()) + f"; {out / 'selection'}/selection.json)")
         typer.echo(f"held-out mean r of the two best averaged: {chosen['top2_mean_r']:.3f} (the best alone: "
                    f"{chosen['mean_r'][chosen['best']]:.3f})")
-        if chosen["budget"] is not None:
-            final = with_budget(make_field_config(preset, **{**base, **overrides}), chosen["budget"])
-            typer.echo(f"fitting on every section with the schedule the candidates were compared at: "
-                       f"{final.iterations} iterations × {final.batch_size} points")
         if ensemble > 1:
             _fit_ensemble(data, chosen, out, ensemble, preset, overrides, resume=not no_resume)
             return
@@ -186,6 +182,7 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     config = make_field_config(preset, **{**base, **overrides})
     if settings == "select":  # the schedule the candidates were compared with: fit what was validated
         config = with_budget(config, chosen["budget"])
+        typer.echo(_compared_schedule(config))
     if sig is not None:
         lookup = {g: i for i, g in enumerate(sig.genes)}
         load = np.asarray(sig.loadings)[:, [lookup[g] for g in data.genes]]
@@ -196,6 +193,11 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # a single field now: an older ensemble record must not shadow it
     run = fit_field(data, config, out, loadings=loadings, resume=not no_resume)
     typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {len(data.section_names)} sections → {run}")
+
+
+def _compared_schedule(config) -> str:
+    return (f"fitting on every section with the schedule the candidates were compared at: {config.iterations} "
+            f"iterations × {config.batch_size} points")
 
 
 def _fit_ensemble(data, chosen: dict, out: Path, n: int, preset: str, overrides: dict, resume: bool) -> None:
@@ -211,6 +213,7 @@ def _fit_ensemble(data, chosen: dict, out: Path, n: int, preset: str, overrides:
         member = f"members/candidate-{list(FIELD_CANDIDATES).index(name)}"  # stable across re-runs: resumable
         typer.echo(f"member {i + 1}/{n}: {name} → {out / member}")
         config = with_budget(make_field_config(preset, **{**settings["overrides"], **overrides}), chosen["budget"])
+        typer.echo(_compared_schedule(config))
         fit_field(data, config, out / member, loadings=pca_loadings(data, settings["pca"]) if settings["pca"] else None,
                   resume=resume)
         members.append(member)
