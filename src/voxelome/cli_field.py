@@ -41,6 +41,11 @@ def _sets(items: list[str]) -> dict:
     return parse_sets(items, example="iterations=2000")
 
 
+Z_SLABS_HELP = ("For volumetric data without sections (3D STARmap, cleared tissue): group the points into z-slabs "
+                 "of this thickness (µm) and use them as the sections (obs[section-key] is not read); fits then "
+                 "have no per-section effects.")
+
+
 def _check_n_genes(n_genes) -> None:
     if n_genes is not None and n_genes < 0:
         raise VoxelomeError(f"--n-genes {n_genes} must be ≥ 0 (0 = every gene, or only the --genes named).")
@@ -76,6 +81,7 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
                                               "with genes)."),
         obsm_key: Optional[str] = typer.Option(None, help="Model obsm[KEY] (e.g. signatures) instead of genes."),
         section_key: str = typer.Option("section", help="obs column naming each point's section."),
+        z_slabs: Optional[float] = typer.Option(None, help=Z_SLABS_HELP),
         layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
         preset: str = typer.Option("cpu", help="paper (NTF: Adam 1e-4, 20k × 8192) or cpu (tuned for a CPU)."),
         settings: str = typer.Option("auto", help="select: choose among 5 candidates on held-out inner sections "
@@ -116,9 +122,9 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if settings not in choices:
         raise VoxelomeError(f"--settings {settings!r} is not one of {', '.join(choices)}.{did_you_mean(settings, choices)}")
     if stack.is_dir():  # a point store: memmapped, never loaded into RAM
-        if genes or obsm_key or layer or signatures_model:
-            raise VoxelomeError("--genes/--obsm-key/--layer/--signatures-model do not apply to a point store (its "
-                                "genes were chosen when it was written); pass them to `reconstruct store`.")
+        if genes or obsm_key or layer or signatures_model or z_slabs is not None:
+            raise VoxelomeError("--genes/--obsm-key/--layer/--signatures-model/--z-slabs do not apply to a point store "
+                                "(its genes and sections were set when it was written); pass them to `reconstruct store`.")
         adata = None
         data = PointData.from_store(stack)
     else:
@@ -133,9 +139,17 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if adata is not None and sig is None and obsm_key is None:
         gene_list = _choose_genes(adata, gene_list, n_genes, layer=layer)
     if adata is not None:
-        data = PointData.from_anndata(adata, genes=gene_list, obsm_key=obsm_key, layer=layer, section_key=section_key)
+        data = PointData.from_anndata(adata, genes=gene_list, obsm_key=obsm_key, layer=layer, section_key=section_key,
+                                      z_slab_um=z_slabs)
     overrides = _sets(set_)
     chosen_by_user = likelihood or jitter != "auto" or {"likelihood", "jitter_um", "section_dim"} & set(overrides)
+    if data.z_slab_um is not None:  # slabs of one volume share no batch effect: a per-slab term would absorb z biology
+        if overrides.get("section_dim", 0):
+            raise VoxelomeError(f"--set section_dim={overrides['section_dim']} asks for per-section effects, but the "
+                                "sections are z-slabs of one volume (--z-slabs), which have none; drop it.")
+        typer.echo(f"{len(data.section_names)} z-slabs of {data.z_slab_um:g} µm stand for sections "
+                   f"({data.section_names[0]} … {data.section_names[-1]}); no per-section effects")
+        overrides = {**overrides, "section_dim": 0}
     if settings == "auto":
         can = adata is not None and sig is None and obsm_key is None and len(data.section_names) >= 3
         settings = "select" if can and not chosen_by_user else "ntf"
@@ -192,7 +206,12 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
 
     (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # a single field now: an older ensemble record must not shadow it
     run = fit_field(data, config, out, loadings=loadings, resume=not no_resume)
-    typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {len(data.section_names)} sections → {run}")
+    typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {_sections(data)} → {run}")
+
+
+def _sections(data) -> str:
+    n = len(data.section_names)
+    return f"{n} sections" if data.z_slab_um is None else f"{n} z-slabs of {data.z_slab_um:g} µm"
 
 
 def _compared_schedule(config) -> str:
@@ -220,7 +239,7 @@ def _fit_ensemble(data, chosen: dict, out: Path, n: int, preset: str, overrides:
     write_ensemble(out, members, names, rule=f"mean of the {n} candidates with the best mean r on held-out sections "
                                              f"{', '.join(chosen['validation_sections'])}")
     typer.echo(f"ensemble of {n} fields of {len(data.genes)} variables on {len(data)} points from "
-               f"{len(data.section_names)} sections → {out} (queries average the members)")
+               f"{_sections(data)} → {out} (queries average the members)")
 
 
 @app.command()
@@ -232,6 +251,7 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
                                                 f"over the file; default {DEFAULT_FIELD_GENES}); with --genes, N more "
                                                 "beside the named ones (default none); 0 = every gene."),
           section_key: str = typer.Option("section", help="obs column naming each point's section."),
+          z_slabs: Optional[float] = typer.Option(None, help=Z_SLABS_HELP),
           layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
           chunk: int = typer.Option(1_000_000, help="Rows read at a time."),
           overwrite: bool = typer.Option(False, help="Replace an existing store.")):
@@ -247,7 +267,7 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
         gene_list = _choose_genes(backed, gene_list, n_genes, layer=layer, chunk=chunk, verb="keeping")
         backed.file.close()
     write_point_store(stack, out, genes=gene_list, layer=layer, section_key=section_key, chunk=chunk,
-                      overwrite=overwrite)
+                      overwrite=overwrite, z_slab_um=z_slabs)
     data = open_point_store(out, check=False, min_sections=1)  # just written and checked by the writer
     typer.echo(f"point store of {len(data)} points × {data.n_genes} genes ({data.values.nnz} non-zeros) → {out}")
 

@@ -16,9 +16,11 @@ import scipy.sparse as sp
 import torch
 
 from voxelome import constants as C
-from voxelome.errors import VoxelomeError, did_you_mean
+from voxelome.errors import VoxelomeError, check_positive, did_you_mean
 
 DEFAULT_SECTION_KEY = "section"
+#: most z-slabs :func:`z_slabs` makes (a thinner slab than the points' spacing leaves single-point "sections")
+MAX_Z_SLABS = 10_000
 
 
 @dataclass
@@ -42,6 +44,9 @@ class PointData:
         values are not counts).
     is_counts : bool
         Whether ``values`` are non-negative integer counts.
+    z_slab_um : float or None
+        Thickness (µm) of the z-slabs that stand for sections (:func:`z_slabs`; volumetric data), ``None`` for
+        real sections.
     """
 
     xyz_um: np.ndarray
@@ -51,6 +56,7 @@ class PointData:
     values: sp.csr_matrix | np.ndarray
     library: np.ndarray
     is_counts: bool
+    z_slab_um: float | None = None
 
     def __len__(self) -> int:
         return len(self.xyz_um)
@@ -61,7 +67,8 @@ class PointData:
 
     @classmethod
     def from_anndata(cls, adata, *, genes=None, obsm_key: str | None = None, layer: str | None = None,
-                     section_key: str = DEFAULT_SECTION_KEY, min_sections: int = 2) -> "PointData":
+                     section_key: str = DEFAULT_SECTION_KEY, min_sections: int = 2,
+                     z_slab_um: float | None = None) -> "PointData":
         """Validate a stack and extract the chosen variables.
 
         Parameters
@@ -79,6 +86,10 @@ class PointData:
             ``obs`` column naming each point's section.
         min_sections : int
             Refuse stacks with fewer sections (a field *between* sections needs ≥ 2).
+        z_slab_um : float, optional
+            For volumetric data without physical sections (3D STARmap, cleared-tissue imaging): group the points
+            into z-slabs of this thickness (µm, :func:`z_slabs`) and use them as the sections (``obs[section_key]``
+            is then not read). Slabs of one volume share no batch effect: fit them with ``section_dim=0``.
         """
         if C.SPATIAL_3D_KEY not in adata.obsm:
             raise VoxelomeError(
@@ -91,16 +102,20 @@ class PointData:
         if bad.any():
             raise VoxelomeError(f"obsm['spatial_3d'] has {int(bad.sum())} points with NaN/inf coordinates (first: "
                                 f"{adata.obs_names[np.argmax(bad)]!r}); drop them (adata = adata[finite_mask]).")
-        if section_key not in adata.obs:
-            raise VoxelomeError(f"obs[{section_key!r}] is missing; it must name each point's section "
-                                f"(columns: {list(adata.obs.columns)[:8]}).{did_you_mean(section_key, adata.obs.columns)}"
-                                " Pass section_key=... or add the column when concatenating (anndata.concat(label=...)).")
-        codes, names = _codes(adata.obs[section_key])
+        if z_slab_um is not None:
+            codes, names = z_slabs(xyz[:, 2], z_slab_um)
+        else:
+            codes, names = section_codes(adata.obs, section_key)
         if len(names) < min_sections:
-            raise VoxelomeError(f"the stack has {len(names)} section(s) in obs[{section_key!r}]; a field needs "
-                                f"≥ {min_sections} sections. Concatenate the serial sections into one AnnData.")
+            what = (f"z-slab(s) of {z_slab_um:g} µm" if z_slab_um is not None
+                    else f"section(s) in obs[{section_key!r}]")
+            raise VoxelomeError(f"the stack has {len(names)} {what}; a field needs ≥ {min_sections} sections. "
+                                + ("Use thinner slabs (z_slab_um, --z-slabs)." if z_slab_um is not None else
+                                   "Concatenate the serial sections into one AnnData."))
         if obsm_key is not None:
-            return cls._from_obsm(adata, obsm_key, xyz, codes, names)
+            data = cls._from_obsm(adata, obsm_key, xyz, codes, names)
+            data.z_slab_um = z_slab_um
+            return data
         counts = _counts_matrix(adata, layer)
         var = list(map(str, adata.var_names))
         if genes is None:
@@ -127,7 +142,7 @@ class PointData:
             raise VoxelomeError(f"{int((library <= 0).sum())} points have no counts at all; drop empty spots/cells "
                                 "(adata = adata[adata.X.sum(1) > 0]).")
         return cls(xyz, codes, names, [var[i] for i in idx], values, library if is_counts else np.ones(len(xyz)),
-                   is_counts)
+                   is_counts, None if z_slab_um is None else float(z_slab_um))
 
     @classmethod
     def _from_obsm(cls, adata, key, xyz, codes, names):
@@ -264,6 +279,55 @@ def _is_disk_csr(values) -> bool:
     from voxelome.train.point_store import DiskCSR
 
     return isinstance(values, DiskCSR)
+
+
+def section_codes(obs, section_key: str = DEFAULT_SECTION_KEY) -> tuple[np.ndarray, list]:
+    """Section codes ``(n,)`` int64 and names (code order) from ``obs[section_key]``; a clear error when the column
+    is missing, naming both ways to supply it."""
+    if section_key not in obs:
+        raise VoxelomeError(f"obs[{section_key!r}] is missing; it must name each point's section (columns: "
+                            f"{list(obs.columns)[:8]}).{did_you_mean(section_key, obs.columns)} Name the column with "
+                            "section_key=... (CLI --section-key) or add it when concatenating (anndata.concat(label=...)); "
+                            "for volumetric data without sections (3D STARmap, cleared tissue) group the points into "
+                            "z-slabs instead: z_slab_um=... (CLI --z-slabs, e.g. 10 µm).")
+    return _codes(obs[section_key])
+
+
+def z_slabs(z_um, thickness_um: float) -> tuple[np.ndarray, list]:
+    """Group points into z-slabs that stand for sections in volumetric data (no physical sections).
+
+    Slab ``k`` holds ``k·t ≤ z < (k+1)·t`` µm (edges at multiples of the thickness ``t``, so any subset of the same
+    points gets the same slab names); empty slabs are skipped. The slabs give a field what sections give it: the
+    z spacing for the coordinate jitter (:func:`~voxelome.train.field_trainer.suggest_jitter`) and held-out slabs to
+    choose settings on (:func:`~voxelome.train.field_selection.select_field`).
+
+    Parameters
+    ----------
+    z_um : array, shape (n,)
+        Point depths in µm.
+    thickness_um : float
+        Slab thickness in µm (e.g. a few cell diameters).
+
+    Returns
+    -------
+    codes : ndarray, shape (n,), int64
+        Slab code of each point (index into ``names``, in increasing z).
+    names : list of str
+        ``"z{lo}-{hi}um"`` per occupied slab.
+    """
+    check_positive("z_slab_um", thickness_um)
+    z = np.asarray(z_um, dtype=np.float64)
+    if not np.isfinite(z).all():
+        raise VoxelomeError("z-slabs need finite z coordinates; drop points with NaN/inf in obsm['spatial_3d'].")
+    k = np.floor(z / float(thickness_um)).astype(np.int64)
+    occupied, codes = np.unique(k, return_inverse=True)
+    if len(occupied) > MAX_Z_SLABS:
+        raise VoxelomeError(f"z_slab_um={thickness_um:g} µm cuts the z range {z.min():g}–{z.max():g} µm into "
+                            f"{len(occupied)} occupied slabs (at most {MAX_Z_SLABS}); use thicker slabs, e.g. "
+                            f"{(z.max() - z.min()) / 20:.3g} µm for 20.")
+    t = float(thickness_um)
+    names = [f"z{lo * t:g}-{(lo + 1) * t:g}um" for lo in occupied]
+    return codes.ravel().astype(np.int64), names
 
 
 def _codes(column) -> tuple[np.ndarray, list]:

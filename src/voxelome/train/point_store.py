@@ -39,8 +39,9 @@ from voxelome.errors import VoxelomeError, check_positive, did_you_mean
 from voxelome.train.point_data import (
     DEFAULT_SECTION_KEY,
     PointData,
-    _codes,
     _looks_like_counts,
+    section_codes,
+    z_slabs,
 )
 
 STORE_FORMAT = "voxelome.points/1"
@@ -127,15 +128,19 @@ class PointStoreWriter:
         Column names, length g.
     section_names : list of str
         Section labels; chunk section codes index into it.
+    z_slab_um : float, optional
+        The sections are z-slabs of this thickness (µm; :func:`~voxelome.train.point_data.z_slabs`), recorded in
+        the manifest and read back as :attr:`PointData.z_slab_um`.
     """
 
-    def __init__(self, path, genes, section_names, *, overwrite: bool = False):
+    def __init__(self, path, genes, section_names, *, overwrite: bool = False, z_slab_um: float | None = None):
         self.path = Path(path)
         if (self.path / MANIFEST).exists() and not overwrite:
             raise VoxelomeError(f"{self.path} already holds a point store; pass overwrite=True or another folder.")
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / MANIFEST).unlink(missing_ok=True)  # an incomplete store has no manifest
         self.genes, self.section_names = [str(g) for g in genes], [str(s) for s in section_names]
+        self.z_slab_um = None if z_slab_um is None else float(z_slab_um)
         self.files = {k: _Growing(self.path / f"{k}.npy", dt, tail) for k, (dt, tail) in ARRAYS.items()}
         self.files["indptr"].append(np.zeros(1, np.int64))
         self.nnz, self.is_counts = 0, True
@@ -188,6 +193,8 @@ class PointStoreWriter:
             del lib
         manifest = {"format": STORE_FORMAT, "n_points": n, "nnz": self.nnz, "genes": self.genes,
                     "section_names": self.section_names, "is_counts": bool(self.is_counts)}
+        if self.z_slab_um is not None:
+            manifest["z_slab_um"] = self.z_slab_um
         tmp = self.path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest))
         os.replace(tmp, self.path / MANIFEST)  # the manifest last: a store without one is incomplete
@@ -206,12 +213,13 @@ class PointStoreWriter:
 
 def write_point_store(adata, path, *, genes=None, layer: str | None = None,
                       section_key: str = DEFAULT_SECTION_KEY, chunk: int = 1_000_000,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, z_slab_um: float | None = None) -> Path:
     """Convert an AnnData stack (in memory, backed, or an ``.h5ad`` path, opened ``backed='r'``) to a point
     store, reading ``chunk`` rows at a time.
 
     Parameters are those of :meth:`PointData.from_anndata` (counts from ``layer``, else
-    ``layers['counts']``, else ``X``; ``obsm['spatial_3d']`` µm; ``obs[section_key]``).
+    ``layers['counts']``, else ``X``; ``obsm['spatial_3d']`` µm; ``obs[section_key]``, or z-slabs of
+    ``z_slab_um`` µm as the sections).
     """
     import anndata as ad
 
@@ -223,9 +231,10 @@ def write_point_store(adata, path, *, genes=None, layer: str | None = None,
         adata = ad.read_h5ad(adata, backed="r")
     if C.SPATIAL_3D_KEY not in adata.obsm:
         raise VoxelomeError(f"the stack has no obsm[{C.SPATIAL_3D_KEY!r}] (point centres in µm, (x, y, z)).")
-    if section_key not in adata.obs:
-        raise VoxelomeError(f"obs[{section_key!r}] is missing.{did_you_mean(section_key, adata.obs.columns)}")
-    codes, names = _codes(adata.obs[section_key])
+    if z_slab_um is not None:
+        codes, names = z_slabs(np.asarray(adata.obsm[C.SPATIAL_3D_KEY][:, 2]), z_slab_um)
+    else:
+        codes, names = section_codes(adata.obs, section_key)
     if layer is not None and layer not in adata.layers:
         raise VoxelomeError(f"layers[{layer!r}] is missing (have {list(adata.layers)}).{did_you_mean(layer, adata.layers)}")
     key = layer or (C.COUNTS_LAYER if C.COUNTS_LAYER in adata.layers else None)
@@ -239,7 +248,7 @@ def write_point_store(adata, path, *, genes=None, layer: str | None = None,
             raise VoxelomeError(f"genes {missing[:5]} are not in the stack's var_names.{did_you_mean(missing[0], var)}")
         cols = np.asarray([lookup[g] for g in genes])
     xyz_all = adata.obsm[C.SPATIAL_3D_KEY]
-    with PointStoreWriter(path, genes or var, names, overwrite=overwrite) as w:
+    with PointStoreWriter(path, genes or var, names, overwrite=overwrite, z_slab_um=z_slab_um) as w:
         for a in range(0, adata.n_obs, chunk):
             b = min(a + chunk, adata.n_obs)
             block = m[a:b]
@@ -292,7 +301,8 @@ def open_point_store(path, *, check: bool = True, min_sections: int = 2, chunk: 
     if check:
         _check(arr, n, nnz, len(genes), len(names), bool(man["is_counts"]), chunk, path)
     values = DiskCSR(arr["indptr"], arr["indices"], arr["data"], (n, len(genes)))
-    return PointData(arr["xyz_um"], arr["section"], names, genes, values, arr["library"], bool(man["is_counts"]))
+    return PointData(arr["xyz_um"], arr["section"], names, genes, values, arr["library"], bool(man["is_counts"]),
+                     man.get("z_slab_um"))
 
 
 def _check(arr, n, nnz, g, n_sections, is_counts, chunk, path) -> None:
