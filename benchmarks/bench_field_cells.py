@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,16 +35,7 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_field import STARMAP_FOLDS, baselines, leave_out, log_norm, per_gene_scores, starmap_stack  # noqa: E402
-
-
-def voxelome(*args) -> str:
-    """Run the CLI as a user would (the venv's entry point); its stdout, or a loud failure."""
-    exe = Path(sys.executable).with_name("voxelome")
-    r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True,
-                       env={**os.environ, "TQDM_DISABLE": "1"})
-    if r.returncode:
-        raise SystemExit(f"voxelome {' '.join(map(str, args))} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    return r.stdout
+from bench_superres_patients import voxelome  # noqa: E402  (the CLI as a user runs it)
 
 
 def run_fold(stack, held: str, val: str, slab_um: float, out: Path) -> dict:

@@ -43,13 +43,14 @@ def split(patient: str) -> dict:
     return {"train": names[:-n_test - 1], "calibration": names[-n_test - 1], "test": names[-n_test:]}
 
 
-def voxelome(*args) -> None:
-    """Run the CLI as a user would (the venv's entry point), failing loudly."""
+def voxelome(*args) -> str:
+    """Run the CLI as a user would (the venv's entry point); its stdout, or a loud failure."""
     exe = Path(sys.executable).with_name("voxelome")
     r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True,
                        env={**os.environ, "TQDM_DISABLE": "1"})
     if r.returncode:
         raise SystemExit(f"voxelome {' '.join(map(str, args))} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return r.stdout
 
 
 def counts(name: str) -> Path:

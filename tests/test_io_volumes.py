@@ -274,7 +274,7 @@ def test_unknown_suffix_and_plain_folder(tmp_path):
     with pytest.raises(VoxelomeError, match=r"Supported:.*\.nii"):
         read_volume(tmp_path / "v.mrc")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(VoxelomeError, match="not a zarr store"):
+    with pytest.raises(VoxelomeError, match="neither a zarr store.*nor a folder of TIFF slices"):
         read_volume(tmp_path / "folder")
 
 
@@ -282,3 +282,41 @@ def test_not_3d(tmp_path):
     np.save(tmp_path / "img.npy", np.zeros((10, 12)))
     with pytest.raises(VoxelomeError, match="3 axes"):
         read_volume(tmp_path / "img.npy", spacing_um=1)
+
+
+# --- a folder of 2D TIFF slices (micro-CT reconstructions) -----------------------------------------------------
+def _slices(folder, vol, names=None, dxy=0.5):
+    folder.mkdir()
+    names = names or [f"rec_{k}.tif" for k in range(len(vol))]  # rec_10 after rec_9: natural order, not text order
+    for name, image in zip(names, vol):
+        tifffile.imwrite(folder / name, image, resolution=(1 / dxy, 1 / dxy), resolutionunit="MICROMETER")
+    return folder
+
+
+def test_tiff_slice_folder_in_natural_order_is_lazy(tmp_path):
+    vol = np.random.default_rng(1).integers(0, 4000, size=(12, 20, 30)).astype(np.uint16)
+    folder = _slices(tmp_path / "recon", vol)
+    (folder / "notes.txt").write_text("scanner log")  # other files are ignored
+    with pytest.raises(VoxelomeError, match=r"found dy=0.5 µm, dx=0.5 µm.*slice distance.*spacing_um"):
+        read_volume(folder)
+    v = read_volume(folder, spacing_um=(2.0, 0.5, 0.5))
+    assert isinstance(v.data, da.Array) and v.data.chunksize == (1, 20, 30)
+    assert v.shape == vol.shape and v.spacing_um == pytest.approx((2.0, 0.5, 0.5))
+    np.testing.assert_array_equal(v.data.compute(), vol)  # rec_0 … rec_11 in numeric order
+    np.testing.assert_array_equal(v.data[10, 3:7].compute(), vol[10, 3:7])
+
+
+def test_tiff_slice_folder_errors_name_the_file(tmp_path, vol):
+    folder = _slices(tmp_path / "mixed", vol)
+    tifffile.imwrite(folder / "rec_9.tif", vol[0, :10])  # one slice of another size
+    with pytest.raises(VoxelomeError, match=r"rec_9.tif' is a uint16 image of shape \(10, 30\)"):
+        read_volume(folder, spacing_um=1)
+    one = tmp_path / "one"
+    one.mkdir()
+    tifffile.imwrite(one / "a.tif", vol[0])
+    with pytest.raises(VoxelomeError, match="1 TIFF slice"):
+        read_volume(one, spacing_um=1)
+    bad = _slices(tmp_path / "bad", vol)
+    (bad / "rec_3.tif").write_bytes((bad / "rec_3.tif").read_bytes()[:50])  # truncated header
+    with pytest.raises(VoxelomeError, match="rec_3.tif' is not a readable TIFF slice"):
+        read_volume(bad, spacing_um=1)

@@ -66,7 +66,8 @@ def _tiff_spacing(tf) -> tuple[list, str]:
         dz = ij.get("spacing")
         return [None if v is None else float(v) * factor for v in (dz, dy, dx)], "ImageJ metadata"
     unit_tag = tags.get("ResolutionUnit")
-    factor = {2: 25400.0, 3: 1e4}.get(int(unit_tag.value) if unit_tag is not None else 1)
+    # inch, cm (baseline TIFF); mm, µm (the extension values tifffile and some scanners write)
+    factor = {2: 25400.0, 3: 1e4, 4: 1e3, 5: 1.0}.get(int(unit_tag.value) if unit_tag is not None else 1)
     if factor is None:
         return [None, None, None], "TIFF tags (no resolution unit)"
     dy, dx = _res("YResolution"), _res("XResolution")
@@ -141,3 +142,79 @@ def read_tiff(path: Path, key):
     if data.ndim == 3 and axes[-2:] != "YX":
         raise VoxelomeError(f"'{path}' has axes {series.axes}; expected a z-stack of 2D images (…YX).")
     return data, spacing, (0.0, 0.0, 0.0), source
+
+
+# --- a folder of 2D TIFF slices (micro-CT reconstructions) -------------------------------------------------
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def tiff_slice_files(folder: Path) -> list[Path]:
+    """The TIFF files of ``folder`` in natural order (``rec_2`` before ``rec_10``), hidden files skipped."""
+    def natural(p: Path):
+        return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES
+             and not p.name.startswith(".")]
+    return sorted(files, key=natural)
+
+
+def _slice_header(path: Path):
+    """``(shape, dtype, spacing [dz, dy, dx], source)`` of one 2D TIFF slice (singleton axes dropped)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            shape = tuple(s for s, a in zip(series.shape, series.axes) if s > 1 or a in "YX")
+            spacing, source = _tiff_spacing(tf)
+            return shape, np.dtype(series.dtype), spacing, source
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types on bad files
+        raise corrupt_file_error(path, "TIFF slice", exc) from exc
+
+
+def _read_slice(path: Path, shape, dtype) -> np.ndarray:
+    import tifffile
+
+    try:
+        image = tifffile.imread(path)
+    except Exception as exc:  # noqa: BLE001
+        raise corrupt_file_error(path, "TIFF slice", exc) from exc
+    image = np.asarray(image).reshape(shape)  # the header's shape: singleton axes dropped
+    if image.dtype != dtype:
+        raise VoxelomeError(f"'{path}' holds {image.dtype} pixels; the first slice of the series holds {dtype}.")
+    return image
+
+
+def read_tiff_series(folder: Path):
+    """A folder of 2D TIFF slices, one per z in natural file-name order, as a lazy ``(z, y, x)`` dask array.
+
+    Micro-CT reconstructions are commonly written this way (one file per slice). Every file's header is read
+    first, so a slice of another size or type is refused before any work; each slice is one dask chunk, read
+    when computed. Spacing: in-plane from the first slice's tags when they hold it; the slice distance is
+    never stored in a series (pass ``spacing_um``).
+
+    Returns
+    -------
+    data : dask.array (z, y, x), spacing : [None, dy, dx] (µm, ``None`` when unknown), origin, source
+    """
+    import dask
+    import dask.array as da
+
+    files = tiff_slice_files(folder)
+    if len(files) < 2:
+        raise VoxelomeError(f"folder '{folder}' holds {len(files)} TIFF slice(s) and no zarr store; a volume from "
+                            "slices needs one 2D TIFF per z (≥ 2), e.g. rec_0000.tif, rec_0001.tif, …")
+    shape, dtype, spacing, source = _slice_header(files[0])
+    if len(shape) != 2:
+        raise VoxelomeError(f"'{files[0]}' has shape {shape}; a slice series needs 2D grey-level slices (y, x). "
+                            "Convert colour slices to one channel first.")
+    for f in files[1:]:
+        s, d = _slice_header(f)[:2]
+        if (s, d) != (shape, dtype):
+            raise VoxelomeError(f"'{f}' is a {d} image of shape {s}, but '{files[0].name}' (the first of the "
+                                f"{len(files)} slices in natural name order) is {dtype} {shape}; every slice of a "
+                                "series must have the same size and type. Move other files out of the folder.")
+    slices = [da.from_delayed(dask.delayed(_read_slice)(f, shape, dtype), shape, dtype=dtype) for f in files]
+    data = da.stack(slices)
+    return (data, [None, spacing[1], spacing[2]], (0.0, 0.0, 0.0),
+            f"{source} of the first slice; the slice distance (dz) is not stored in a slice series")
