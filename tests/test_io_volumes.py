@@ -274,7 +274,7 @@ def test_unknown_suffix_and_plain_folder(tmp_path):
     with pytest.raises(VoxelomeError, match=r"Supported:.*\.nii"):
         read_volume(tmp_path / "v.mrc")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(VoxelomeError, match="neither a zarr store.*nor a folder of TIFF slices"):
+    with pytest.raises(VoxelomeError, match="neither a zarr store.*nor a folder of image slices"):
         read_volume(tmp_path / "folder")
 
 
@@ -314,9 +314,36 @@ def test_tiff_slice_folder_errors_name_the_file(tmp_path, vol):
     one = tmp_path / "one"
     one.mkdir()
     tifffile.imwrite(one / "a.tif", vol[0])
-    with pytest.raises(VoxelomeError, match="1 TIFF slice"):
+    with pytest.raises(VoxelomeError, match="1 image slice"):
         read_volume(one, spacing_um=1)
     bad = _slices(tmp_path / "bad", vol)
     (bad / "rec_3.tif").write_bytes((bad / "rec_3.tif").read_bytes()[:50])  # truncated header
-    with pytest.raises(VoxelomeError, match="rec_3.tif' is not a readable TIFF slice"):
+    with pytest.raises(VoxelomeError, match="rec_3.tif' is not a readable image slice"):
         read_volume(bad, spacing_um=1)
+
+
+def test_png_and_bmp_slice_folders(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    grey8, grey16 = rng.integers(0, 256, (3, 9, 11), dtype=np.uint8), rng.integers(0, 65535, (3, 9, 11)).astype(np.uint16)
+    for kind, vol in (("bmp", grey8), ("png", grey16), ("png8", grey8)):
+        folder = tmp_path / kind
+        folder.mkdir()
+        for k, image in enumerate(vol):
+            Image.fromarray(image).save(folder / f"s{k}.{kind[:3]}")
+        v = read_volume(folder, spacing_um=5)
+        assert v.data.dtype == vol.dtype and v.spacing_um == (5.0, 5.0, 5.0)
+        np.testing.assert_array_equal(v.data.compute(), vol)
+    (tmp_path / "bmp" / "thumb.png").write_bytes((tmp_path / "png8" / "s0.png").read_bytes())
+    with pytest.raises(VoxelomeError, match=r"mixes \['.bmp', '.png'\] slices"):
+        read_volume(tmp_path / "bmp", spacing_um=5)
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    for k in range(2):
+        Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(colour / f"c{k}.png")
+    with pytest.raises(VoxelomeError, match="RGB image; a slice series needs grey-level slices"):
+        read_volume(colour, spacing_um=5)
+    tifs = _slices(tmp_path / "tifs", grey16)
+    Image.fromarray(grey8[0]).save(tifs / "preview.png")  # a preview beside TIFF slices is not a slice
+    np.testing.assert_array_equal(read_volume(tifs, spacing_um=(5, 0.5, 0.5)).data.compute(), grey16)

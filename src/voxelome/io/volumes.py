@@ -17,7 +17,8 @@ import numpy as np
 
 from voxelome.errors import VoxelomeError, did_you_mean
 from voxelome.io.guarded import GuardedArray, corrupt_file_error, missing_path_error, native_chunks
-from voxelome.io.tiff import read_tiff, read_tiff_series, tiff_slice_files
+from voxelome.io.slices import read_slice_folder, slice_files
+from voxelome.io.tiff import read_tiff
 from voxelome.io.volume import Volume, _as_triplet
 
 __all__ = ["read_volume", "SUPPORTED_VOLUME_FORMATS"]
@@ -25,7 +26,7 @@ __all__ = ["read_volume", "SUPPORTED_VOLUME_FORMATS"]
 SUPPORTED_VOLUME_FORMATS = (
     ".tif/.tiff (ImageJ, OME-TIFF, BigTIFF)", ".nii/.nii.gz", ".npy", ".npz",
     "OME-Zarr folder (NGFF multiscales)", "zarr array folder (.zarr)",
-    "folder of 2D TIFF slices (one per z, natural name order)",
+    "folder of 2D slices (.tif/.png/.bmp, one per z, natural name order)",
 )
 _ZARR_MARKERS = (".zattrs", ".zgroup", ".zarray", "zarr.json")
 _NIFTI_CHUNK_BYTES = 64 * 2**20
@@ -200,8 +201,8 @@ def read_volume(path, spacing_um=None, *, chunks=None, key=None, name: str | Non
     path : str or path-like
         ``.tif``/``.tiff`` (ImageJ hyperstack, OME-TIFF, BigTIFF; a multi-page stack is read as z),
         ``.nii``/``.nii.gz``, ``.npy``, ``.npz``, a zarr folder (OME-Zarr with ``multiscales``,
-        or a plain zarr array), or a folder of 2D TIFF slices, one per z in natural file-name order (a
-        micro-CT reconstruction; the slice distance is not stored there: pass ``spacing_um``).
+        or a plain zarr array), or a folder of 2D slices (TIFF, PNG or BMP), one per z in natural file-name
+        order (a micro-CT reconstruction; the slice distance is not stored there: pass ``spacing_um``).
     spacing_um : float or (dz, dy, dx), optional
         Voxel size in µm. Required when the file stores none (NPY, plain zarr, uncalibrated TIFF);
         overrides (with a warning) a stored spacing that disagrees.
@@ -232,11 +233,11 @@ def read_volume(path, spacing_um=None, *, chunks=None, key=None, name: str | Non
     if path.is_dir():
         if any((path / m).exists() for m in _ZARR_MARKERS):
             data, found, origin, source = _read_zarr(path, key, chunks)
-        elif tiff_slice_files(path):
-            data, found, origin, source = read_tiff_series(path)
+        elif slice_files(path):
+            data, found, origin, source = read_slice_folder(path)
         else:
             raise VoxelomeError(f"folder '{path}' is neither a zarr store (none of {list(_ZARR_MARKERS)} inside) "
-                                f"nor a folder of TIFF slices. Supported volumes: {', '.join(SUPPORTED_VOLUME_FORMATS)}.")
+                                f"nor a folder of image slices. Supported volumes: {', '.join(SUPPORTED_VOLUME_FORMATS)}.")
     elif suffix == ".tif":
         data, found, origin, source = read_tiff(path, key)
     elif suffix in (".nii", ".nii.gz"):
