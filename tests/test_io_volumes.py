@@ -347,3 +347,55 @@ def test_png_and_bmp_slice_folders(tmp_path):
     tifs = _slices(tmp_path / "tifs", grey16)
     Image.fromarray(grey8[0]).save(tifs / "preview.png")  # a preview beside TIFF slices is not a slice
     np.testing.assert_array_equal(read_volume(tifs, spacing_um=(5, 0.5, 0.5)).data.compute(), grey16)
+
+
+# --- MetaImage / NRRD (SimpleITK) -------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".mha", ".mhd", ".nrrd"])
+def test_itk_volume_is_read_by_slabs_with_mm_spacing(tmp_path, vol, suffix):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(vol)  # numpy (z, y, x) → ITK (x, y, z)
+    img.SetSpacing((0.0005, 0.0005, 0.002))  # mm
+    sitk.WriteImage(img, str(tmp_path / f"v{suffix}"))
+    with pytest.warns(UserWarning, match="assuming millimetres"):
+        v = read_volume(tmp_path / f"v{suffix}", chunks=(2, 20, 30))
+    assert v.shape == vol.shape and v.spacing_um == pytest.approx((2.0, 0.5, 0.5))
+    assert v.data.chunksize == (2, 20, 30) and v.data.dtype == vol.dtype
+    np.testing.assert_array_equal(v.data.compute(), vol)
+    np.testing.assert_array_equal(v.data[3, 5:9, 7:12].compute(), vol[3, 5:9, 7:12])
+    import pickle  # the graph travels to dask worker processes: it holds the path, not the voxels
+
+    assert len(pickle.dumps(v.data)) < vol.nbytes
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(v.data))[4].compute(), vol[4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with the spacing given, no guess and no warning
+        assert read_volume(tmp_path / f"v{suffix}", spacing_um=(2, 0.5, 0.5)).spacing_um == (2.0, 0.5, 0.5)
+
+
+def test_itk_errors(tmp_path, vol):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "v.mha"))
+    data = (tmp_path / "v.mha").read_bytes()
+    (tmp_path / "cut.mha").write_bytes(data[:len(data) // 2])  # truncated voxel data
+    with pytest.raises(VoxelomeError, match="cut.mha' is not a readable ITK image"):
+        read_volume(tmp_path / "cut.mha", spacing_um=1)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.uint8), isVector=True), str(tmp_path / "rgb.mha"))
+    with pytest.raises(VoxelomeError, match="3 components per voxel"):
+        read_volume(tmp_path / "rgb.mha", spacing_um=1)
+
+
+def test_nrrd_space_units_are_honoured(tmp_path, vol):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing((0.5, 0.5, 2.0))
+    sitk.WriteImage(img, str(tmp_path / "v.nrrd"))
+    raw = (tmp_path / "v.nrrd").read_bytes()
+    at = raw.index(b"kinds:")
+    (tmp_path / "um.nrrd").write_bytes(raw[:at] + b'space units: "microns" "microns" "microns"\n' + raw[at:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the unit is stated: no guess
+        v = read_volume(tmp_path / "um.nrrd")
+    assert v.spacing_um == pytest.approx((2.0, 0.5, 0.5))
+    np.testing.assert_array_equal(v.data.compute(), vol)

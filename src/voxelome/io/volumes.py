@@ -17,6 +17,7 @@ import numpy as np
 
 from voxelome.errors import VoxelomeError, did_you_mean
 from voxelome.io.guarded import GuardedArray, corrupt_file_error, missing_path_error, native_chunks
+from voxelome.io.itk import ITK_SUFFIXES, read_itk
 from voxelome.io.slices import read_slice_folder, slice_files
 from voxelome.io.tiff import read_tiff
 from voxelome.io.volume import Volume, _as_triplet
@@ -26,7 +27,7 @@ __all__ = ["read_volume", "SUPPORTED_VOLUME_FORMATS"]
 SUPPORTED_VOLUME_FORMATS = (
     ".tif/.tiff (ImageJ, OME-TIFF, BigTIFF)", ".nii/.nii.gz", ".npy", ".npz",
     "OME-Zarr folder (NGFF multiscales)", "zarr array folder (.zarr)",
-    "folder of 2D slices (.tif/.png/.bmp, one per z, natural name order)",
+    "folder of 2D slices (.tif/.png/.bmp, one per z, natural name order)", "MetaImage .mha/.mhd", "NRRD .nrrd/.nhdr",
 )
 _ZARR_MARKERS = (".zattrs", ".zgroup", ".zarray", "zarr.json")
 _NIFTI_CHUNK_BYTES = 64 * 2**20
@@ -201,8 +202,9 @@ def read_volume(path, spacing_um=None, *, chunks=None, key=None, name: str | Non
     path : str or path-like
         ``.tif``/``.tiff`` (ImageJ hyperstack, OME-TIFF, BigTIFF; a multi-page stack is read as z),
         ``.nii``/``.nii.gz``, ``.npy``, ``.npz``, a zarr folder (OME-Zarr with ``multiscales``,
-        or a plain zarr array), or a folder of 2D slices (TIFF, PNG or BMP), one per z in natural file-name
-        order (a micro-CT reconstruction; the slice distance is not stored there: pass ``spacing_um``).
+        or a plain zarr array), MetaImage ``.mha``/``.mhd`` or NRRD ``.nrrd``/``.nhdr`` (SimpleITK, read by
+        z-slabs), or a folder of 2D slices (TIFF, PNG or BMP), one per z in natural file-name order (a micro-CT
+        reconstruction; the slice distance is not stored there: pass ``spacing_um``).
     spacing_um : float or (dz, dy, dx), optional
         Voxel size in µm. Required when the file stores none (NPY, plain zarr, uncalibrated TIFF);
         overrides (with a warning) a stored spacing that disagrees.
@@ -244,6 +246,8 @@ def read_volume(path, spacing_um=None, *, chunks=None, key=None, name: str | Non
         data, found, origin, source = _read_nifti(path, key, chunks, spacing_um)
     elif suffix in (".npy", ".npz"):
         data, found, origin, source = _read_numpy(path, key, chunks, suffix)
+    elif suffix in ITK_SUFFIXES:
+        data, found, origin, source = read_itk(path, key, chunks, spacing_um)
     else:
         raise VoxelomeError(f"'{path}': unsupported volume format {suffix or '(no suffix)'!r}. "
                             f"Supported: {', '.join(SUPPORTED_VOLUME_FORMATS)}. Convert it, e.g. to OME-TIFF or NPY.")
