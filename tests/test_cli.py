@@ -166,6 +166,20 @@ def test_train_predict_evaluate(volume_file, section_h5ad, tmp_path):
     genes, gene_spacing, gene_names = read_ome_zarr(tmp_path / "pred_genes.ome.zarr")
     assert gene_names == ["SFTPC", "PECAM1"] and genes.shape == (2, 16, 72, 72) and gene_spacing == spacing
 
+    # the same scan as a micro-CT reconstruction folder (one TIFF per z, slice distance given): the same prediction
+    import tifffile
+
+    scan = np.load(volume_file)
+    folder = tmp_path / "recon"
+    folder.mkdir()
+    for k, plane in enumerate(scan["data"]):
+        tifffile.imwrite(folder / f"rec_{k}.tif", plane)
+    result = invoke("predict", out, "--volume", folder, "--out", tmp_path / "pred_slices.ome.zarr", "--chunks", "8,24,24",
+                    "--spacing-um", ",".join(map(str, scan["spacing_um"])))
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(np.asarray(read_ome_zarr(tmp_path / "pred_slices.ome.zarr")[0]), np.asarray(data),
+                               atol=1e-6)
+
     ev = tmp_path / "eval"
     result = invoke("evaluate", out, "--volume", volume_file, "--section", out / "section.h5ad", "--out", ev)
     assert result.exit_code == 0, result.output
