@@ -32,6 +32,21 @@ def _visium_grid(n_rows=6, n_cols=8):
     return rows, cols, px_row, px_col
 
 
+def _write_10x_h5(path, barcodes, genes, types, csc, library="sample1"):
+    """A Space Ranger ``filtered_feature_bc_matrix.h5`` (genes × barcodes CSC, as 10x stores it)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["library_ids"] = np.array([library.encode()])
+        m = f.create_group("matrix")
+        m["barcodes"] = np.asarray(barcodes).astype("S")
+        m["data"], m["indices"], m["indptr"] = csc.data, csc.indices, csc.indptr
+        m["shape"] = np.array(csc.shape, dtype=np.int32)
+        feat = m.create_group("features")
+        feat["id"] = np.array([f"ENSG{i:05d}" for i in range(len(genes))], dtype="S")
+        feat["name"] = np.array(genes, dtype="S")
+        feat["feature_type"] = np.array(types, dtype="S")
+        feat["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+
+
 @pytest.fixture
 def visium_outs(tmp_path):
     """A Space Ranger ≥ 2 ``outs/`` folder: filtered h5 (10x CSC layout), positions with header, scalefactors."""
@@ -47,17 +62,7 @@ def visium_outs(tmp_path):
     csc = sp.csc_matrix(counts.T)  # genes × cells, as 10x stores it
     outs = tmp_path / "sample1" / "outs"
     (outs / "spatial").mkdir(parents=True)
-    with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as f:
-        f.attrs["library_ids"] = np.array([b"sample1"])
-        m = f.create_group("matrix")
-        m["barcodes"] = barcodes[: n - 1].astype("S")
-        m["data"], m["indices"], m["indptr"] = csc.data, csc.indices, csc.indptr
-        m["shape"] = np.array(csc.shape, dtype=np.int32)
-        feat = m.create_group("features")
-        feat["id"] = np.array([f"ENSG{i:05d}" for i in range(len(genes))], dtype="S")
-        feat["name"] = np.array(genes, dtype="S")
-        feat["feature_type"] = np.array(types, dtype="S")
-        feat["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+    _write_10x_h5(outs / "filtered_feature_bc_matrix.h5", barcodes[: n - 1], genes, types, csc)
     pos = pd.DataFrame({"barcode": barcodes, "in_tissue": in_tissue, "array_row": rows, "array_col": cols,
                         "pxl_row_in_fullres": px_row.round().astype(int), "pxl_col_in_fullres": px_col.round().astype(int)})
     pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
@@ -79,6 +84,39 @@ def test_visium_h5_outs_roundtrip(visium_outs):
     assert a.uns[UNS_KEY][SPOT_DIAMETER_KEY] == 55.0
     assert a.uns["spatial"]["sample1"]["scalefactors"]["spot_diameter_fullres"] == D_FULL
     assert set(a.obs.columns) >= {"in_tissue", "array_row", "array_col"}
+
+
+def test_visium_hd_bin_folder(tmp_path):
+    """A Visium HD run: square bins, positions in Parquet, scale from microns_per_pixel / bin_size_um."""
+    pytest.importorskip("pyarrow")
+    rng = np.random.default_rng(3)
+    rows, cols = (a.ravel() for a in np.meshgrid(np.arange(10), np.arange(12), indexing="ij"))
+    n, genes = len(rows), ["GeneA", "GeneB", "GeneC"]
+    barcodes = np.array([f"s_016um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)])
+    counts = rng.poisson(3.0, size=(n, 3)).astype(np.int32) + 1
+    outs = tmp_path / "run" / "outs"
+    bin_dir = outs / "binned_outputs" / "square_016um"
+    (bin_dir / "spatial").mkdir(parents=True)
+    (outs / "binned_outputs" / "square_008um").mkdir()
+    _write_10x_h5(bin_dir / "filtered_feature_bc_matrix.h5", barcodes, genes, ["Gene Expression"] * 3,
+                  sp.csc_matrix(counts.T))
+    um_per_px = 0.2737
+    pd.DataFrame({"barcode": barcodes, "in_tissue": np.ones(n, int), "array_row": rows, "array_col": cols,
+                  "pxl_row_in_fullres": 500 + rows * 16 / um_per_px, "pxl_col_in_fullres": 800 + cols * 16 / um_per_px}
+                 ).to_parquet(bin_dir / "spatial" / "tissue_positions.parquet")
+    (bin_dir / "spatial" / "scalefactors_json.json").write_text(json.dumps(
+        {"spot_diameter_fullres": 16 / um_per_px, "bin_size_um": 16.0, "microns_per_pixel": um_per_px,
+         "tissue_hires_scalef": 0.05, "tissue_lowres_scalef": 0.01, "fiducial_diameter_fullres": 100.0}))
+    a = read_section(bin_dir)
+    assert a.n_obs == n and list(a.var_names) == genes
+    np.testing.assert_array_equal(a.X.toarray(), counts)
+    assert a.uns[UNS_KEY][PIXEL_SIZE_KEY] == pytest.approx(um_per_px)
+    assert a.uns[UNS_KEY][SPOT_DIAMETER_KEY] == pytest.approx(2 * 16 / np.sqrt(np.pi))  # the bin's area as a disk
+    assert a.uns[UNS_KEY]["bin_size_um"] == 16.0
+    xy_um = a.obsm["spatial"] * a.uns[UNS_KEY][PIXEL_SIZE_KEY]
+    assert np.median(np.diff(np.sort(np.unique(xy_um[:, 0].round(3))))) == pytest.approx(16.0)
+    with pytest.raises(VoxelomeError, match=r"Visium HD run.*square_008um.*bins here: square_008um, square_016um"):
+        read_section(outs.parent)
 
 
 def test_visium_mtx_folder_and_headerless_positions(visium_outs):

@@ -199,7 +199,8 @@ def read_section(path, *, pixel_size_um=None, spot_diameter_um=None, library_id=
     Parameters
     ----------
     path : path, or (counts_tsv, spots_tsv)
-        A Space Ranger ``outs`` folder (or its parent), an ``.h5ad`` file, a legacy ST pair, a
+        A Space Ranger ``outs`` folder (or its parent; Visium HD: one bin folder, e.g.
+        ``outs/binned_outputs/square_008um``), an ``.h5ad`` file, a legacy ST pair, a
         legacy ST counts file (with ``spots``, or its ``<name>_selection.tsv`` found beside it or in
         ``../ST-spotfiles``), or a folder holding legacy ST files (her2st
         layout; choose the section with ``library_id``).
@@ -224,10 +225,10 @@ def read_section(path, *, pixel_size_um=None, spot_diameter_um=None, library_id=
         raise missing_path_error(path, "section file or folder")
     if path.is_dir():
         outs = path / "outs" if (path / "outs").is_dir() else path
-        if (outs / "spatial").is_dir() or any((outs / f).exists() for f in ("filtered_feature_bc_matrix.h5",
-                                                                            "filtered_feature_bc_matrix")):
+        if (outs / "spatial").is_dir() or (outs / "binned_outputs").is_dir() or any(
+                (outs / f).exists() for f in ("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix")):
             return read_visium(outs, pixel_size_um=pixel_size_um, library_id=library_id,
-                               spot_diameter_um=spot_diameter_um or VISIUM_SPOT_DIAMETER_UM)
+                               spot_diameter_um=spot_diameter_um)
         counts, spots, library_id = _find_legacy_pair(path, library_id)
         return read_legacy_st(counts, spots, pixel_size_um, spot_diameter_um, library_id=library_id)
     name = path.name.lower()
@@ -236,7 +237,7 @@ def read_section(path, *, pixel_size_um=None, spot_diameter_um=None, library_id=
                                  library_id=library_id)
     if name.endswith(".h5") and (path.parent / "spatial").is_dir():
         return read_visium(path.parent, pixel_size_um=pixel_size_um, library_id=library_id,
-                           spot_diameter_um=spot_diameter_um or VISIUM_SPOT_DIAMETER_UM)
+                           spot_diameter_um=spot_diameter_um)
     if name.endswith(".tsv") or name.endswith(".tsv.gz"):
         stem = path.name.split(".")[0]  # her2st layout: ST-cnts/C2.tsv.gz ↔ ST-spotfiles/C2_selection.tsv
         found = [c for c in (path.parent / f"{stem}_selection.tsv", path.parent.parent / "ST-spotfiles" /

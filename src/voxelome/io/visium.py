@@ -1,4 +1,9 @@
-"""10x Visium Space Ranger ``outs/`` folders → validated section AnnData."""
+"""10x Visium Space Ranger ``outs/`` folders → validated section AnnData.
+
+Standard Visium (55 µm spots on a hexagonal lattice) and Visium HD bins: a ``binned_outputs/square_NNNum`` folder
+(square bins of 2, 8 or 16 µm; positions in ``tissue_positions.parquet``, read with pyarrow; scale from
+``microns_per_pixel`` and ``bin_size_um`` of its scale factors).
+"""
 
 from __future__ import annotations
 
@@ -63,7 +68,25 @@ def _read_10x_mtx(folder: Path):
     return m, barcodes, var, None
 
 
+def _read_parquet_positions(f: Path) -> pd.DataFrame:
+    try:
+        pos = pd.read_parquet(f)
+    except ImportError:
+        raise VoxelomeError(f"'{f}' (Visium HD positions) is a Parquet file; reading it needs pyarrow: "
+                            "pip install pyarrow (or voxelome[hd]).") from None
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types on damaged files
+        raise VoxelomeError(f"'{f}' is not a readable Parquet file ({type(exc).__name__}: {exc}).") from None
+    if "barcode" not in pos.columns:
+        pos = pos.rename_axis("barcode").reset_index()
+    missing = [c for c in _POSITION_COLUMNS if c not in pos.columns]
+    if missing:
+        raise VoxelomeError(f"'{f}' lacks columns {missing}; expected Space Ranger's {_POSITION_COLUMNS}.")
+    return pos.set_index("barcode")
+
+
 def _read_positions(spatial: Path) -> pd.DataFrame:
+    if (spatial / "tissue_positions.parquet").exists():  # Visium HD bins
+        return _read_parquet_positions(spatial / "tissue_positions.parquet")
     for name in ("tissue_positions.csv", "tissue_positions_list.csv"):
         f = spatial / name
         if f.exists():
@@ -89,20 +112,28 @@ def _visium_images(spatial: Path) -> dict:
             if (spatial / f"tissue_{res}_image.png").exists()}
 
 
-def read_visium(path, *, pixel_size_um=None, spot_diameter_um=VISIUM_SPOT_DIAMETER_UM, library_id=None,
-                load_images: bool = True):
+def hd_bins(outs: Path) -> list[str]:
+    """Names of the Visium HD bin folders of an ``outs`` folder (``square_002um``, …), empty for standard Visium."""
+    binned = outs / "binned_outputs"
+    return sorted(p.name for p in binned.iterdir() if p.is_dir()) if binned.is_dir() else []
+
+
+def read_visium(path, *, pixel_size_um=None, spot_diameter_um=None, library_id=None, load_images: bool = True):
     """Read a 10x Visium Space Ranger ``outs/`` folder.
 
     Parameters
     ----------
     path : str or path-like
-        The ``outs`` folder (or its parent). Needs ``filtered_feature_bc_matrix.h5`` (or the
-        ``filtered_feature_bc_matrix/`` MTX folder), ``spatial/tissue_positions.csv`` (Space Ranger
-        ≥ 2; or ``tissue_positions_list.csv``) and ``spatial/scalefactors_json.json``.
+        The ``outs`` folder (or its parent), or a Visium HD bin folder (``outs/binned_outputs/square_008um``).
+        Needs ``filtered_feature_bc_matrix.h5`` (or the ``filtered_feature_bc_matrix/`` MTX folder),
+        ``spatial/tissue_positions.csv`` (Space Ranger ≥ 2; or ``tissue_positions_list.csv``; Visium HD:
+        ``tissue_positions.parquet``) and ``spatial/scalefactors_json.json``.
     pixel_size_um : float, optional
-        µm per full-resolution image pixel; default ``spot_diameter_um / spot_diameter_fullres``.
-    spot_diameter_um : float
-        Physical spot diameter (Visium: 55 µm).
+        µm per full-resolution image pixel; default the scale factors' ``microns_per_pixel`` (Visium HD), else
+        ``spot_diameter_um / spot_diameter_fullres``.
+    spot_diameter_um : float, optional
+        Physical spot diameter; default 55 µm (Visium), or for Visium HD bins the diameter of the disk with the
+        bin's area (``2 · bin_size_um / √π``: a spot's footprint is modelled as a disk).
     library_id : str, optional
         Key in ``uns['spatial']``; default from the h5 file, else the sample folder name.
     load_images : bool
@@ -118,6 +149,11 @@ def read_visium(path, *, pixel_size_um=None, spot_diameter_um=VISIUM_SPOT_DIAMET
     outs = outs / "outs" if (outs / "outs").is_dir() else outs
     if not outs.exists():
         raise missing_path_error(outs, "Space Ranger outs folder")
+    bins = hd_bins(outs)
+    if bins and not (outs / "filtered_feature_bc_matrix.h5").exists():
+        raise VoxelomeError(f"'{outs}' is a Visium HD run: read one of its bin sizes, e.g. "
+                            f"'{outs / 'binned_outputs' / ('square_008um' if 'square_008um' in bins else bins[0])}' "
+                            f"(bins here: {', '.join(bins)}; 8 µm is 10x's recommended size for analysis).")
     if (outs / "filtered_feature_bc_matrix.h5").exists():
         m, barcodes, var, lib = _read_10x_h5(outs / "filtered_feature_bc_matrix.h5")
     elif (outs / "filtered_feature_bc_matrix").is_dir():
@@ -138,12 +174,20 @@ def read_visium(path, *, pixel_size_um=None, spot_diameter_um=VISIUM_SPOT_DIAMET
     adata.obsm[SPATIAL_KEY] = pos.loc[barcodes[keep], ["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
     library_id = library_id or lib or (outs.parent.name if outs.name == "outs" else outs.name)
     _scverse_spatial(adata, library_id, scalefactors, _visium_images(outs / "spatial") if load_images else {})
+    bin_um = scalefactors.get("bin_size_um")
+    if spot_diameter_um is None:
+        spot_diameter_um = 2 * float(bin_um) / np.sqrt(np.pi) if bin_um else VISIUM_SPOT_DIAMETER_UM
+    if pixel_size_um is None and scalefactors.get("microns_per_pixel"):
+        pixel_size_um = float(scalefactors["microns_per_pixel"])
     if pixel_size_um is None:
         d_full = scalefactors.get("spot_diameter_fullres")
         if not d_full:
             raise VoxelomeError(f"'{sf_path}' has no spot_diameter_fullres; "
                                 "pass pixel_size_um= (µm per full-res pixel).")
         pixel_size_um = spot_diameter_um / float(d_full)
-    return validate_section(adata, pixel_size_um=pixel_size_um, spot_diameter_um=spot_diameter_um)
+    adata = validate_section(adata, pixel_size_um=pixel_size_um, spot_diameter_um=spot_diameter_um)
+    if bin_um:
+        adata.uns["voxelome"]["bin_size_um"] = float(bin_um)
+    return adata
 
 
