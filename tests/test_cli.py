@@ -117,6 +117,31 @@ def test_train_needs_exactly_one_placement(volume_file, section_h5ad, tmp_path):
     _no_traceback(result)
 
 
+def test_train_on_the_plane_register_plane_found(volume_file, section_h5ad, tmp_path):
+    """`register plane` → `train --plane plane.json`: its map (for the registered image's pixels, here half the
+    section's pixel size) is rescaled to the spots' pixels; they land where the known placement puts them."""
+    from voxelome.io import read_volume
+    from voxelome.register import SectionPlacement
+
+    vol = read_volume(volume_file)
+    px = read_section(section_h5ad).uns["voxelome"]["pixel_size_um"]
+    truth = SectionPlacement.from_slice(vol, 16, px)
+    plane = tmp_path / "plane.json"  # what `register plane --pixel-size-um px/2` writes for a 2× finer H&E
+    plane.write_text(json.dumps({"placement": truth.scaled(0.5).to_dict(), "score": -0.5, "image_pixel_size_um": px / 2}))
+    out = tmp_path / "o"
+    result = invoke("train", "--volume", volume_file, "--section", section_h5ad, "--out", out, "--plane", plane,
+                    *TINY_SETS)
+    assert result.exit_code == 0, result.output
+    trained = ad.read_h5ad(out / "section.h5ad")
+    np.testing.assert_allclose(trained.obsm["spatial_3d"], truth.map(trained.obsm["spatial"]), atol=1e-6)
+    for bad, message in ((tmp_path / "none.json", "does not exist"), (section_h5ad, "not a `register plane` result")):
+        r = invoke("train", "--volume", volume_file, "--section", section_h5ad, "--out", tmp_path / "b", "--plane", bad)
+        assert r.exit_code == 2 and message in r.output, r.output
+    r = invoke("train", "--volume", volume_file, "--section", section_h5ad, "--out", tmp_path / "b", "--plane", plane,
+               "--slice-index", 16)
+    assert r.exit_code == 2 and "exactly one of" in r.output
+
+
 def test_slice_index_outside_volume_exits_2(volume_file, section_h5ad, tmp_path):
     result = invoke("train", "--volume", volume_file, "--section", section_h5ad, "--out", tmp_path / "o",
                     "--slice-index", 99)

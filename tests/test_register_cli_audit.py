@@ -30,6 +30,7 @@ def test_plane_accepts_pixel_size_um_and_writes_a_slice_tif_in_um(tmp_path, deep
     assert r.exit_code == 0, r.output
     rec = json.loads((out / "plane.json").read_text())
     assert plane_errors(SectionPlacement.from_dict(rec["placement"]), truth, vol, img.shape[:2])[0] <= 2.0
+    assert rec["image_pixel_size_um"] == PX  # what `train --plane` needs to map spot pixels
     with tifffile.TiffFile(out / "slice.tif") as tf:
         page = tf.pages[0]
         num, den = page.tags["XResolution"].value

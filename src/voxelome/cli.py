@@ -44,12 +44,16 @@ def _load_volume(path: Path, spacing_um: Optional[str]):
     return read_volume(path, spacing_um=_triplet(spacing_um, "spacing-um"))
 
 
-def _placement(volume, pixel_size_um: float, slice_index, origin, normal, landmarks):
+def _placement(volume, pixel_size_um: float, slice_index, origin, normal, landmarks, plane=None):
     from voxelome.register import SectionPlacement
 
-    given = [slice_index is not None, origin is not None or normal is not None, landmarks is not None]
+    given = [slice_index is not None, origin is not None or normal is not None, landmarks is not None,
+             plane is not None]
     if sum(given) != 1:
-        raise VoxelomeError("place the section with exactly one of --slice-index, --origin/--normal, or --landmarks.")
+        raise VoxelomeError("place the section with exactly one of --slice-index, --origin/--normal, --landmarks, or "
+                            "--plane (the plane.json of `voxelome register plane`).")
+    if plane is not None:
+        return _registered_placement(plane, pixel_size_um)
     if slice_index is not None:
         return SectionPlacement.from_slice(volume, slice_index, pixel_size_um)
     if landmarks is not None:
@@ -64,6 +68,30 @@ def _placement(volume, pixel_size_um: float, slice_index, origin, normal, landma
     if origin is None or normal is None:
         raise VoxelomeError("--origin and --normal go together (both x,y,z; origin in µm).")
     return SectionPlacement.from_origin_normal(_triplet(origin, "origin"), _triplet(normal, "normal"), pixel_size_um)
+
+
+def _registered_placement(path: Path, section_pixel_size_um: float):
+    """The placement of ``register plane``'s ``plane.json``, for the section's spot pixels.
+
+    The registration maps pixels of the image it was given (``image_pixel_size_um``); spots are in the section's own
+    pixels (Visium: full-resolution image pixels), so the map is rescaled by their ratio.
+    """
+    from voxelome.register import SectionPlacement
+
+    if not path.is_file():
+        raise VoxelomeError(f"--plane {path} does not exist; it is the plane.json that `voxelome register plane` writes.")
+    try:
+        record = json.loads(path.read_text())
+        placement = SectionPlacement.from_dict(record["placement"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise VoxelomeError(f"--plane {path} is not a `register plane` result (plane.json with a 'placement' "
+                            f"matrix): {type(exc).__name__}: {exc}.") from None
+    image_px = record.get("image_pixel_size_um")
+    if image_px is None:
+        typer.echo(f"{path} does not record the registered image's pixel size (written before it did): assuming "
+                   f"the section's spot pixels are that image's pixels ({section_pixel_size_um:g} µm).", err=True)
+        return placement
+    return placement.scaled(section_pixel_size_um / float(image_px))
 
 
 @app.command()
@@ -121,6 +149,8 @@ def train(volume: Optional[Path] = typer.Option(None, help="Scan: TIFF, OME-Zarr
           origin: Optional[str] = typer.Option(None, help="Plane origin x,y,z in µm (with --normal)."),
           normal: Optional[str] = typer.Option(None, help="Plane normal x,y,z (with --origin)."),
           landmarks: Optional[Path] = typer.Option(None, help="CSV of ≥ 3 landmark pairs: px_x,px_y,x_um,y_um,z_um."),
+          plane: Optional[Path] = typer.Option(None, help="plane.json of `voxelome register plane` (the section's "
+                                               "H&E registered into this volume)."),
           config: Optional[Path] = typer.Option(None, help="YAML file of config fields."),
           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
           signatures_model: Optional[Path] = typer.Option(None, help="The .npz `voxelome signatures` saved; copied into the run so `predict --genes` can map genes."),
@@ -155,7 +185,7 @@ def train(volume: Optional[Path] = typer.Option(None, help="Scan: TIFF, OME-Zarr
         return
     adata = read_section(section, pixel_size_um=pixel_size_um)
     px = adata.uns["voxelome"]["pixel_size_um"]
-    placement = _placement(vol, px, slice_index, origin, normal, landmarks)
+    placement = _placement(vol, px, slice_index, origin, normal, landmarks, plane)
     key = "signatures" if "signatures" in adata.obsm else None
     if signatures_model is not None:
         import shutil

@@ -101,7 +101,8 @@ def _plane(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_
     lm = _read_landmarks(landmarks) if landmarks is not None else None
     res = register_plane(vol, img, pixel_size, search=search, landmarks=lm, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "plane.json", res.to_dict())
+    # the pixel size of the registered image: `train --plane` rescales the map to the section's spot pixels
+    atomic_write_json(out / "plane.json", {**res.to_dict(), "image_pixel_size_um": float(pixel_size)})
     _write_slice_tif(out / "slice.tif", res.slice, res.slice_pixel_size_um)
     plane_overlay_figure(res, img, pixel_size, out / "overlay.png")
     typer.echo(json.dumps({"score": res.score, "tilt_deg": res.tilt_deg, "scale": res.scale,

@@ -130,6 +130,14 @@ class SectionPlacement:
         v = _unit(v, "placement y axis")
         return u, v, np.cross(u, v)
 
+    def scaled(self, factor: float) -> "SectionPlacement":
+        """The same plane for pixels ``factor`` times larger (e.g. spots in full-resolution pixels when the
+        registered image was downsampled: ``factor = section µm per px / image µm per px``)."""
+        check_positive("factor", factor)
+        m = self.matrix.copy()
+        m[:, :2] *= float(factor)
+        return SectionPlacement(m, self.residual_um)
+
     def to_dict(self) -> dict:
         """Plain dict for ``adata.uns`` / YAML."""
         return {"matrix": self.matrix.tolist(), "residual_um": float(self.residual_um)}
