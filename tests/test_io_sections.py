@@ -252,3 +252,19 @@ def test_read_section_errors(tmp_path):
         read_section(tmp_path / "x.csv")
     with pytest.raises(VoxelomeError, match="library_id"):
         read_section(tmp_path)  # a folder without any section
+
+
+def test_section_image_needs_a_stored_image_and_its_scale(visium_outs):
+    from voxelome.io.sections import section_image
+
+    outs, _, _ = visium_outs
+    a = read_section(outs)  # the synthetic outs have no tissue images
+    with pytest.raises(VoxelomeError, match=r"no 'hires' image.*--image HE.tif --pixel-size-um"):
+        section_image(a)
+    lib = next(iter(a.uns["spatial"]))
+    a.uns["spatial"][lib]["images"]["hires"] = np.zeros((20, 30, 3), np.uint8)
+    image, px = section_image(a)
+    assert image.shape == (20, 30, 3) and px == pytest.approx(PX_UM / 0.1)  # tissue_hires_scalef 0.1
+    del a.uns["spatial"][lib]["scalefactors"]["tissue_hires_scalef"]
+    with pytest.raises(VoxelomeError, match="tissue_hires_scalef"):
+        section_image(a)

@@ -199,6 +199,16 @@ def test_place_section_pixel_size_mismatch(raw_section, phantom):
         place_section(raw_section.copy(), wrong, phantom.volume)
 
 
+def test_place_section_accepts_a_registered_scale_but_not_other_units(raw_section, phantom):
+    px = raw_section.uns["voxelome"]["pixel_size_um"]
+    for scale in (0.8, 1.2):  # tissue shrinkage/expansion within register plane's search range
+        placed = place_section(raw_section.copy(), SectionPlacement.from_slice(phantom.volume, 10, px * scale))
+        assert placed.uns["voxelome"]["plane"]["matrix"][0][0] == pytest.approx(px * scale)
+    for scale in (0.7, 1.45, 1000.0):  # other units (hires vs full-resolution pixels, mm vs µm)
+        with pytest.raises(VoxelomeError, match="units do not fit"):
+            place_section(raw_section.copy(), SectionPlacement.from_slice(phantom.volume, 10, px * scale))
+
+
 def test_place_section_needs_spatial(raw_section, placement):
     sec = raw_section.copy()
     del sec.obsm["spatial"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from test_register_plane import PX, deep_phantom, plane_errors, section, write_plane_inputs  # noqa: F401  (module fixtures reused)
 from typer.testing import CliRunner
 
@@ -38,6 +39,48 @@ def test_plane_accepts_pixel_size_um_and_writes_a_slice_tif_in_um(tmp_path, deep
         assert abs(den / num - rec["slice_pixel_size_um"]) < 1e-3 * rec["slice_pixel_size_um"]
         assert page.asarray().shape == tuple(np.shape(tifffile.imread(out / "slice.tif")))
     assert (out / "overlay.png").stat().st_size > 0
+
+
+def test_plane_from_a_sections_stored_hires_image_then_train_maps_its_spots(tmp_path, deep_phantom, section):  # noqa: F811
+    """`register plane --section S` registers the H&E a Visium section carries (uns['spatial'], hires, at
+    pixel_size_um / tissue_hires_scalef) and records that image's pixel size, so `train --plane` maps the spots'
+    full-resolution pixels where the registered image lies."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from voxelome.cli import _registered_placement
+    from voxelome.io import validate_section, write_h5ad
+
+    img, truth = section
+    write_plane_inputs(tmp_path, deep_phantom, section)
+    full_px = PX / 4  # full-resolution pixels 4× finer than the stored hires image (tissue_hires_scalef 0.25)
+    rng = np.random.default_rng(0)
+    h, w = img.shape[:2]
+    spots_full = np.column_stack([rng.uniform(0.2, 0.8, 60) * w * 4, rng.uniform(0.2, 0.8, 60) * h * 4])
+    a = ad.AnnData(X=sp.csr_matrix(rng.poisson(3, (60, 5)).astype(np.float32) + 1),
+                   obs=pd.DataFrame(index=[f"s{i}" for i in range(60)]),
+                   var=pd.DataFrame(index=[f"G{i}" for i in range(5)]))
+    a.obsm["spatial"] = spots_full
+    a.uns["spatial"] = {"lib": {"images": {"hires": img}, "scalefactors": {"tissue_hires_scalef": 0.25}}}
+    write_h5ad(validate_section(a, pixel_size_um=full_px, spot_diameter_um=55.0), tmp_path / "s.h5ad")
+    out = tmp_path / "reg"
+    r = invoke("register", "plane", "--volume", tmp_path / "vol.npy", "--spacing-um", 10, "--section",
+               tmp_path / "s.h5ad", "--out", out, "--landmarks", tmp_path / "lm.csv")
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "plane.json").read_text())
+    assert rec["image_pixel_size_um"] == pytest.approx(PX)
+    spots = _registered_placement(out / "plane.json", full_px).map(spots_full)
+    err = np.sqrt(np.mean(np.sum((spots - truth.map(spots_full / 4)) ** 2, 1))) / 10.0  # voxels of 10 µm
+    assert err <= 2.0, err
+    for extra, message in ((["--image", tmp_path / "he.tif"], "exactly one of them"),
+                           (["--pixel-size-um", PX], "goes with --image")):
+        r = invoke("register", "plane", "--volume", tmp_path / "vol.npy", "--spacing-um", 10, "--section",
+                   tmp_path / "s.h5ad", "--out", out, *extra)
+        assert r.exit_code == 2 and message in r.output, r.output
+    r = invoke("register", "plane", "--volume", tmp_path / "vol.npy", "--spacing-um", 10, "--image",
+               tmp_path / "he.tif", "--out", out)
+    assert r.exit_code == 2 and "--image needs --pixel-size-um" in r.output
 
 
 def test_plane_search_flags_are_checked_in_cli_words(tmp_path):

@@ -53,8 +53,13 @@ def _read_landmarks(path: Path):
 
 @app.command("plane")
 def plane(volume: Path = typer.Option(..., help="Volume: TIFF, OME-Zarr, zarr, NIfTI or NPY."),
-          image: Path = typer.Option(..., help="Section image: H&E (RGB) or grey, .png/.jpg/.tif/.npy."),
-          pixel_size: float = typer.Option(..., "--pixel-size", "--pixel-size-um", help="µm per section image pixel."),
+          image: Optional[Path] = typer.Option(None, help="Section image: H&E (RGB) or grey, .png/.jpg/.tif/.npy "
+                                               "(with --pixel-size-um)."),
+          pixel_size: Optional[float] = typer.Option(None, "--pixel-size", "--pixel-size-um",
+                                                     help="µm per section image pixel (with --image)."),
+          section: Optional[Path] = typer.Option(None, help="Instead of --image: a section (Space Ranger outs or .h5ad) "
+                                                 "whose stored hires H&E is registered, its pixel size from its scale "
+                                                 "factors."),
           out: Path = typer.Option(..., help="Output folder: plane.json, slice.tif, overlay.png."),
           spacing_um: Optional[str] = typer.Option(None, help="Volume voxel size z,y,x µm if the file does not say."),
           landmarks: Optional[Path] = typer.Option(None, help="CSV px_x,px_y,x_um,y_um,z_um (≥ 3 rows) to seed the search."),
@@ -63,7 +68,8 @@ def plane(volume: Path = typer.Option(..., help="Volume: TIFF, OME-Zarr, zarr, N
           depth_um: Optional[float] = typer.Option(None, help="± depth searched around the tissue centroid (µm)."),
           seed: int = typer.Option(0)):
     """Find the plane of a 2D section image inside a volume (3D affine in µm, resampled slice, overlay, score)."""
-    _friendly(_plane)(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_rotation, depth_um, seed)
+    _friendly(_plane)(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_rotation, depth_um, seed,
+                      section)
 
 
 def _check_search_flags(max_tilt, max_rotation, depth_um) -> None:
@@ -84,7 +90,8 @@ def _write_slice_tif(path: Path, slice_: np.ndarray, pixel_size_um: float) -> No
                      metadata={"unit": "um", "axes": "YX"})
 
 
-def _plane(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_rotation, depth_um, seed):
+def _plane(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_rotation, depth_um, seed,
+           section=None):
     from voxelome.cli import _triplet
     from voxelome.io import read_volume
     from voxelome.io.atomic import atomic_write_json
@@ -92,8 +99,23 @@ def _plane(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_
     from voxelome.register.plane_search import PlaneSearchRange, register_plane
 
     _check_search_flags(max_tilt, max_rotation, depth_um)
+    if (image is None) == (section is None):
+        raise VoxelomeError("give the section image either as --image HE.tif --pixel-size-um P, or as --section S "
+                            "(its stored hires H&E); exactly one of them.")
+    if image is not None and pixel_size is None:
+        raise VoxelomeError("--image needs --pixel-size-um (µm per pixel of that image).")
+    if section is not None:
+        from voxelome.io import read_section
+        from voxelome.io.sections import section_image
+
+        if pixel_size is not None:
+            raise VoxelomeError("--pixel-size-um goes with --image; with --section the pixel size comes from the "
+                                "section's scale factors.")
+        img, pixel_size = section_image(read_section(section))
+        image = section
+    else:
+        img = _read_image(image)
     vol = read_volume(volume, _triplet(spacing_um, "spacing-um"))
-    img = _read_image(image)
     typer.echo(f"searching the plane of {image} ({img.shape[1]} × {img.shape[0]} px at {pixel_size:g} µm) in "
                f"{volume} {tuple(vol.shape)} (z, y, x) at {tuple(round(float(v), 3) for v in vol.spacing_um)} µm: "
                f"tilts ±{max_tilt:g}°, rotations ±{max_rotation:g}°, grid then refinement…", err=True)

@@ -156,6 +156,35 @@ def _scverse_spatial(adata, library_id: str, scalefactors: dict, images: dict | 
 
 
 
+def section_image(adata, resolution: str = "hires"):
+    """The section's own image stored the scverse way (``uns['spatial'][library]['images'][resolution]``, as Space
+    Ranger's ``tissue_hires_image.png`` is read) and its pixel size in µm.
+
+    Returns
+    -------
+    image : ndarray (h, w) or (h, w, 3|4)
+    pixel_size_um : float
+        ``uns['voxelome']['pixel_size_um']`` (full-resolution pixels) ``/ tissue_{resolution}_scalef``.
+    """
+    libs = adata.uns.get("spatial") or {}
+    found = [(lib, d) for lib, d in libs.items() if isinstance(d, dict) and resolution in (d.get("images") or {})]
+    if not found:
+        raise VoxelomeError(f"the section stores no {resolution!r} image in uns['spatial'][library]['images'] "
+                            f"(libraries: {list(libs)}); pass the H&E file and its pixel size instead "
+                            "(--image HE.tif --pixel-size-um …).")
+    if len(found) > 1:
+        raise VoxelomeError(f"the section stores {resolution!r} images of several libraries {[f[0] for f in found]}; "
+                            "keep one library per section.")
+    lib, entry = found[0]
+    scale = (entry.get("scalefactors") or {}).get(f"tissue_{resolution}_scalef")
+    px = (adata.uns.get(UNS_KEY) or {}).get(PIXEL_SIZE_KEY)
+    if not scale or not px:
+        raise VoxelomeError(f"the {resolution!r} image of library {lib!r} has no scalefactors['tissue_{resolution}"
+                            "_scalef'] or the section no uns['voxelome']['pixel_size_um']; read the section with "
+                            "voxelome.io.read_section.")
+    return np.asarray(entry["images"][resolution]), float(px) / float(scale)
+
+
 def read_h5ad_section(path, *, pixel_size_um=None, spot_diameter_um=None, library_id=None):
     """Read an ``.h5ad`` section; scale from the argument, ``uns['voxelome']``, or scverse scalefactors.
 

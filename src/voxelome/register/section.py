@@ -11,6 +11,9 @@ from voxelome.errors import VoxelomeError
 from voxelome.io.volume import Volume
 from voxelome.register.placement import SectionPlacement
 
+#: smallest placement µm-per-pixel / section µm-per-pixel accepted (and its inverse the largest)
+MIN_SCALE_RATIO = 0.75
+
 
 def place_section(adata, placement: SectionPlacement, volume: Volume | None = None, *, copy: bool = False):
     """Map spot pixels to volume µm with ``placement`` and store the result on the section.
@@ -28,7 +31,10 @@ def place_section(adata, placement: SectionPlacement, volume: Volume | None = No
         raise VoxelomeError("section has no obsm['spatial'] (spot centres in pixels); read it with voxelome.io.read_section.")
     meta = adata.uns.setdefault(UNS_KEY, {})
     px_size = meta.get(PIXEL_SIZE_KEY)
-    if px_size is not None and not np.isclose(px_size, placement.pixel_size_um, rtol=0.1):
+    # a units check (mm vs µm, hires vs full-resolution pixels: factors of 5–1000), not a scale check: a registered
+    # plane (register plane) carries the tissue's shrinkage or expansion, searched within 0.8–1.25
+    ratio = None if px_size is None else placement.pixel_size_um / float(px_size)
+    if ratio is not None and not MIN_SCALE_RATIO <= ratio <= 1 / MIN_SCALE_RATIO:
         raise VoxelomeError(
             f"section and volume units do not fit: the section has pixel_size_um={px_size:g} but the placement maps "
             f"one pixel to {placement.pixel_size_um:g} µm. Build the placement with pixel_size_um={px_size:g}, "
