@@ -261,6 +261,29 @@ def test_cli_fit_volume_predict(split, tmp_path):
                               "--out", str(tmp_path / "o.csv")])
     assert res.exit_code == 0, res.output
     assert list(pd.read_csv(tmp_path / "o.csv").columns) == ["x", "y", "z", "g0", "g1", "g2"]
+    # a virtual oblique section in the three formats: the same values as the API, µm pixels and gene names kept
+    import tifffile
+
+    from voxelome.infer.field_export import FittedField
+    from voxelome.register.placement import SectionPlacement
+
+    plane = ["--origin", "0,0,100", "--normal", "0.2,0,1", "--pixel-size", "40", "--shape", "6,9", "--genes", "g2,g0"]
+    expected = FittedField.load(run).virtual_section(
+        SectionPlacement.from_origin_normal((0, 0, 100), (0.2, 0, 1), 40.0), (6, 9), ["g2", "g0"])
+    for name in ("s.ome.zarr", "s.tif", "s.npz"):
+        res = runner.invoke(app, ["reconstruct", "section", str(run), "--out", str(tmp_path / name), *plane])
+        assert res.exit_code == 0, res.output
+    from voxelome.infer.slide import read_slide_map
+
+    data, spacing, names = read_slide_map(tmp_path / "s.ome.zarr")  # the 2D (c, y, x) reader
+    np.testing.assert_allclose(np.asarray(data), expected, rtol=1e-6)
+    assert names == ["g2", "g0"] and tuple(spacing) == (40.0, 40.0)
+    with tifffile.TiffFile(tmp_path / "s.tif") as tf:
+        np.testing.assert_allclose(tf.asarray(), expected, rtol=1e-6)
+        assert tf.imagej_metadata["Labels"] == ["g2", "g0"] and tf.imagej_metadata["unit"] == "um"
+    np.testing.assert_allclose(np.load(tmp_path / "s.npz")["values"], expected)
+    res = runner.invoke(app, ["reconstruct", "section", str(run), "--out", str(tmp_path / "s.png"), *plane])
+    assert res.exit_code == 2 and ".ome.zarr (napari), .tif (Fiji) or .npz" in res.output
     res = runner.invoke(app, ["reconstruct", "fit", str(stack), "--out", str(tmp_path / "r2"), "--genes", "g1,gg2"])
     assert res.exit_code == 2 and "Did you mean" in res.output
     res = runner.invoke(app, ["reconstruct", "fit", str(stack), "--out", str(tmp_path / "r3"), "--likelihood", "poison"])

@@ -21,8 +21,7 @@ import numpy as np
 from voxelome.errors import VoxelomeError
 from voxelome.infer.sliding_window import blend_weights
 from voxelome.io.atomic import atomic_write_json
-
-NGFF_VERSION = "0.4"
+from voxelome.io.omezarr import attrs_2d
 
 
 def tile_starts(size: int, tile: int, stride: int, overlap: float, margin: int) -> np.ndarray:
@@ -129,23 +128,6 @@ def predict_slide(image, predictor: Callable[[np.ndarray], np.ndarray], *, tile:
     return (num / den).astype(np.float32)
 
 
-# --- 2D OME-Zarr (c, y, x) ----------------------------------------------------------------------------------
-def _attrs_2d(name, spacing_yx, names, factors, windows=None, origin_yx=(0.0, 0.0)):
-    datasets = [{"path": str(k), "coordinateTransformations": [
-        {"type": "scale", "scale": [1.0, spacing_yx[0] * f, spacing_yx[1] * f]},
-        {"type": "translation", "translation": [0.0, origin_yx[0] + (f - 1) / 2 * spacing_yx[0],
-                                                origin_yx[1] + (f - 1) / 2 * spacing_yx[1]]}]}
-        for k, f in enumerate(factors)]
-    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "micrometer"},
-            {"name": "x", "type": "space", "unit": "micrometer"}]
-    channels = [{"label": str(n), "color": "FFFFFF", "active": i < 3,
-                 "window": {"start": lo, "end": hi, "min": lo, "max": hi}}
-                for i, (n, (lo, hi)) in enumerate(zip(names, windows or [(0.0, 1.0)] * len(names)))]
-    return {"multiscales": [{"version": NGFF_VERSION, "name": name, "axes": axes, "datasets": datasets,
-                             "type": "mean"}],
-            "omero": {"version": NGFF_VERSION, "name": name, "channels": channels, "rdefs": {"model": "greyscale"}}}
-
-
 def write_slide_map(path, image, predictor, *, tile: int, stride: int, channel_names, pixel_size_um: float,
                     overlap: float = 0.25, blend: str = "gaussian", chunk: int = 256, batch_size: int = 4,
                     overwrite: bool = False, extra_attrs: dict | None = None, progress: bool = False) -> Path:
@@ -216,7 +198,7 @@ def write_slide_map(path, image, predictor, *, tile: int, stride: int, channel_n
     # map pixel (0, 0) covers input pixels [0, stride)², whose centre lies (stride − 1)/2 input pixels from
     # the centre of input pixel (0, 0) — the image's origin
     centre = (stride - 1) / 2 * float(pixel_size_um)
-    attrs = _attrs_2d(path.name, spacing, names, factors, windows, origin_yx=(centre, centre))
+    attrs = attrs_2d(path.name, spacing, names, factors, windows, origin_yx=(centre, centre))
     attrs.update(extra_attrs or {})
     atomic_write_json(path / ".zattrs", attrs)
     return path

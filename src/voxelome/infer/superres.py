@@ -19,25 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from voxelome.errors import VoxelomeError
+from voxelome.io.omezarr import write_image_ome_zarr
 
 SUMMARIES = ("mean", "std", "lower", "upper")
-
-
-def _write_2d(path: Path, data: np.ndarray, names, pixel_size_yx_um: tuple[float, float]) -> None:
-    import zarr
-    from numcodecs import Blosc
-
-    from voxelome.infer.slide import _attrs_2d
-
-    group = zarr.open_group(str(path), mode="w", zarr_format=2)
-    comp = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE)
-    chunks = (min(len(names), 16), min(256, data.shape[1]), min(256, data.shape[2]))
-    arr = group.create_array("0", shape=data.shape, chunks=chunks, dtype="float32", fill_value=0.0,
-                             compressors=comp, chunk_key_encoding={"name": "v2", "separator": "/"})
-    arr[:] = data.astype(np.float32)
-    finite = np.where(np.isfinite(data), data, np.nan)
-    windows = [(float(np.nanmin(c)), float(np.nanmax(c))) if np.isfinite(c).any() else (0.0, 1.0) for c in finite]
-    (path / ".zattrs").write_text(json.dumps(_attrs_2d(path.name, pixel_size_yx_um, names, [1], windows)))
 
 
 def write_superres(folder, predictions, genes, pixel_size_um, *, masks=None,
@@ -98,7 +82,7 @@ def write_superres(folder, predictions, genes, pixel_size_um, *, masks=None,
             data = np.stack(arrays, axis=1)  # (c, z, y, x)
             write_volume_ome_zarr(path, data, (float(section_spacing_um), *yx), channel_names=chans)
         else:
-            _write_2d(path, arrays[0], chans, yx)
+            write_image_ome_zarr(path, arrays[0], chans, yx)
     summary = {"genes": names, "pixel_size_um": yx[0] if yx[0] == yx[1] else list(yx),
                "axes": "czyx" if volume else "cyx",
                "level": float(preds[0].level), "calibrated": bool(preds[0].calibrated),

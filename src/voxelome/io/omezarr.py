@@ -399,3 +399,52 @@ def write_volume_ome_zarr(path, data, spacing_um_zyx=None, *, origin_um_zyx=None
     da.store(x.astype(arr.dtype).rechunk(arr.chunks), arr, lock=False)
     build_pyramid(path, n_levels, min_size=min_size)
     return Path(path)
+
+
+# --- 2D images (c, y, x) --------------------------------------------------------------------------------------
+def attrs_2d(name, spacing_yx, names, factors, windows=None, origin_yx=(0.0, 0.0)) -> dict:
+    """NGFF 0.4 ``.zattrs`` of a 2D multichannel image ``(c, y, x)``: one dataset per downsampling factor (scale
+    and the half-pixel shift of coarser levels, µm), channel labels and display windows (omero)."""
+    datasets = [{"path": str(k), "coordinateTransformations": [
+        {"type": "scale", "scale": [1.0, spacing_yx[0] * f, spacing_yx[1] * f]},
+        {"type": "translation", "translation": [0.0, origin_yx[0] + (f - 1) / 2 * spacing_yx[0],
+                                                origin_yx[1] + (f - 1) / 2 * spacing_yx[1]]}]}
+        for k, f in enumerate(factors)]
+    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "micrometer"},
+            {"name": "x", "type": "space", "unit": "micrometer"}]
+    channels = [{"label": str(n), "color": "FFFFFF", "active": i < 3,
+                 "window": {"start": lo, "end": hi, "min": lo, "max": hi}}
+                for i, (n, (lo, hi)) in enumerate(zip(names, windows or [(0.0, 1.0)] * len(names)))]
+    return {"multiscales": [{"version": NGFF_VERSION, "name": name, "axes": axes, "datasets": datasets,
+                             "type": "mean"}],
+            "omero": {"version": NGFF_VERSION, "name": name, "channels": channels, "rdefs": {"model": "greyscale"}}}
+
+
+def write_image_ome_zarr(path, data, channel_names, pixel_size_yx_um) -> Path:
+    """A small 2D multichannel image ``(c, y, x)`` (float32, one level, held in memory) as an OME-Zarr with µm
+    scale, channel names and display windows from each channel's finite range (napari, Fiji/BigDataViewer).
+
+    Parameters
+    ----------
+    path : path
+        Output folder (written in place: callers that need atomicity write into a temporary folder).
+    data : ndarray, shape (c, y, x)
+    channel_names : list of str, length c
+    pixel_size_yx_um : (float, float)
+        Pixel size along y and x in µm.
+    """
+    import zarr
+    from numcodecs import Blosc
+
+    path = Path(path)
+    data = np.asarray(data)
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    comp = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE)
+    chunks = (min(len(channel_names), 16), min(256, data.shape[1]), min(256, data.shape[2]))
+    arr = group.create_array("0", shape=data.shape, chunks=chunks, dtype="float32", fill_value=0.0,
+                             compressors=comp, chunk_key_encoding={"name": "v2", "separator": "/"})
+    arr[:] = data.astype(np.float32)
+    finite = np.where(np.isfinite(data), data, np.nan)
+    windows = [(float(np.nanmin(c)), float(np.nanmax(c))) if np.isfinite(c).any() else (0.0, 1.0) for c in finite]
+    (path / ".zattrs").write_text(json.dumps(attrs_2d(path.name, pixel_size_yx_um, channel_names, [1], windows)))
+    return path
