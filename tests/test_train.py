@@ -314,3 +314,24 @@ def test_spatial_split_holds_out_whole_blocks(phantom, section):
     section.obs["held_out"] = np.arange(section.n_obs) % 5 == 0
     fixed = targets_from_section(section, phantom.volume, val_fraction=0.25, block_um=300.0, seed=4)
     np.testing.assert_array_equal(~fixed.train_mask, section.obs["held_out"].to_numpy())
+
+
+def test_a_scan_too_large_for_memory_trains_from_lazy_crops_identically(phantom, targets, tmp_path, monkeypatch):
+    """Above REGION_MEMORY_BYTES the region around the section is not loaded: crops are read from the scan as
+    needed. They are the same crops (mirrored edges included), so the run is the same, bit for bit."""
+    from voxelome.train import sampling
+
+    centres = targets.centres_xyz_um
+    eager, scaler = sampling.load_region(phantom.volume, centres, 200.0, None)
+    with pytest.warns(UserWarning, match="reads its crops from the scan as needed"):
+        lazy, lazy_scaler = sampling.load_region(phantom.volume, centres, 200.0, None, max_bytes=1024)
+    assert lazy_scaler == scaler and lazy.scaler is not None and not isinstance(lazy.array, np.ndarray)
+    for start, shape in (((0, 0, 0), (8, 16, 16)), (tuple(eager.start - 3), (10, 20, 20)),
+                         (tuple(eager.start + np.asarray(eager.array.shape) - 5), (12, 12, 12))):
+        np.testing.assert_array_equal(lazy.crop(start, shape), eager.crop(start, shape))
+    cfg = make_config("dense", **{**TINY_DENSE, "epochs": 2})
+    full = train_model(phantom.volume, targets, cfg, tmp_path / "eager", progress=False)
+    monkeypatch.setattr(sampling, "REGION_MEMORY_BYTES", 1024)
+    with pytest.warns(UserWarning, match="reads its crops from the scan as needed"):
+        train_model(phantom.volume, targets, cfg, tmp_path / "lazy", progress=False)
+    _assert_same_run(full, tmp_path / "lazy")

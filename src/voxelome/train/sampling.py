@@ -8,6 +8,7 @@ X-Pression: one axis-aligned patch centred on each spot.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,12 +30,24 @@ def multiple_voxels(size_um: float, spacing_um: float, divisor: int) -> int:
     return max(int(round(size_um / spacing_um / divisor)), 1) * divisor
 
 
+#: float32 bytes above which the region around the spots is read crop by crop from the scan instead of held in
+#: memory (a 5 mm section in a 1.6 µm micro-CT spans ~40 GB of voxels once the crops' margin is added)
+REGION_MEMORY_BYTES = 2 * 2**30
+#: most voxels the intensity scaler is fitted on (16 z-planes of the region, strided in-plane above this)
+SCALER_SAMPLE_VOXELS = 16 * 2**20
+
+
 @dataclass
 class Region:
-    """A block of the scaled volume held in memory: ``array[k, j, i]`` is voxel ``start + (k, j, i)``."""
+    """A block of the volume: ``array[k, j, i]`` is voxel ``start + (k, j, i)``.
+
+    Held in memory already scaled (``scaler`` None), or lazy (a dask view of the scan, ``scaler`` applied to each
+    crop as it is read) when it would not fit (:data:`REGION_MEMORY_BYTES`).
+    """
 
     array: np.ndarray
     start: np.ndarray
+    scaler: IntensityScaler | None = None
 
     def crop(self, start_zyx, shape_zyx) -> np.ndarray:
         """Crop in global voxel indices, mirrored where it leaves the region.
@@ -46,6 +59,8 @@ class Region:
         lo_c = np.clip(lo, 0, self.array.shape)
         hi_c = np.clip(hi, 0, self.array.shape)
         block = self.array[lo_c[0]:hi_c[0], lo_c[1]:hi_c[1], lo_c[2]:hi_c[2]]
+        if self.scaler is not None:  # lazy: read this crop now
+            block = self.scaler(np.asarray(block, dtype=np.float32))
         pad = [(int(a - b), int(c - d)) for a, b, c, d in zip(lo_c, lo, hi, hi_c)]
         if any(p != (0, 0) for p in pad):
             if block.size == 0:
@@ -54,16 +69,34 @@ class Region:
         return block
 
 
-def load_region(volume: Volume, centres_xyz_um: np.ndarray, margin_um: float, scaler: IntensityScaler | None
-                ) -> tuple[Region, IntensityScaler]:
-    """Read (once) the bounding box of the spots plus ``margin_um``, scaled to ~[0, 1]."""
+def load_region(volume: Volume, centres_xyz_um: np.ndarray, margin_um: float, scaler: IntensityScaler | None,
+                *, max_bytes: int | None = None) -> tuple[Region, IntensityScaler]:
+    """The bounding box of the spots plus ``margin_um``, scaled to ~[0, 1]: read once into memory, or, when its
+    float32 voxels exceed ``max_bytes`` (default :data:`REGION_MEMORY_BYTES`), left lazy and read crop by crop
+    (bounded memory, slower epochs). Both give the same crops.
+
+    A new scaler is fitted on 16 evenly spaced z-planes of the box (strided in-plane when those planes hold more
+    than :data:`SCALER_SAMPLE_VOXELS`), the same sample either way.
+    """
+    max_bytes = REGION_MEMORY_BYTES if max_bytes is None else max_bytes
     idx = volume.xyz_to_index(centres_xyz_um)
     m = np.ceil(margin_um / np.asarray(volume.spacing_um)).astype(int)
     lo = np.clip(np.floor(idx.min(0)).astype(int) - m, 0, None)
     hi = np.minimum(np.ceil(idx.max(0)).astype(int) + m + 1, volume.shape)
-    raw = np.asarray(volume.data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
-    scaler = scaler or IntensityScaler.fit(raw[:: max(1, raw.shape[0] // 16)])
-    return Region(scaler(raw), lo), scaler
+    box = volume.data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    step_z = max(1, box.shape[0] // 16)
+    n_planes = len(range(0, box.shape[0], step_z))
+    step_yx = max(1, int(np.ceil(np.sqrt(n_planes * box.shape[1] * box.shape[2] / SCALER_SAMPLE_VOXELS))))
+    lazy = 4 * int(np.prod(hi - lo)) > max_bytes
+    if lazy:
+        warnings.warn(f"the scan around the section ({tuple(int(v) for v in hi - lo)} voxels, "
+                      f"{4 * np.prod(hi - lo) / 2**30:.1f} GiB as float32) is more than {max_bytes / 2**30:.1f} GiB: "
+                      "training reads its crops from the scan as needed (bounded memory, slower epochs). A coarser "
+                      "copy of the scan (e.g. 2× binned) trains faster.", UserWarning, stacklevel=2)
+    raw = box if lazy else np.asarray(box, dtype=np.float32)
+    if scaler is None:
+        scaler = IntensityScaler.fit(np.asarray(raw[::step_z, ::step_yx, ::step_yx], dtype=np.float32))
+    return (Region(raw, lo, scaler), scaler) if lazy else (Region(scaler(raw), lo), scaler)
 
 
 def footprint_points(targets: SpotTargets, step_um: float) -> np.ndarray:
