@@ -115,3 +115,21 @@ class Volume:
     def with_data(self, data) -> "Volume":
         """Same geometry, other data of the same shape."""
         return Volume.from_array(data, self.spacing_um, self.origin_um, name=self.name)
+
+    def binned(self, factor: int) -> "Volume":
+        """The volume averaged over ``factor``³ blocks (lazily; a partial block at the far edges is dropped), its
+        voxels ``factor`` times larger, their centres at the blocks' centres."""
+        import dask.array as da
+
+        factor = int(factor)
+        if factor < 1:
+            raise VoxelomeError(f"factor={factor!r} must be a positive integer.")
+        if factor == 1:
+            return self
+        if min(self.shape) < factor:
+            raise VoxelomeError(f"a {self.shape} volume cannot be binned by {factor} along every axis.")
+        data = da.coarsen(np.mean, da.asarray(self.data).astype(np.float32), {0: factor, 1: factor, 2: factor},
+                          trim_excess=True)
+        spacing = np.asarray(self.spacing_um) * factor
+        origin = np.asarray(self.origin_um) + (factor - 1) / 2 * np.asarray(self.spacing_um)
+        return Volume.from_array(data, tuple(spacing), tuple(origin), name=self.name)

@@ -192,10 +192,14 @@ def _check_inputs(volume, image, pixel_size_um):
 
 
 # --- the search -------------------------------------------------------------------------
+#: voxels of the volume searched at most (256 MB as float32; its pyramid and ITK copies come on top)
+MAX_VOLUME_VOXELS = 64 * 2**20
+
+
 def register_plane(volume: Volume, image, pixel_size_um: float, *, search: PlaneSearchRange | None = None,
                    landmarks=None, n_seeds: int = 12, n_screen: int = 16, n_candidates: int = 3, levels: tuple[int, ...] = (4, 2, 1), grid_level: int = 4,
                    max_iterations: int = 100, sampling: float = 0.3, max_samples: int = 6000,
-                   seed: int = 0) -> PlaneSearchResult:
+                   seed: int = 0, max_voxels: int = MAX_VOLUME_VOXELS) -> PlaneSearchResult:
     """Find the plane of ``image`` (a section) in ``volume``.
 
     Parameters
@@ -232,6 +236,10 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
         ... but at most this many.
     seed : int
         Seed of the grid's and the metric's sampling.
+    max_voxels : int
+        A larger volume (a fine micro-CT: 2000³ voxels are 32 GB as float32) is first averaged over ``b``³ blocks,
+        ``b`` the smallest integer that brings it under this, and searched at that resolution (recorded as
+        ``search['volume_binning']``); the placement is in µm either way.
 
     Returns
     -------
@@ -254,6 +262,8 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
         raise VoxelomeError(f"n_seeds={n_seeds!r} must be ≥ 1.")
     if int(n_candidates) < 1 or int(n_screen) < int(n_candidates):
         raise VoxelomeError(f"n_candidates={n_candidates!r} must be ≥ 1 and n_screen={n_screen!r} ≥ n_candidates.")
+    binning = max(1, int(np.ceil((float(np.prod(volume.shape)) / max_voxels) ** (1 / 3) - 1e-9)))
+    volume = volume.binned(binning)
     vox = float(min(volume.spacing_um))
     vol_arr = np.asarray(volume.data, dtype=np.float32)
     spacing, origin = np.asarray(volume.spacing_um), np.asarray(volume.origin_um)
@@ -335,7 +345,7 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
     return PlaneSearchResult(placement, float(best["metric"]), sl, float(g0), float(final.GetScale()), tilt,
                              timings["total_s"], starts,
                              search=dict(asdict(search), levels=list(levels), n_seeds=int(n_seeds), n_screen=int(n_screen),
-                                         n_candidates=int(n_candidates), timings=timings,
+                                         n_candidates=int(n_candidates), timings=timings, volume_binning=binning,
                                          seeded_by="landmarks" if landmarks is not None else "grid"))
 
 
