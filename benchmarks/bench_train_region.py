@@ -38,8 +38,8 @@ vol = read_volume(scan)
 placement = axial_placement(ph)  # the section in µm: the same on the finer scan
 section = place_section(ph.cut_section(placement, seed=0), placement, vol)
 section.obsm["signatures"] = np.asarray(section.obsm["signatures_true"], dtype=np.float32)
-targets = targets_from_section(section, vol, seed=0)
 cfg = make_config("dense", epochs=2, steps_per_epoch=4, batch_size=2)
+targets = targets_from_section(section, vol, val_fraction=cfg.val_fraction, block_um=cfg.split_block_um, seed=0)
 t = time.perf_counter()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
