@@ -154,6 +154,14 @@ class DenseCropSampler:
         norm = 2.0 * o / np.maximum(out_shape - 1, 1) - 1.0
         return torch.from_numpy(norm[..., ::-1].copy()).float()[None, :, :, None, :]
 
+    def _place(self, centre_idx: np.ndarray, rng: np.random.Generator | None, candidates: np.ndarray):
+        """Start voxel of a crop near ``centre_idx`` (jittered with ``rng``) and the candidate spots it holds."""
+        jitter = rng.uniform(-0.25, 0.25, 3) * self.crop_shape if rng is not None else np.zeros(3)
+        jitter[0] = 0.0 if rng is None else jitter[0] * 0.2
+        start = np.round(centre_idx + jitter - self.crop_shape / 2).astype(int)
+        # Evaluation keeps only spots well inside the crop, so each sees its full context.
+        return start, self._spots_in(start, candidates, None if rng is not None else self.crop_shape * 0.2)
+
     def crop_for(self, centre_idx: np.ndarray, rng: np.random.Generator | None, candidates: np.ndarray,
                  augment: bool, axes=(0, 1, 2)):
         """One crop centred near ``centre_idx`` with the candidate spots that fit in it.
@@ -162,11 +170,7 @@ class DenseCropSampler:
         (a 90° rotation in 3D), so that a model fit on one plane sees its structures in every
         orientation (for isotropic scans).
         """
-        jitter = rng.uniform(-0.25, 0.25, 3) * self.crop_shape if rng is not None else np.zeros(3)
-        jitter[0] = 0.0 if rng is None else jitter[0] * 0.2
-        start = np.round(centre_idx + jitter - self.crop_shape / 2).astype(int)
-        # Evaluation keeps only spots well inside the crop, so each sees its full context.
-        spots = self._spots_in(start, candidates, None if rng is not None else self.crop_shape * 0.2)
+        start, spots = self._place(centre_idx, rng, candidates)
         x = self.region.crop(start, self.crop_shape)
         rel = self.foot_idx[spots] - start
         if augment and rng is not None:
@@ -200,22 +204,23 @@ class DenseCropSampler:
         return torch.from_numpy(np.stack(xs))[:, None], grids, ys
 
     def cover(self, spots: np.ndarray, batch_size: int):
-        """Deterministic crops that together contain every spot in ``spots`` once (for evaluation)."""
+        """Deterministic crops that together contain every spot in ``spots`` once (for evaluation), read a batch at
+        a time."""
         remaining = list(spots)
-        crops = []
+        plan = []  # (start, spots) of every crop first; pixels are read a batch at a time (bounded memory)
         while remaining:
             anchor = remaining[0]
-            x, inside, grid = self.crop_for(self.centre_idx[anchor], None, np.asarray(remaining), False)
+            start, inside = self._place(self.centre_idx[anchor], None, np.asarray(remaining))
             if anchor not in inside:  # footprint wider than the crop allows: evaluate it alone, centred
                 inside = np.asarray([anchor])
-                rel = self.foot_idx[inside] - np.round(self.centre_idx[anchor] - self.crop_shape / 2).astype(int)
-                grid = self._grid(rel)
-            crops.append((x, inside, grid))
+            plan.append((start, inside))
             taken = set(inside.tolist())
             remaining = [s for s in remaining if s not in taken]
-        for i in range(0, len(crops), batch_size):
-            part = crops[i:i + batch_size]
-            yield torch.from_numpy(np.stack([c[0] for c in part]))[:, None], [c[1] for c in part], [c[2] for c in part]
+        for i in range(0, len(plan), batch_size):
+            part = plan[i:i + batch_size]
+            x = np.stack([np.ascontiguousarray(self.region.crop(start, self.crop_shape)) for start, _ in part])
+            yield (torch.from_numpy(x)[:, None], [inside for _, inside in part],
+                   [self._grid(self.foot_idx[inside] - start) for start, inside in part])
 
 
 class PatchSampler:
