@@ -99,3 +99,25 @@ def test_cli_store_records_slabs_and_fit_honours_them(tmp_path):
     r = CliRunner().invoke(app, ["reconstruct", "fit", str(tmp_path / "st"), "--out", str(tmp_path / "r2"),
                                  "--z-slabs", "10"])
     assert r.exit_code == 2 and "point store" in r.output
+
+
+def test_cells_without_counts_are_refused_or_dropped(tmp_path):
+    a, _ = _cells(400)
+    X = a.X.toarray()
+    X[[5, 17, 230]] = 0  # imaging panels leave some cells without any count
+    a.X = sp.csr_matrix(X)
+    a.write_h5ad(tmp_path / "cells.h5ad")
+    args = ["reconstruct", "fit", str(tmp_path / "cells.h5ad"), "--z-slabs", "40", "--settings", "ntf", *FAST]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r1")])
+    assert r.exit_code == 2 and "3 points have no counts" in r.output and "--drop-empty" in r.output
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r2"), "--drop-empty"])
+    assert r.exit_code == 0, r.output
+    assert "3 of 400 points have no counts and are left out" in r.output and "on 397 points" in r.output
+    r = CliRunner().invoke(app, ["reconstruct", "store", str(tmp_path / "cells.h5ad"), "--out", str(tmp_path / "st"),
+                                 "--z-slabs", "40", "--drop-empty", "--chunk", "150"])
+    assert r.exit_code == 0, r.output
+    store = open_point_store(tmp_path / "st")
+    assert len(store) == 397 and "3 points without counts left out" in r.output
+    keep = X.sum(1) > 0
+    np.testing.assert_array_equal(store.xyz_um, a.obsm["spatial_3d"][keep].astype(np.float32))
+    np.testing.assert_array_equal(store.rows(np.arange(397)), X[keep].astype(np.float32))

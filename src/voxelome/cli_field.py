@@ -83,6 +83,9 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         obsm_key: Optional[str] = typer.Option(None, help="Model obsm[KEY] (e.g. signatures) instead of genes."),
         section_key: str = typer.Option("section", help="obs column naming each point's section."),
         z_slabs: Optional[float] = typer.Option(None, help=Z_SLABS_HELP),
+        drop_empty: bool = typer.Option(False, "--drop-empty", help="Drop spots/cells without any count (imaging "
+                                        "panels often have some; a count likelihood cannot normalise them) and say "
+                                        "how many."),
         layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
         preset: str = typer.Option("cpu", help="paper (NTF: Adam 1e-4, 20k × 8192) or cpu (tuned for a CPU)."),
         settings: str = typer.Option("auto", help="select: choose among 5 candidates on held-out inner sections "
@@ -123,13 +126,15 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if settings not in choices:
         raise VoxelomeError(f"--settings {settings!r} is not one of {', '.join(choices)}.{did_you_mean(settings, choices)}")
     if stack.is_dir():  # a point store: memmapped, never loaded into RAM
-        if genes or obsm_key or layer or signatures_model or z_slabs is not None:
-            raise VoxelomeError("--genes/--obsm-key/--layer/--signatures-model/--z-slabs do not apply to a point store "
+        if genes or obsm_key or layer or signatures_model or z_slabs is not None or drop_empty:
+            raise VoxelomeError("--genes/--obsm-key/--layer/--signatures-model/--z-slabs/--drop-empty do not apply to a point store "
                                 "(its genes and sections were set when it was written); pass them to `reconstruct store`.")
         adata = None
         data = PointData.from_store(stack)
     else:
         adata = ad.read_h5ad(stack)
+        if drop_empty:
+            adata = _without_empty(adata, layer)
     loadings, gene_list = None, _genes(genes)
     sig = None
     if signatures_model is not None:
@@ -210,6 +215,19 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {_sections(data)} → {run}")
 
 
+def _without_empty(adata, layer):
+    """``adata`` without the rows whose counts (``layers[layer]``, ``layers['counts']`` or ``X``) sum to 0."""
+    from voxelome.constants import COUNTS_LAYER
+
+    key = layer or (COUNTS_LAYER if COUNTS_LAYER in adata.layers else None)
+    if key is not None and key not in adata.layers:
+        raise VoxelomeError(f"layers[{key!r}] is missing (have {list(adata.layers)}).{did_you_mean(key, adata.layers)}")
+    total = np.asarray((adata.layers[key] if key else adata.X).sum(axis=1)).ravel()
+    empty = int((total <= 0).sum())
+    typer.echo(f"--drop-empty: {empty} of {adata.n_obs} points have no counts and are left out")
+    return adata[total > 0].copy() if empty else adata
+
+
 def _sections(data) -> str:
     n = len(data.section_names)
     return f"{n} sections" if data.z_slab_um is None else f"{n} z-slabs of {data.z_slab_um:g} µm"
@@ -253,6 +271,7 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
                                                 "beside the named ones (default none); 0 = every gene."),
           section_key: str = typer.Option("section", help="obs column naming each point's section."),
           z_slabs: Optional[float] = typer.Option(None, help=Z_SLABS_HELP),
+          drop_empty: bool = typer.Option(False, "--drop-empty", help="Leave out spots/cells without any count."),
           layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
           chunk: int = typer.Option(1_000_000, help="Rows read at a time."),
           overwrite: bool = typer.Option(False, help="Replace an existing store.")):
@@ -268,9 +287,11 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
         gene_list = _choose_genes(backed, gene_list, n_genes, layer=layer, chunk=chunk, verb="keeping")
         backed.file.close()
     write_point_store(stack, out, genes=gene_list, layer=layer, section_key=section_key, chunk=chunk,
-                      overwrite=overwrite, z_slab_um=z_slabs)
+                      overwrite=overwrite, z_slab_um=z_slabs, drop_empty=drop_empty)
     data = open_point_store(out, check=False, min_sections=1)  # just written and checked by the writer
-    typer.echo(f"point store of {len(data)} points × {data.n_genes} genes ({data.values.nnz} non-zeros) → {out}")
+    dropped = json.loads((out / "points.json").read_text()).get("n_dropped_empty", 0)
+    typer.echo(f"point store of {len(data)} points × {data.n_genes} genes ({data.values.nnz} non-zeros) → {out}"
+               + (f"; {dropped} points without counts left out (--drop-empty)" if dropped else ""))
 
 
 def _load(run: Path):

@@ -140,7 +140,7 @@ class PointData:
             values = counts[:, idx] if sp.issparse(counts) else np.ascontiguousarray(counts[:, idx], dtype=np.float32)
         if is_counts and (library <= 0).any():
             raise VoxelomeError(f"{int((library <= 0).sum())} points have no counts at all; drop empty spots/cells "
-                                "(adata = adata[adata.X.sum(1) > 0]).")
+                                "(adata = adata[adata.X.sum(1) > 0]; CLI: reconstruct fit --drop-empty).")
         return cls(xyz, codes, names, [var[i] for i in idx], values, library if is_counts else np.ones(len(xyz)),
                    is_counts, None if z_slab_um is None else float(z_slab_um))
 

@@ -141,6 +141,7 @@ class PointStoreWriter:
         (self.path / MANIFEST).unlink(missing_ok=True)  # an incomplete store has no manifest
         self.genes, self.section_names = [str(g) for g in genes], [str(s) for s in section_names]
         self.z_slab_um = None if z_slab_um is None else float(z_slab_um)
+        self.n_dropped_empty = 0  #: points left out by write_point_store(drop_empty=True), recorded in the manifest
         self.files = {k: _Growing(self.path / f"{k}.npy", dt, tail) for k, (dt, tail) in ARRAYS.items()}
         self.files["indptr"].append(np.zeros(1, np.int64))
         self.nnz, self.is_counts = 0, True
@@ -195,6 +196,8 @@ class PointStoreWriter:
                     "section_names": self.section_names, "is_counts": bool(self.is_counts)}
         if self.z_slab_um is not None:
             manifest["z_slab_um"] = self.z_slab_um
+        if self.n_dropped_empty:
+            manifest["n_dropped_empty"] = self.n_dropped_empty
         tmp = self.path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest))
         os.replace(tmp, self.path / MANIFEST)  # the manifest last: a store without one is incomplete
@@ -213,13 +216,14 @@ class PointStoreWriter:
 
 def write_point_store(adata, path, *, genes=None, layer: str | None = None,
                       section_key: str = DEFAULT_SECTION_KEY, chunk: int = 1_000_000,
-                      overwrite: bool = False, z_slab_um: float | None = None) -> Path:
+                      overwrite: bool = False, z_slab_um: float | None = None, drop_empty: bool = False) -> Path:
     """Convert an AnnData stack (in memory, backed, or an ``.h5ad`` path, opened ``backed='r'``) to a point
     store, reading ``chunk`` rows at a time.
 
     Parameters are those of :meth:`PointData.from_anndata` (counts from ``layer``, else
     ``layers['counts']``, else ``X``; ``obsm['spatial_3d']`` µm; ``obs[section_key]``, or z-slabs of
-    ``z_slab_um`` µm as the sections).
+    ``z_slab_um`` µm as the sections). ``drop_empty`` leaves out points without any count (else the store refuses
+    them); how many is in the manifest (``n_dropped_empty``).
     """
     import anndata as ad
 
@@ -254,9 +258,12 @@ def write_point_store(adata, path, *, genes=None, layer: str | None = None,
             block = m[a:b]
             block = block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
             lib = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+            keep = lib > 0 if drop_empty else np.ones(len(lib), bool)
+            w.n_dropped_empty += int((~keep).sum())
+            block = block.tocsr()[keep] if not keep.all() else block
             if cols is not None:
                 block = block.tocsr()[:, cols]
-            w.append(block, np.asarray(xyz_all[a:b]), codes[a:b], library=lib)  # library over all genes
+            w.append(block, np.asarray(xyz_all[a:b])[keep], codes[a:b][keep], library=lib[keep])  # library: all genes
     return Path(path)
 
 
