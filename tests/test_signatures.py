@@ -268,3 +268,22 @@ def test_config_is_frozen_and_serialisable():
     assert cfg.to_dict()["method"] == "nmf"
     with pytest.raises(Exception):
         cfg.method = "archetypes"
+
+
+def test_large_sections_fit_on_a_subset_and_project_every_spot(data):
+    """Above max_fit_spots the signatures are fitted on a seeded subset (archetypal analysis grows faster than the
+    spots); every spot is still projected, and the signatures recover the truth as the full fit does."""
+    full = fit_signatures(data["a1"], n_signatures=K)
+    sub = fit_signatures(data["a1"], n_signatures=K, max_fit_spots=600)  # 600 of 2,025 spots
+    assert sub.config.max_fit_spots == 600
+    p_sub, p_full = sub.project(data["a1"]), full.project(data["a1"])
+    assert p_sub.shape == (data["a1"].n_obs, K) and np.allclose(p_sub.sum(1), 1.0)
+    r_sub, _ = match(p_sub, data["p1"])
+    r_full, _ = match(p_full, data["p1"])
+    assert r_sub.mean() >= 0.8 and r_sub.mean() > r_full.mean() - 0.05, (r_sub, r_full)
+    r_agree, _ = match(p_sub, p_full)
+    assert r_agree.mean() > 0.9, r_agree
+    again = fit_signatures(data["a1"], n_signatures=K, max_fit_spots=600)  # the subset is seeded
+    np.testing.assert_array_equal(again.loadings, sub.loadings)
+    with pytest.raises(VoxelomeError, match="max_fit_spots"):
+        SignatureConfig(max_fit_spots=0)

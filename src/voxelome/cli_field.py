@@ -127,8 +127,9 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         raise VoxelomeError(f"--settings {settings!r} is not one of {', '.join(choices)}.{did_you_mean(settings, choices)}")
     if stack.is_dir():  # a point store: memmapped, never loaded into RAM
         if genes or obsm_key or layer or signatures_model or z_slabs is not None or drop_empty:
-            raise VoxelomeError("--genes/--obsm-key/--layer/--signatures-model/--z-slabs/--drop-empty do not apply to a point store "
-                                "(its genes and sections were set when it was written); pass them to `reconstruct store`.")
+            raise VoxelomeError("--genes/--obsm-key/--layer/--signatures-model/--z-slabs/--drop-empty do not apply to "
+                                "a point store (its genes and sections were set when it was written); pass them to "
+                                "`reconstruct store`.")
         adata = None
         data = PointData.from_store(stack)
     else:
@@ -278,7 +279,7 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
     """Write a stack too large for RAM to a point store, for `reconstruct fit STORE`."""
     import anndata as ad
 
-    from voxelome.train.point_store import open_point_store, write_point_store
+    from voxelome.train.point_store import MANIFEST, open_point_store, write_point_store
 
     _check_n_genes(n_genes)
     gene_list = _genes(genes)
@@ -289,7 +290,7 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
     write_point_store(stack, out, genes=gene_list, layer=layer, section_key=section_key, chunk=chunk,
                       overwrite=overwrite, z_slab_um=z_slabs, drop_empty=drop_empty)
     data = open_point_store(out, check=False, min_sections=1)  # just written and checked by the writer
-    dropped = json.loads((out / "points.json").read_text()).get("n_dropped_empty", 0)
+    dropped = json.loads((out / MANIFEST).read_text()).get("n_dropped_empty", 0)
     typer.echo(f"point store of {len(data)} points × {data.n_genes} genes ({data.values.nnz} non-zeros) → {out}"
                + (f"; {dropped} points without counts left out (--drop-empty)" if dropped else ""))
 
