@@ -336,55 +336,14 @@ def section(run: Path = typer.Argument(..., help="Run folder from `reconstruct f
     field = _load(run)
     placement = SectionPlacement.from_origin_normal(_numbers(origin, "origin", (3,)), _numbers(normal, "normal", (3,)),
                                                     pixel_size)
-    kind = _section_format(out)
+    from voxelome.io.planes import plane_format, write_plane
+
+    kind = plane_format(out)
     rows, cols = (int(v) for v in _numbers(shape, "shape", (2,)))
     values = field.virtual_section(placement, (rows, cols), _genes(genes))
     names = [field.genes[i] for i in field.gene_index(_genes(genes))]
-    _write_section(out, kind, values, names, placement, pixel_size)
+    write_plane(out, values, names, pixel_size, placement.matrix, kind=kind)
     typer.echo(f"virtual section {values.shape} (genes, rows, cols) at {pixel_size:g} µm → {out}")
-
-
-SECTION_FORMATS = {".ome.zarr": "ome-zarr", ".zarr": "ome-zarr", ".tif": "tiff", ".tiff": "tiff", ".npz": "npz"}
-
-
-def _section_format(out: Path) -> str:
-    name = out.name.lower()
-    kind = next((k for suffix, k in SECTION_FORMATS.items() if name.endswith(suffix)), None)
-    if kind is None:
-        raise VoxelomeError(f"--out {out}: write a virtual section as .ome.zarr (napari), .tif (Fiji) or .npz.")
-    return kind
-
-
-def _write_section(out: Path, kind: str, values, names, placement, pixel_size: float) -> None:
-    """Write ``values`` (g, rows, cols) atomically; every format records the genes, the µm pixel size and the plane."""
-    import shutil
-
-    from voxelome.io.atomic import atomic_path
-
-    if kind == "ome-zarr":
-        import os
-
-        from voxelome.io.omezarr import write_image_ome_zarr
-
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_image_ome_zarr(tmp, values, names, (pixel_size, pixel_size))
-        attrs = json.loads((tmp / ".zattrs").read_text())
-        attrs["voxelome"] = {"placement": placement.matrix.tolist(), "doc": "xyz_um = placement @ (col, row, 1)"}
-        (tmp / ".zattrs").write_text(json.dumps(attrs))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        return
-    with atomic_path(out) as tmp:
-        if kind == "tiff":
-            import tifffile
-
-            tifffile.imwrite(tmp, np.asarray(values, np.float32), imagej=True, resolution=(1 / pixel_size,) * 2,
-                             metadata={"axes": "CYX", "unit": "um", "Labels": list(names),
-                                       "Info": json.dumps({"placement": placement.matrix.tolist()})})
-        else:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, values=values, genes=np.array(names), placement=placement.matrix)
 
 
 @app.command()
