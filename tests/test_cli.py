@@ -17,7 +17,7 @@ from voxelome.cli import app
 from voxelome.io import read_section, validate_section, write_h5ad
 from voxelome.io.omezarr import read_ome_zarr
 
-VERBS = ("demo", "signatures", "train", "predict", "evaluate")
+VERBS = ("demo", "signatures", "train", "predict", "evaluate", "convert")
 TINY_SETS = ["--set", "epochs=1", "--set", "steps_per_epoch=2", "--set", "batch_size=2", "--set", "width=8",
              "--set", "window_um=[320,320,320]", "--set", "crop_um=[160,480,480]"]
 
@@ -57,6 +57,30 @@ def test_each_verb_has_help(verb):
     result = invoke(verb, "--help")
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output and verb in result.output
+
+
+def test_convert_a_slice_folder_to_ome_zarr(volume_file, tmp_path):
+    """`voxelome convert`: any readable scan → a chunked multiscale OME-Zarr with its µm spacing, atomically."""
+    import tifffile
+
+    scan = np.load(volume_file)
+    folder = tmp_path / "recon"
+    folder.mkdir()
+    for k, plane in enumerate(scan["data"]):
+        tifffile.imwrite(folder / f"rec_{k:04d}.tif", plane)
+    out = tmp_path / "scan.ome.zarr"
+    spacing = ",".join(map(str, scan["spacing_um"]))
+    r = invoke("convert", folder, "--out", out)
+    assert r.exit_code == 2 and "slice distance" in r.output  # a folder of slices never stores it
+    r = invoke("convert", folder, "--out", out, "--spacing-um", spacing)
+    assert r.exit_code == 0, r.output
+    data, got_spacing, _ = read_ome_zarr(out)
+    np.testing.assert_array_equal(np.asarray(data)[0], scan["data"])
+    assert got_spacing == tuple(scan["spacing_um"])
+    assert (out / "1").exists()  # multiscale
+    r = invoke("convert", folder, "--out", out, "--spacing-um", spacing)
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert not list(tmp_path.glob(".scan.ome.zarr.tmp-*"))  # no temporary left behind
 
 
 def test_train_help_documents_config_fields():

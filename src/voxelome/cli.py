@@ -203,6 +203,40 @@ def train(volume: Optional[Path] = typer.Option(None, help="Scan: TIFF, OME-Zarr
 
 @app.command()
 @_friendly
+def convert(volume: Path = typer.Argument(..., help="Scan: TIFF stack, a folder of 2D slices, NIfTI, MetaImage/NRRD, "
+                                          "NPY/NPZ or zarr."),
+            out: Path = typer.Option(..., help="Output .ome.zarr: chunked, multiscale, µm scale (napari)."),
+            spacing_um: Optional[str] = typer.Option(None, help="Voxel size µm 'dz,dy,dx' or one number, if the file does "
+                                                     "not say (a folder of slices never stores the slice distance)."),
+            overwrite: bool = typer.Option(False, help="Replace an existing output.")):
+    """Write a scan as a chunked multiscale OME-Zarr, the format every verb reads fastest.
+
+    A prediction window reads only the chunks it covers; from a folder of slices or a stripped TIFF every window
+    decodes whole slices, so a large scan is worth converting once.
+    """
+    import os
+    import shutil
+
+    from dask.diagnostics import ProgressBar
+
+    from voxelome.io import write_volume_ome_zarr
+
+    if out.exists() and not overwrite:
+        raise VoxelomeError(f"--out {out} exists; pass --overwrite or choose another path.")
+    vol = _load_volume(volume, spacing_um)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    typer.echo(f"{volume}: {vol.shape} (z, y, x) voxels of {tuple(round(float(v), 4) for v in vol.spacing_um)} µm "
+               f"→ {out}", err=True)
+    with ProgressBar(out=sys.stderr):
+        write_volume_ome_zarr(tmp, vol, overwrite=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # written whole or not at all
+    typer.echo(f"OME-Zarr → {out}")
+
+
+@app.command()
+@_friendly
 def predict(run: Path = typer.Argument(..., help="Run folder (holding checkpoint.pt) or the train --out folder."),
             volume: Optional[Path] = typer.Option(None, help="Scan to predict (same voxel size as in training)."),
             image: Optional[Path] = typer.Option(None, help="dense2d runs: the H&E image to map (writes a (c, y, x) OME-Zarr)."),
