@@ -372,6 +372,15 @@ def test_itk_volume_is_read_by_slabs_with_mm_spacing(tmp_path, vol, suffix):
         assert read_volume(tmp_path / f"v{suffix}", spacing_um=(2, 0.5, 0.5)).spacing_um == (2.0, 0.5, 0.5)
 
 
+def test_itk_one_volume_4d_file(tmp_path, vol):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(vol[None], isVector=False), str(tmp_path / "t.mha"))  # (x, y, z, t=1)
+    v = read_volume(tmp_path / "t.mha", spacing_um=1)
+    assert v.shape == vol.shape
+    np.testing.assert_array_equal(np.asarray(v.data[2, 3:7]), vol[2, 3:7])
+
+
 def test_itk_errors(tmp_path, vol):
     import SimpleITK as sitk
 

@@ -24,8 +24,9 @@ _SLAB_BYTES = 64 * 2**20  #: dask chunk size: whole (y, x) planes, as many as fi
 class _ItkBoxes:
     """Array-like ``(z, y, x)`` view of an ITK image file: each ``[...]`` read decodes only its bounding box."""
 
-    def __init__(self, path: Path, shape, dtype):
+    def __init__(self, path: Path, shape, dtype, extra_axes: int = 0):
         self.path, self.shape, self.dtype, self.ndim = str(path), tuple(shape), np.dtype(dtype), 3
+        self.extra_axes = int(extra_axes)  # trailing singleton ITK axes (e.g. t of a one-volume 4D file)
 
     def __getitem__(self, index):
         import SimpleITK as sitk
@@ -43,9 +44,10 @@ class _ItkBoxes:
             return np.empty(tuple(len(range(*b)) for s, b in zip(index, bounds) if isinstance(s, slice)), self.dtype)
         reader = sitk.ImageFileReader()
         reader.SetFileName(self.path)
-        reader.SetExtractIndex(start[::-1])  # ITK orders (x, y, z)
-        reader.SetExtractSize(size[::-1])
+        reader.SetExtractIndex(start[::-1] + [0] * self.extra_axes)  # ITK orders (x, y, z[, t])
+        reader.SetExtractSize(size[::-1] + [1] * self.extra_axes)
         box = sitk.GetArrayFromImage(reader.Execute())
+        box = box.reshape(box.shape[self.extra_axes:]) if self.extra_axes else box
         local = tuple(slice(None, None, b[2]) if isinstance(s, slice) else 0 for s, b in zip(index, bounds))
         return box[local]
 
@@ -73,21 +75,22 @@ def read_itk(path: Path, key, chunks, spacing_um):
         components = reader.GetNumberOfComponents()
     except RuntimeError as exc:
         raise corrupt_file_error(path, "ITK image (MetaImage/NRRD)", exc) from exc
+    extra = 0
     if len(size) == 4 and size[3] == 1:
-        size, spacing = size[:3], spacing[:3]
+        size, spacing, extra = size[:3], spacing[:3], 1
     if len(size) != 3:
         raise VoxelomeError(f"'{path}' has {len(size)} axes of sizes {tuple(size)}; expected a 3D volume (x, y, z).")
     if components != 1:
         raise VoxelomeError(f"'{path}' has {components} components per voxel (e.g. RGB); voxelome reads grey-level "
                             "volumes. Export one channel.")
     shape = tuple(int(s) for s in size[::-1])
-    probe = _ItkBoxes(path, shape, np.float64)
+    probe = _ItkBoxes(path, shape, np.float64, extra)
     try:  # decode the first and the last voxel now: a truncated file fails here, not in the middle of a run
         first = probe[0:1, 0:1, 0:1]
         probe[-1:, -1:, -1:]
     except RuntimeError as exc:
         raise corrupt_file_error(path, "ITK image (MetaImage/NRRD)", exc) from exc
-    guarded = GuardedArray(_ItkBoxes(path, shape, first.dtype), path, "ITK image (MetaImage/NRRD)")
+    guarded = GuardedArray(_ItkBoxes(path, shape, first.dtype, extra), path, "ITK image (MetaImage/NRRD)")
     plane = shape[1] * shape[2] * first.dtype.itemsize
     data = guarded.to_dask(chunks or (int(max(1, min(shape[0], _SLAB_BYTES // max(plane, 1)))), shape[1], shape[2]))
     unit = _nrrd_space_unit(path) if path.suffix.lower() in (".nrrd", ".nhdr") else None
