@@ -91,6 +91,8 @@ def _read_slice(path: Path, shape, dtype) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001
         raise corrupt_file_error(path, "image slice", exc) from exc
     image = image.reshape(shape) if image.size == int(np.prod(shape)) else image
+    if image.dtype != dtype and image.dtype.kind == dtype.kind and image.dtype.itemsize == dtype.itemsize:
+        image = image.astype(dtype)  # byte order only (Pillow's "I;16B" decodes big-endian)
     if image.shape != tuple(shape) or image.dtype != dtype:
         raise VoxelomeError(f"'{path}' decodes to {image.dtype} {image.shape}; the series' slices are {dtype} "
                             f"{tuple(shape)}.")
