@@ -214,24 +214,18 @@ def convert(volume: Path = typer.Argument(..., help="Scan: TIFF stack, a folder 
     A prediction window reads only the chunks it covers; from a folder of slices or a stripped TIFF every window
     decodes whole slices, so a large scan is worth converting once.
     """
-    import os
-    import shutil
-
     from dask.diagnostics import ProgressBar
 
     from voxelome.io import write_volume_ome_zarr
+    from voxelome.io.atomic import atomic_dir
 
     if out.exists() and not overwrite:
         raise VoxelomeError(f"--out {out} exists; pass --overwrite or choose another path.")
     vol = _load_volume(volume, spacing_um)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     typer.echo(f"{volume}: {vol.shape} (z, y, x) voxels of {tuple(round(float(v), 4) for v in vol.spacing_um)} µm "
                f"→ {out}", err=True)
-    with ProgressBar(out=sys.stderr):
+    with ProgressBar(out=sys.stderr), atomic_dir(out) as tmp:  # written whole or not at all
         write_volume_ome_zarr(tmp, vol, overwrite=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # written whole or not at all
     typer.echo(f"OME-Zarr → {out}")
 
 

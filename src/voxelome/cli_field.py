@@ -217,13 +217,11 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
 
 
 def _without_empty(adata, layer):
-    """``adata`` without the rows whose counts (``layers[layer]``, ``layers['counts']`` or ``X``) sum to 0."""
-    from voxelome.constants import COUNTS_LAYER
+    """``adata`` without the rows whose counts (the matrix a fit reads: ``layers[layer]``, ``layers['counts']`` or
+    ``X``) sum to 0."""
+    from voxelome.train.point_data import _counts_matrix
 
-    key = layer or (COUNTS_LAYER if COUNTS_LAYER in adata.layers else None)
-    if key is not None and key not in adata.layers:
-        raise VoxelomeError(f"layers[{key!r}] is missing (have {list(adata.layers)}).{did_you_mean(key, adata.layers)}")
-    total = np.asarray((adata.layers[key] if key else adata.X).sum(axis=1)).ravel()
+    total = np.asarray(_counts_matrix(adata, layer).sum(axis=1)).ravel()
     empty = int((total <= 0).sum())
     typer.echo(f"--drop-empty: {empty} of {adata.n_obs} points have no counts and are left out")
     return adata[total > 0].copy() if empty else adata

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "atomic_write_h5ad",
     "atomic_torch_save",
     "atomic_path",
+    "atomic_dir",
 ]
 
 
@@ -80,6 +82,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it replaces ``path`` (an existing folder is removed
+    first), so a reader sees the old folder or the whole new one. For folder formats (OME-Zarr stores).
+
+    Yields
+    ------
+    pathlib.Path
+        The temporary folder to write into (not created: writers such as zarr create it). Deleted if the block raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_with(path, write: Callable[[Any], None], mode: str) -> Path:

@@ -7,14 +7,12 @@ size and, when given, the plane's placement (``xyz_um = placement @ (col, row, 1
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from voxelome.errors import VoxelomeError
-from voxelome.io.atomic import atomic_path
+from voxelome.io.atomic import atomic_dir, atomic_path
 
 PLANE_FORMATS = {".ome.zarr": "ome-zarr", ".zarr": "ome-zarr", ".tif": "tiff", ".tiff": "tiff", ".npz": "npz"}
 PLACEMENT_DOC = "xyz_um = placement @ (col, row, 1)"
@@ -50,15 +48,12 @@ def write_plane(path, values, names, pixel_size_um: float, placement=None, *, ki
     if kind == "ome-zarr":
         from voxelome.io.omezarr import write_image_ome_zarr
 
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_image_ome_zarr(tmp, values, names, (pixel_size_um, pixel_size_um))
-        if m is not None:
-            attrs = json.loads((tmp / ".zattrs").read_text())
-            attrs["voxelome"] = {"placement": m, "doc": PLACEMENT_DOC}
-            (tmp / ".zattrs").write_text(json.dumps(attrs))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            write_image_ome_zarr(tmp, values, names, (pixel_size_um, pixel_size_um))
+            if m is not None:
+                attrs = json.loads((tmp / ".zattrs").read_text())
+                attrs["voxelome"] = {"placement": m, "doc": PLACEMENT_DOC}
+                (tmp / ".zattrs").write_text(json.dumps(attrs))
         return path
     with atomic_path(path) as tmp:
         if kind == "tiff":
