@@ -264,6 +264,10 @@ def test_outputs_open_as_ome_zarr_and_aggregate_to_labels(trained, tmp_path):
     assert json.loads((out / "summary.json").read_text())["axes"] == "cyx"
     with pytest.raises(VoxelomeError, match="exists"):
         write_superres(tmp_path / "sr.zarr", pred, p.genes, 20.0)
+    with pytest.raises(Exception):  # a write that fails midway (a 4D mask) keeps the old output, leaves no debris
+        write_superres(tmp_path / "sr.zarr", pred, p.genes, 20.0, masks=np.ones((2, 2, 2, 2)), overwrite=True)
+    assert np.allclose(np.asarray(read_slide_map(out / "mean.ome.zarr")[0]), pred.mean)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["sr.zarr"]
     vol = write_superres(tmp_path / "vol.zarr", [pred, pred], p.genes, 20.0, section_spacing_um=16.0)
     arr, spacing, _ = read_ome_zarr(vol / "std.ome.zarr")
     assert arr.shape == (4, 2, 32, 32) and tuple(spacing) == (16.0, 20.0, 20.0)

@@ -12,13 +12,12 @@ it, so a crash never leaves a half-written output.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from voxelome.errors import VoxelomeError
+from voxelome.io.atomic import atomic_dir
 from voxelome.io.omezarr import write_image_ome_zarr
 
 SUMMARIES = ("mean", "std", "lower", "upper")
@@ -68,21 +67,10 @@ def write_superres(folder, predictions, genes, pixel_size_um, *, masks=None,
     names = [str(g) for g in genes]
     if any(p.mean.shape[0] != len(names) for p in preds):
         raise VoxelomeError(f"predictions have {preds[0].mean.shape[0]} channels but {len(names)} gene names.")
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     mask_list = None if masks is None else (list(masks) if volume else [masks])
     items = {k: [getattr(p, k) for p in preds] for k in SUMMARIES}
     if mask_list is not None:
         items["mask"] = [np.asarray(m, np.float32)[None] for m in mask_list]
-    for key, arrays in items.items():
-        path = tmp / f"{key}.ome.zarr"
-        chans = names if key != "mask" else ["mask"]
-        if volume:
-            data = np.stack(arrays, axis=1)  # (c, z, y, x)
-            write_volume_ome_zarr(path, data, (float(section_spacing_um), *yx), channel_names=chans)
-        else:
-            write_image_ome_zarr(path, arrays[0], chans, yx)
     summary = {"genes": names, "pixel_size_um": yx[0] if yx[0] == yx[1] else list(yx),
                "axes": "czyx" if volume else "cyx",
                "level": float(preds[0].level), "calibrated": bool(preds[0].calibrated),
@@ -90,10 +78,17 @@ def write_superres(folder, predictions, genes, pixel_size_um, *, masks=None,
                "files": {k: f"{k}.ome.zarr" for k in items}, **(extra or {})}
     if volume:
         summary["section_spacing_um"] = float(section_spacing_um)
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_dir(folder) as tmp:  # a reader sees the old folder or the whole new one; a failed write leaves no debris
+        tmp.mkdir()
+        for key, arrays in items.items():
+            path = tmp / f"{key}.ome.zarr"
+            chans = names if key != "mask" else ["mask"]
+            if volume:
+                data = np.stack(arrays, axis=1)  # (c, z, y, x)
+                write_volume_ome_zarr(path, data, (float(section_spacing_um), *yx), channel_names=chans)
+            else:
+                write_image_ome_zarr(path, arrays[0], chans, yx)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     return folder
 
 
