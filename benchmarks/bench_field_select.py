@@ -94,7 +94,8 @@ def phantom_input():
     return stack, sorted(set(stack.obs["section"])), list(PHANTOM_FOLDS), truth
 
 
-def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "compared") -> dict:
+def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "compared", seeds: int = 1,
+                skip=()) -> dict:
     t0 = time.perf_counter()
     if name == "phantom":
         stack, names, held_out, truth_all = phantom_input()
@@ -131,13 +132,26 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
                   "robust": ("robust", {**BUDGET, **candidate_overrides(data, FIELD_CANDIDATES[ROBUST_CANDIDATE])})}
         second = chosen["settings"][chosen["ranking"][1]]
         fields["second"] = ("second" + suffix, {**final, **second["overrides"]})
+        for extra in range(1, seeds):  # the same two settings fitted again with other seeds (--seeds)
+            fields[f"select_seed{extra}"] = (f"select{suffix}_seed{extra}", {**fields["select"][1], "seed": extra})
+            fields[f"second_seed{extra}"] = (f"second{suffix}_seed{extra}", {**fields["second"][1], "seed": extra})
+        for tag in skip:
+            fields.pop(tag)
         preds = {}
         for tag, (folder, overrides) in fields.items():
-            pca = {"select": chosen["pca"], "second": second["pca"]}.get(tag, 0)
+            pca = chosen["pca"] if tag.startswith("select") else second["pca"] if tag.startswith("second") else 0
             field = final_fit(data, work / folder, overrides, pca_loadings(data, pca) if pca else None)
             preds[tag] = (field.predict(qxyz, value="measured"), field.predict(qxyz))
         # top2 (declared before bench_field.py's fifth-session run): the mean of the two best validation candidates
         preds["top2"] = tuple((a + b) / 2 for a, b in zip(preds["select"], preds["second"]))
+        if seeds > 1:
+            # declared in the eleventh session before any test score (a validation-only pilot: seed averages of one
+            # candidate gained +0.003 to +0.008 r there): the top 2 candidates, each fitted with `seeds` seeds, averaged;
+            # and select's choice alone with its seeds (what --ensemble 1 would give)
+            members = ["select", "second"] + [f"{t}_seed{k}" for k in range(1, seeds) for t in ("select", "second")]
+            preds[f"top2_x{seeds}"] = tuple(sum(preds[m][i] for m in members) / len(members) for i in range(2))
+            alone = ["select"] + [f"select_seed{k}" for k in range(1, seeds)]
+            preds[f"select_x{seeds}"] = tuple(sum(preds[m][i] for m in alone) / len(alone) for i in range(2))
         # val_guided (declared in the seventh session before its scores were seen): top2 where the two best averaged
         # beat the best alone on the validation sections, else the best alone
         val_best = chosen["mean_r"][chosen["best"]]
@@ -151,13 +165,12 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
                 row[tag]["truth_r"] = per_gene_scores(rate, targets["truth"])["mean_r"]
         row["wall_s"] = time.perf_counter() - f0
         assert h not in val_names
-        print(json.dumps({"fold": h, "val": val_names, "best": chosen["best"], "select": row["select"]["r"],
-                          "ntf": row["ntf"]["r"], "robust": row["robust"]["r"], "second": row["second"]["r"],
-                          "top2": row["top2"]["r"], "val_guided": row["val_guided"]["r"],
+        print(json.dumps({"fold": h, "val": val_names, "best": chosen["best"],
+                          **{t: row[t]["r"] for t in preds if "_seed" not in t},
                           "val_top2_minus_best": row["validation_r"]["top2"] - row["validation_r"]["best"], **{b: (base[b]["r"], base[b]["k"]) for b in BASELINE_KS},
                           "wall_s": round(row["wall_s"], 1)}), flush=True)
         res["folds"].append(row)
-    for m in ("select", "ntf", "robust", "second", "top2", "val_guided"):
+    for m in [t for t in res["folds"][0] if isinstance(res["folds"][0][t], dict) and "r" in res["folds"][0][t]]:
         res[f"mean_r_{m}"] = float(np.mean([f[m]["r"] for f in res["folds"]]))
         if truth_all is not None:
             res[f"mean_truth_r_{m}"] = float(np.mean([f[m]["truth_r"] for f in res["folds"]]))
@@ -168,8 +181,9 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
         res[f"mean_r_{b}"] = float(np.mean([f["baselines"][b]["r"] for f in res["folds"]]))
     res["best_baseline"] = max(BASELINE_KS, key=lambda b: res[f"mean_r_{b}"])
     res["select_minus_best_baseline"] = res["mean_r_select"] - res[f"mean_r_{res['best_baseline']}"]
-    res["robust_minus_best_baseline"] = res["mean_r_robust"] - res[f"mean_r_{res['best_baseline']}"]
-    res["top2_minus_best_baseline"] = res["mean_r_top2"] - res[f"mean_r_{res['best_baseline']}"]
+    for m in ("robust", "top2", f"top2_x{seeds}", f"select_x{seeds}"):
+        if f"mean_r_{m}" in res:
+            res[f"{m}_minus_best_baseline"] = res[f"mean_r_{m}"] - res[f"mean_r_{res['best_baseline']}"]
     res["wall_s"] = time.perf_counter() - t0
     return res
 
@@ -182,15 +196,20 @@ def main():
     ap.add_argument("--final-schedule", choices=("compared", "long"), default="compared",
                     help="final fits of select / second (top2): the comparison schedule (400 × 2,048), or 1,500 × "
                          "4,096 (the cpu preset's before the ninth session); results_<stacks>_long.json")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="also fit select's choice and its runner-up with seeds 1 … N−1 and score their averages "
+                         "(top2_xN: all 2N fields; select_xN: the N of select's choice)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=("ntf", "robust"),
+                    help="leave out these single-setting fits (fewer fits when only the ensembles are compared)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     results = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
                "budget": BUDGET, "final_schedule": args.final_schedule, "inner_sections_rule": inner_sections.__doc__.split("\n")[0]}
     for name in args.only:
-        results[name] = stack_folds(args.out, name, args.max_folds, args.final_schedule)
+        results[name] = stack_folds(args.out, name, args.max_folds, args.final_schedule, args.seeds, args.skip)
         print(json.dumps({k: v for k, v in results[name].items() if k != "folds"}), flush=True)
-        tag = "" if args.final_schedule == "compared" else "_long"
+        tag = ("" if args.final_schedule == "compared" else "_long") + (f"_seeds{args.seeds}" if args.seeds > 1 else "")
         (args.out / f"results_{'_'.join(args.only)}{tag}.json").write_text(json.dumps(results, indent=1, default=str))
 
 

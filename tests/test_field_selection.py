@@ -288,3 +288,31 @@ def test_cli_named_genes_plus_the_most_variable_others(stack, tmp_path):
     res = runner.invoke(app, ["reconstruct", "store", str(path), "--out", str(tmp_path / "store"), "--genes", named[0],
                               "--n-genes", "3"])
     assert res.exit_code == 0 and PointData.from_store(tmp_path / "store").genes == named + top, res.output
+
+
+def test_cli_seeds_average_fits_of_other_seeds(stack, tmp_path):
+    path = tmp_path / "stack.h5ad"
+    stack.write_h5ad(path)
+    runner = CliRunner()
+    tiny = ["--n-genes", "4", *[a for k, v in TINY.items() if k != "seed" for a in ("--set", f"{k}={v}")]]
+    run = tmp_path / "robust"
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), "--settings", "robust", *tiny,
+                              "--set", "seed=3", "--seeds", "2"])
+    assert res.exit_code == 0 and "member 2/2: seed 4" in res.output, res.output
+    record = json.loads((run / "ensemble.json").read_text())
+    assert record["members"] == ["members/seed-3", "members/seed-4"]
+    seeds = [yaml.safe_load((run / m / "config.yaml").read_text())["config"]["seed"] for m in record["members"]]
+    assert seeds == [3, 4]
+    xyz = np.array([[100, 100, 50], [300, 200, 120]], float)
+    members = [FittedField.load(run / m).predict(xyz) for m in record["members"]]
+    assert np.abs(members[0] - members[1]).max() > 1e-3  # other seeds, other fits
+    np.testing.assert_allclose(FittedField.load(run).predict(xyz), (members[0] + members[1]) / 2, rtol=1e-5)
+    # with select: each of the --ensemble best candidates fitted with every seed
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "sel"), *tiny,
+                              "--select-sections", "1", "--ensemble", "1", "--seeds", "2"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "sel" / "ensemble.json").read_text())
+    assert len(record["members"]) == 2 and record["members"][1] == record["members"][0] + "-seed-1"
+    assert record["names"][0].endswith("seed 0") and "2 seeds" in record["rule"]
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "bad"), *tiny, "--seeds", "0"])
+    assert res.exit_code == 2 and "--seeds 0 must be ≥ 1" in res.output, res.output

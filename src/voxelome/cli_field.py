@@ -1,6 +1,6 @@
 """``voxelome reconstruct``: fit a neural transcriptomic field to serial sections and query it.
 
-    voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B | --n-genes 500] [--settings auto|select|ntf|robust] [--ensemble 2]
+    voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B | --n-genes 500] [--settings auto|select|ntf|robust] [--ensemble 2] [--seeds N]
     voxelome reconstruct fit CELLS.h5ad --out RUN --z-slabs 11        # volumetric cells without sections
     voxelome reconstruct store STACK.h5ad --out STORE [--genes A,B | --n-genes 500]   # then: reconstruct fit STORE --out RUN
     voxelome reconstruct volume RUN --out field.ome.zarr --spacing 20 [--bbox x0,y0,z0,x1,y1,z1]
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -104,6 +105,9 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         ensemble: int = typer.Option(2, help="With --settings select: fit the N best candidates (on the whole stack, "
                                      "with the schedule they were compared at) and query their mean (RUN/members/, "
                                      "RUN/ensemble.json); 1 = the best alone (one fit instead of two)."),
+        seeds: int = typer.Option(1, help="Fit every field N times with seeds s … s+N−1 (s: --set seed, default 0) "
+                                  "and query their mean (RUN/members/, RUN/ensemble.json): a fit to a few hundred "
+                                  "spots per section varies with its seed, the mean less; N× the fitting time."),
         no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of resuming last.pt.")):
     """Fit a field to a registered stack of sections."""
     import anndata as ad
@@ -122,6 +126,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if not stack.exists():
         raise VoxelomeError(f"stack file {stack} does not exist.")
     _check_n_genes(n_genes)
+    if seeds < 1:
+        raise VoxelomeError(f"--seeds {seeds} must be ≥ 1 (fits per field, averaged; 1 = a single fit).")
     choices = ["auto", "select", "ntf", "robust"]
     if settings not in choices:
         raise VoxelomeError(f"--settings {settings!r} is not one of {', '.join(choices)}.{did_you_mean(settings, choices)}")
@@ -183,8 +189,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
                    + ", ".join(f"{k}: {v:.3f}" for k, v in chosen["mean_r"].items()) + f"; {out / 'selection'}/selection.json)")
         typer.echo(f"held-out mean r of the two best averaged: {chosen['top2_mean_r']:.3f} (the best alone: "
                    f"{chosen['mean_r'][chosen['best']]:.3f})")
-        if ensemble > 1:
-            _fit_ensemble(data, chosen, out, ensemble, preset, overrides, resume=not no_resume)
+        if ensemble > 1 or seeds > 1:
+            _fit_ensemble(data, chosen, out, ensemble, seeds, preset, overrides, resume=not no_resume)
             return
     elif ensemble not in (1, 2):  # 2 is the default, meant for select
         raise VoxelomeError(f"--ensemble {ensemble} applies to --settings select (the candidates it ranks); "
@@ -209,11 +215,24 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         load = np.asarray(sig.loadings)[:, [lookup[g] for g in data.genes]]
         # signature loadings are log1p(per target_sum); count models need rates, gaussian the log1p values
         loadings = np.expm1(load) / config.target_sum if config.likelihood != "gaussian" else load
-    from voxelome.infer.field_ensemble import ENSEMBLE_FILE
+    from voxelome.infer.field_ensemble import ENSEMBLE_FILE, write_ensemble
 
     (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # a single field now: an older ensemble record must not shadow it
-    run = fit_field(data, config, out, loadings=loadings, resume=not no_resume)
-    typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {_sections(data)} → {run}")
+    if seeds == 1:
+        run = fit_field(data, config, out, loadings=loadings, resume=not no_resume)
+        typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {_sections(data)} → {run}")
+        return
+    members = []
+    for k in range(seeds):
+        member = f"members/seed-{config.seed + k}"
+        typer.echo(f"member {k + 1}/{seeds}: seed {config.seed + k} → {out / member}")
+        fit_field(data, dataclasses.replace(config, seed=config.seed + k), out / member, loadings=loadings,
+                  resume=not no_resume)
+        members.append(member)
+    write_ensemble(out, members, [f"seed {config.seed + k}" for k in range(seeds)],
+                   rule=f"mean of {seeds} fits of one configuration with seeds {config.seed} … {config.seed + seeds - 1}")
+    typer.echo(f"ensemble of {seeds} fields of {len(data.genes)} variables on {len(data)} points from "
+               f"{_sections(data)} → {out} (queries average the members)")
 
 
 def _without_empty(adata, layer):
@@ -237,26 +256,34 @@ def _compared_schedule(config) -> str:
             f"iterations × {config.batch_size} points")
 
 
-def _fit_ensemble(data, chosen: dict, out: Path, n: int, preset: str, overrides: dict, resume: bool) -> None:
-    """Fit the ``n`` best candidates of a selection into ``out/members/`` and record them (``ensemble.json``)."""
+def _fit_ensemble(data, chosen: dict, out: Path, n: int, seeds: int, preset: str, overrides: dict,
+                  resume: bool) -> None:
+    """Fit the ``n`` best candidates of a selection, each with ``seeds`` seeds, into ``out/members/`` and record
+    them (``ensemble.json``)."""
     from voxelome.infer.field_ensemble import ENSEMBLE_FILE, write_ensemble
     from voxelome.train.field_selection import FIELD_CANDIDATES, pca_loadings, with_budget
     from voxelome.train.field_trainer import fit_field, make_field_config
 
     (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # re-written once every member has finished
-    names, members = chosen["ranking"][:n], []
+    names, members, labels = chosen["ranking"][:n], [], []
     for i, name in enumerate(names):
         settings = chosen["settings"][name]
-        member = f"members/candidate-{list(FIELD_CANDIDATES).index(name)}"  # stable across re-runs: resumable
-        typer.echo(f"member {i + 1}/{n}: {name} → {out / member}")
         config = with_budget(make_field_config(preset, **{**settings["overrides"], **overrides}), chosen["budget"])
         typer.echo(_compared_schedule(config))
-        fit_field(data, config, out / member, loadings=pca_loadings(data, settings["pca"]) if settings["pca"] else None,
-                  resume=resume)
-        members.append(member)
-    write_ensemble(out, members, names, rule=f"mean of the {n} candidates with the best mean r on held-out sections "
-                                             f"{', '.join(chosen['validation_sections'])}")
-    typer.echo(f"ensemble of {n} fields of {len(data.genes)} variables on {len(data)} points from "
+        loadings = pca_loadings(data, settings["pca"]) if settings["pca"] else None
+        for k in range(seeds):
+            # stable across re-runs (resumable); the first seed keeps the folder name of single-seed ensembles
+            member = f"members/candidate-{list(FIELD_CANDIDATES).index(name)}" + (f"-seed-{config.seed + k}" if k else "")
+            typer.echo(f"member {i * seeds + k + 1}/{n * seeds}: {name}" + (f", seed {config.seed + k}" if seeds > 1
+                                                                              else "") + f" → {out / member}")
+            fit_field(data, dataclasses.replace(config, seed=config.seed + k), out / member, loadings=loadings,
+                      resume=resume)
+            members.append(member)
+            labels.append(name if seeds == 1 else f"{name}, seed {config.seed + k}")
+    write_ensemble(out, members, labels, rule=f"mean of the {n} candidate(s) with the best mean r on held-out sections "
+                                              f"{', '.join(chosen['validation_sections'])}"
+                                              + (f", each fitted with {seeds} seeds" if seeds > 1 else ""))
+    typer.echo(f"ensemble of {len(members)} fields of {len(data.genes)} variables on {len(data)} points from "
                f"{_sections(data)} → {out} (queries average the members)")
 
 
