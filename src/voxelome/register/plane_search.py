@@ -196,8 +196,24 @@ def _check_inputs(volume, image, pixel_size_um):
 MAX_VOLUME_VOXELS = 64 * 2**20
 
 
+#: the coarsest pyramid level keeps at least this many voxels across the volume's y and x extents: on the ICBM152
+#: brain MRI binned to 2 mm (98 voxels across) a 4× coarse level (24 across) lost every plane tried, a 2× one (49)
+#: found them within 1.1 voxels (BENCHMARKS.md, registration, real scan)
+MIN_COARSE_VOXELS = 32
+
+
+def default_levels(shape) -> tuple[int, ...]:
+    """The search pyramid for a volume of ``shape`` ``(z, y, x)``: (4, 2, 1) without the coarse levels that leave
+    fewer than :data:`MIN_COARSE_VOXELS` voxels across y or x (at least (2, 1))."""
+    levels = (4, 2, 1)
+    while len(levels) > 2 and min(shape[1], shape[2]) / levels[0] < MIN_COARSE_VOXELS:
+        levels = levels[1:]
+    return levels
+
+
 def register_plane(volume: Volume, image, pixel_size_um: float, *, search: PlaneSearchRange | None = None,
-                   landmarks=None, n_seeds: int = 12, n_screen: int = 16, n_candidates: int = 3, levels: tuple[int, ...] = (4, 2, 1), grid_level: int = 4,
+                   landmarks=None, n_seeds: int = 12, n_screen: int = 16, n_candidates: int = 3,
+                   levels: tuple[int, ...] | None = None, grid_level: int | None = None,
                    max_iterations: int = 100, sampling: float = 0.3, max_samples: int = 6000,
                    seed: int = 0, max_voxels: int = MAX_VOLUME_VOXELS) -> PlaneSearchResult:
     """Find the plane of ``image`` (a section) in ``volume``.
@@ -222,12 +238,13 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
         How many local-grid optima are optimised at the second level (screening).
     n_candidates : int
         How many of the screened candidates (best metric) are refined through the finer levels.
-    levels : tuple of int
+    levels : tuple of int, optional
         Pyramid, in voxels per working pixel (coarse → fine). Screening optimises the ``n_screen``
         grid starts at ``grid_level``; the best ``n_candidates`` are refined
-        through the finer ones.
-    grid_level : int
-        The level (one of ``levels``, not the finest) at which the grid is scored.
+        through the finer ones. Default :func:`default_levels`: (4, 2, 1), without the coarsest levels that
+        would leave fewer than ``MIN_COARSE_VOXELS`` voxels across the volume's y or x extent.
+    grid_level : int, optional
+        The level (one of ``levels``, not the finest) at which the grid is scored; default the coarsest.
     max_iterations : int
         Optimiser iterations per level and candidate.
     sampling : float
@@ -250,7 +267,10 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
     if not isinstance(search, PlaneSearchRange):
         raise VoxelomeError(f"search must be a PlaneSearchRange, got {type(search).__name__}.")
     od = _check_inputs(volume, image, pixel_size_um)
-    levels = tuple(int(v) for v in levels)
+    binning = max(1, int(np.ceil((float(np.prod(volume.shape)) / max_voxels) ** (1 / 3) - 1e-9)))
+    volume = volume.binned(binning)
+    levels = default_levels(volume.shape) if levels is None else tuple(int(v) for v in levels)
+    grid_level = levels[0] if grid_level is None else grid_level
     if len(levels) < 2 or any(v < 1 for v in levels) or list(levels) != sorted(set(levels), reverse=True):
         raise VoxelomeError(f"levels={levels!r} must be ≥ 2 strictly decreasing positive integers, e.g. (4, 2, 1).")
     if grid_level not in levels[:-1]:
@@ -262,8 +282,6 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
         raise VoxelomeError(f"n_seeds={n_seeds!r} must be ≥ 1.")
     if int(n_candidates) < 1 or int(n_screen) < int(n_candidates):
         raise VoxelomeError(f"n_candidates={n_candidates!r} must be ≥ 1 and n_screen={n_screen!r} ≥ n_candidates.")
-    binning = max(1, int(np.ceil((float(np.prod(volume.shape)) / max_voxels) ** (1 / 3) - 1e-9)))
-    volume = volume.binned(binning)
     vox = float(min(volume.spacing_um))
     vol_arr = np.asarray(volume.data, dtype=np.float32)
     spacing, origin = np.asarray(volume.spacing_um), np.asarray(volume.origin_um)
