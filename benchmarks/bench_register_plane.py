@@ -59,6 +59,9 @@ def main():
     ap.add_argument("--bin", type=int, default=1, help="with --volume: average it over BIN³ blocks first (a coarser scan)")
     ap.add_argument("--levels", default=None, help="search pyramid, e.g. 4,2,1 (default: register_plane's, "
                                                    "from the volume's size)")
+    ap.add_argument("--n-seeds", type=int, default=None, help="register_plane's n_seeds (default its own)")
+    ap.add_argument("--n-screen", type=int, default=None, help="register_plane's n_screen (default its own)")
+    ap.add_argument("--planes", default=None, help="comma-separated plane numbers to run (the same random planes)")
     ap.add_argument("--out", default="benchmarks/out/register_plane")
     a = ap.parse_args()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
@@ -75,6 +78,8 @@ def main():
         render = lambda pl, seed: render_he_from_volume(vol, pl, seed=seed)  # noqa: E731
         source = str(a.volume) + (f" binned {a.bin}×" if a.bin > 1 else "")
     levels = None if a.levels is None else tuple(int(v) for v in a.levels.split(","))
+    search_kw = {k: v for k, v in (("n_seeds", a.n_seeds), ("n_screen", a.n_screen)) if v is not None}
+    only = None if a.planes is None else {int(v) for v in a.planes.split(",")}
     vox = float(min(vol.spacing_um))
     a.pixel_size = a.pixel_size or vox / 2
     if a.volume is not None:
@@ -85,12 +90,15 @@ def main():
     for k in range(a.n):
         tilt, az = rng.uniform(0, a.max_tilt), rng.uniform(0, 2 * np.pi)
         rot, dz = rng.uniform(-180, 180), rng.uniform(-a.max_depth, a.max_depth)
+        if only is not None and k not in only:
+            rng.normal(0, click_um, (3, 3))  # the landmark errors' draw: later planes stay the same
+            continue
         t = np.deg2rad(tilt)
         normal = np.array([np.sin(t) * np.cos(az), np.sin(t) * np.sin(az), np.cos(t)])
         centre = vol.index_to_xyz((np.asarray(vol.shape) - 1) / 2) + np.array([0, 0, dz])
         pl = SectionPlacement.from_origin_normal(centre, normal, a.pixel_size, in_plane_rotation_deg=rot)
         img, truth = render(pl, 100 + k)
-        res = register_plane(vol, img, a.pixel_size, seed=k, levels=levels)
+        res = register_plane(vol, img, a.pixel_size, seed=k, levels=levels, **search_kw)
         rms, ang = errors(res.placement, truth, vol, img.shape[:2], vox)
         # baseline 1: axial through the tissue centroid, centroids matched, no rotation
         od = optical_density(img)
@@ -105,7 +113,8 @@ def main():
         lm_xyz = truth.map(lm_px) + rng.normal(0, click_um, (3, 3))
         lm = SectionPlacement.from_landmarks(lm_px, lm_xyz)
         l_rms, l_ang = errors(lm, truth, vol, img.shape[:2], vox)
-        res_l = register_plane(vol, img, a.pixel_size, landmarks=(lm_px, lm_xyz), seed=k, levels=levels)
+        res_l = register_plane(vol, img, a.pixel_size, landmarks=(lm_px, lm_xyz), seed=k, levels=levels,
+                               **search_kw)
         lr_rms, lr_ang = errors(res_l.placement, truth, vol, img.shape[:2], vox)
         row = dict(plane=k, tilt_deg=tilt, rotation_deg=rot, depth_um=dz, rms_vox=rms, angle_deg=ang,
                    ok=bool(rms <= 2 and ang <= 2), levels=res.search["levels"], seconds=res.seconds, score=res.score, scale=res.scale,
@@ -115,7 +124,7 @@ def main():
         rows.append(row)
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "timings"}),
               flush=True)
-        if k == 0:
+        if len(rows) == 1:
             plane_overlay_figure(res, img, a.pixel_size, out / "overlay_plane0.png")
     ok = np.array([r["ok"] for r in rows])
     col = lambda key: np.array([r[key] for r in rows])

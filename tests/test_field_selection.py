@@ -126,7 +126,7 @@ def test_cli_fit_default_genes_and_select(stack, tmp_path):
     tiny = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
     run = tmp_path / "run"
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), "--n-genes", "4", "--settings", "select",
-                              "--select-sections", "1", "--ensemble", "1", *tiny])
+                              "--select-sections", "1", "--ensemble", "1", "--seeds", "1", *tiny])
     assert res.exit_code == 0, res.output
     assert "most variable of 13 genes" in res.output and "chosen on held-out z050" in res.output
     assert FittedField.load(run).genes == variable_genes(stack, 4)
@@ -152,7 +152,7 @@ def test_cli_default_and_ntf_settings(stack, tmp_path):
     stack.write_h5ad(path)
     data = PointData.from_anndata(stack, genes=variable_genes(stack, 4))
     quick = ["--n-genes", "4", "--set", "iterations=5", "--set", "batch_size=64", "--set", "n_levels=3",
-             "--set", "log2_table_size=8"]
+             "--set", "log2_table_size=8", "--seeds", "1"]
     runner = CliRunner()
     expected = {"robust": candidate_overrides(data, FIELD_CANDIDATES[ROBUST_CANDIDATE]),
                 "ntf": {"likelihood": "nb", "jitter_um": suggest_jitter(data), "section_dim": 8}}
@@ -241,14 +241,16 @@ def test_cli_select_ensemble_default_and_single(stack, tmp_path):
     tiny = ["--n-genes", "4", "--select-sections", "1", *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
     run = tmp_path / "run"
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), *tiny])
-    assert res.exit_code == 0 and "member 2/2" in res.output, res.output
+    assert res.exit_code == 0 and "member 4/4" in res.output, res.output
     selection = json.loads((run / "selection" / SELECTION_FILE).read_text())
     record = json.loads((run / "ensemble.json").read_text())
-    assert record["names"] == selection["ranking"][:2]  # the two best mean r on the held-out section
-    assert selection["mean_r"][record["names"][0]] >= selection["mean_r"][record["names"][1]]
+    best2 = selection["ranking"][:2]  # the two best mean r on the held-out section, each fitted with seeds 0 and 1
+    assert record["names"] == [f"{n}, seed {k}" for n in best2 for k in (0, 1)]
+    assert selection["mean_r"][best2[0]] >= selection["mean_r"][best2[1]]
     for member, name in zip(record["members"], record["names"]):
         cfg = yaml.safe_load((run / member / "config.yaml").read_text())["config"]
-        assert cfg["likelihood"] == FIELD_CANDIDATES[name].get("likelihood", "nb")
+        assert cfg["likelihood"] == FIELD_CANDIDATES[name.rsplit(", seed", 1)[0]].get("likelihood", "nb")
+        assert cfg["seed"] == int(name[-1])
     points = tmp_path / "points.csv"
     points.write_text("x,y,z\n100,100,50\n300,200,120\n")
     res = runner.invoke(app, ["reconstruct", "predict", str(run), "--points", str(points), "--out",
@@ -259,9 +261,11 @@ def test_cli_select_ensemble_default_and_single(stack, tmp_path):
     got = pd.read_csv(tmp_path / "values.csv")[variable_genes(stack, 4)].to_numpy()
     members = [FittedField.load(run / m) for m in record["members"]]
     xyz = np.array([[100, 100, 50], [300, 200, 120]], float)
-    np.testing.assert_allclose(got, sum(m.predict(xyz) for m in members) / 2, rtol=1e-5)
-    # --ensemble 1 reuses the recorded selection and fits the best alone into RUN; the old record must not shadow it
-    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), *tiny, "--ensemble", "1"])
+    np.testing.assert_allclose(got, sum(m.predict(xyz) for m in members) / 4, rtol=1e-5)
+    # --ensemble 1 --seeds 1 reuses the recorded selection and fits the best alone into RUN; the old record must not
+    # shadow it
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), *tiny, "--ensemble", "1",
+                              "--seeds", "1"])
     assert res.exit_code == 0, res.output
     assert not (run / "ensemble.json").exists() and type(FittedField.load(run)) is FittedField
     for bad, message in ((["--ensemble", "9"], "--ensemble 9 must be between 1 and the 5"),

@@ -270,7 +270,7 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
     binning = max(1, int(np.ceil((float(np.prod(volume.shape)) / max_voxels) ** (1 / 3) - 1e-9)))
     volume = volume.binned(binning)
     levels = default_levels(volume.shape) if levels is None else tuple(int(v) for v in levels)
-    grid_level = levels[0] if grid_level is None else grid_level
+    grid_level = levels[0] if grid_level is None and levels else grid_level
     if len(levels) < 2 or any(v < 1 for v in levels) or list(levels) != sorted(set(levels), reverse=True):
         raise VoxelomeError(f"levels={levels!r} must be ≥ 2 strictly decreasing positive integers, e.g. (4, 2, 1).")
     if grid_level not in levels[:-1]:
@@ -312,7 +312,7 @@ def register_plane(volume: Volume, image, pixel_size_um: float, *, search: Plane
         seed_pl = SectionPlacement.from_landmarks(src, dst)
         starts = [dict(source="landmarks", residual_um=float(seed_pl.residual_um),
                        tx=similarity_from_placement(seed_pl, pixel_size_um, centre[:2]))]
-        stages = [pyr[1:]]
+        stages = [pyr[1:] if len(pyr) > 2 else pyr]  # a two-level pyramid (a small volume) refines through both
     else:
         starts = grid_starts(search, coarse, origin, centre, vol_c, half_depth, int(n_screen), seed,
                               n_coarse=int(n_seeds))
