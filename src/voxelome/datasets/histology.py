@@ -1,4 +1,5 @@
-"""H&E-like images of phantom sections: what a pathologist's scan of a cut through the lung would look like.
+"""H&E-like images of sections: what a pathologist's scan of a cut through the phantom lung (:func:`render_he`) or
+through any 3D scan (:func:`render_he_from_volume`, stained by intensity alone) would look like.
 
 The renderer stains the phantom's tissue structure on a (possibly oblique) plane with the
 Beer–Lambert colour model of H&E (Ruifrok & Johnston 2001 stain vectors): eosin follows tissue
