@@ -202,3 +202,15 @@ def test_plane_found_in_a_real_scan_from_a_section_stained_by_intensity():
     assert float(np.sqrt(np.mean(np.sum((axial.map(px) - truth.map(px)) ** 2, 1)))) / vox > 5 * max(rms, 0.5)
     with pytest.raises(VoxelomeError, match="tissue_threshold"):
         render_he_from_volume(vol, pl, tissue_threshold=1e9)
+
+
+def test_default_levels_keep_enough_voxels_across_the_coarsest_level():
+    from voxelome.register.plane_search import MIN_COARSE_VOXELS, default_levels
+
+    assert default_levels((112, 352, 352)) == (4, 2, 1)  # the default phantom: unchanged
+    assert default_levels((48, 128, 128)) == (4, 2, 1)  # 32 across at 4×: just enough
+    assert default_levels((94, 116, 98)) == (2, 1)  # the 2 mm brain: 24 across at 4× would be too coarse
+    assert default_levels((10, 20, 500)) == (2, 1)  # the smaller of y and x decides; never fewer than 2 levels
+    for shape in ((112, 352, 352), (94, 116, 98), (189, 233, 197)):
+        levels = default_levels(shape)
+        assert min(shape[1:]) / levels[0] >= MIN_COARSE_VOXELS or levels == (2, 1)
