@@ -145,8 +145,8 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
         # top2 (declared before bench_field.py's fifth-session run): the mean of the two best validation candidates
         preds["top2"] = tuple((a + b) / 2 for a, b in zip(preds["select"], preds["second"]))
         if seeds > 1:
-            # declared in the eleventh session before any test score (a validation-only pilot: two seeds of one
-            # candidate gained +0.001 to +0.006 r there, four up to +0.010): the top 2 candidates, each fitted with `seeds` seeds, averaged;
+            # declared in the eleventh session before this run (a pilot on the first folds' validation sections: two
+            # seeds of one candidate gained +0.001 to +0.006 r there, four up to +0.010): the top 2 candidates, each fitted with `seeds` seeds, averaged;
             # and select's choice alone with its seeds (what --ensemble 1 would give)
             members = ["select", "second"] + [f"{t}_seed{k}" for k in range(1, seeds) for t in ("select", "second")]
             preds[f"top2_x{seeds}"] = tuple(sum(preds[m][i] for m in members) / len(members) for i in range(2))
