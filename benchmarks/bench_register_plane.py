@@ -132,7 +132,7 @@ def main():
         n=len(rows), volume=f"{source}, shape {vol.shape}, {vox:g} µm voxels", pixel_size_um=a.pixel_size,
         true_planes=f"tilt U(0, {a.max_tilt})° any azimuth, in-plane rotation U(-180, 180)°, depth U(±{a.max_depth}) µm",
         search="PlaneSearchRange() defaults: tilts ±15° per axis (5° grid), rotation all (15° grid), depth ± half the "
-               "volume's depth (4-voxel grid), scale 0.8–1.25",
+               "volume's depth (grid: one coarse-level voxel), scale 0.8–1.25",
         success_rate=float(ok.mean()), median_rms_vox=float(np.median(col("rms_vox"))),
         median_angle_deg=float(np.median(col("angle_deg"))), max_rms_vox_of_successes=float(col("rms_vox")[ok].max()) if ok.any() else None,
         levels=rows[0]["levels"], median_seconds=float(np.median(col("seconds"))), mean_seconds=float(np.mean(col("seconds"))),
