@@ -302,9 +302,10 @@ def test_cli_seeds_average_fits_of_other_seeds(stack, tmp_path):
     run = tmp_path / "robust"
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), "--settings", "robust", *tiny,
                               "--set", "seed=3", "--seeds", "2"])
-    assert res.exit_code == 0 and "member 2/2: seed 4" in res.output, res.output
+    assert res.exit_code == 0 and "member 2/2: robust, seed 4" in res.output, res.output
     record = json.loads((run / "ensemble.json").read_text())
-    assert record["members"] == ["members/seed-3", "members/seed-4"]
+    assert record["members"] == ["members/field", "members/field-seed-4"]
+    assert record["names"] == ["robust, seed 3", "robust, seed 4"]
     seeds = [yaml.safe_load((run / m / "config.yaml").read_text())["config"]["seed"] for m in record["members"]]
     assert seeds == [3, 4]
     xyz = np.array([[100, 100, 50], [300, 200, 120]], float)
@@ -320,3 +321,14 @@ def test_cli_seeds_average_fits_of_other_seeds(stack, tmp_path):
     assert record["names"][0].endswith("seed 0") and "2 seeds" in record["rule"]
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "bad"), *tiny, "--seeds", "0"])
     assert res.exit_code == 2 and "--seeds 0 must be ≥ 1" in res.output, res.output
+
+
+def test_fit_members_refuses_a_one_member_ensemble_and_bad_seeds(data, tmp_path):
+    from voxelome.train.field_members import MemberSpec, fit_members
+    from voxelome.train.field_trainer import make_field_config
+
+    spec = MemberSpec("one", "field", make_field_config("cpu", **TINY))
+    with pytest.raises(VoxelomeError, match="≥ 2 members"):
+        fit_members(data, tmp_path, [spec], seeds=1, rule="test")
+    with pytest.raises(VoxelomeError, match="seeds=0"):
+        fit_members(data, tmp_path, [spec], seeds=0, rule="test")

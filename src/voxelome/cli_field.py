@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -219,24 +218,17 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         load = np.asarray(sig.loadings)[:, [lookup[g] for g in data.genes]]
         # signature loadings are log1p(per target_sum); count models need rates, gaussian the log1p values
         loadings = np.expm1(load) / config.target_sum if config.likelihood != "gaussian" else load
-    from voxelome.infer.field_ensemble import ENSEMBLE_FILE, write_ensemble
+    from voxelome.infer.field_ensemble import ENSEMBLE_FILE
+    from voxelome.train.field_members import MemberSpec, fit_members
 
-    (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # a single field now: an older ensemble record must not shadow it
-    if seeds == 1:
-        run = fit_field(data, config, out, loadings=loadings, resume=not no_resume)
-        typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {_sections(data)} → {run}")
+    if seeds > 1:
+        members = fit_members(data, out, [MemberSpec(settings, "field", config, loadings)], seeds=seeds,
+                              rule=f"one configuration (--settings {settings})", resume=not no_resume, log=typer.echo)
+        typer.echo(_ensemble_done(data, members, out))
         return
-    members = []
-    for k in range(seeds):
-        member = f"members/seed-{config.seed + k}"
-        typer.echo(f"member {k + 1}/{seeds}: seed {config.seed + k} → {out / member}")
-        fit_field(data, dataclasses.replace(config, seed=config.seed + k), out / member, loadings=loadings,
-                  resume=not no_resume)
-        members.append(member)
-    write_ensemble(out, members, [f"seed {config.seed + k}" for k in range(seeds)],
-                   rule=f"mean of {seeds} fits of one configuration with seeds {config.seed} … {config.seed + seeds - 1}")
-    typer.echo(f"ensemble of {seeds} fields of {len(data.genes)} variables on {len(data)} points from "
-               f"{_sections(data)} → {out} (queries average the members)")
+    (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # a single field now: an older ensemble record must not shadow it
+    run = fit_field(data, config, out, loadings=loadings, resume=not no_resume)
+    typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {_sections(data)} → {run}")
 
 
 def _without_empty(adata, layer):
@@ -262,33 +254,28 @@ def _compared_schedule(config) -> str:
 
 def _fit_ensemble(data, chosen: dict, out: Path, n: int, seeds: int, preset: str, overrides: dict,
                   resume: bool) -> None:
-    """Fit the ``n`` best candidates of a selection, each with ``seeds`` seeds, into ``out/members/`` and record
-    them (``ensemble.json``)."""
-    from voxelome.infer.field_ensemble import ENSEMBLE_FILE, write_ensemble
+    """Fit the ``n`` best candidates of a selection, each with ``seeds`` seeds, into ``out/members/`` (as they were
+    compared: :func:`with_budget`) and record them (``ensemble.json``)."""
+    from voxelome.train.field_members import MemberSpec, fit_members
     from voxelome.train.field_selection import FIELD_CANDIDATES, pca_loadings, with_budget
-    from voxelome.train.field_trainer import fit_field, make_field_config
+    from voxelome.train.field_trainer import make_field_config
 
-    (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # re-written once every member has finished
-    names, members, labels = chosen["ranking"][:n], [], []
-    for i, name in enumerate(names):
+    specs = []
+    for name in chosen["ranking"][:n]:
         settings = chosen["settings"][name]
         config = with_budget(make_field_config(preset, **{**settings["overrides"], **overrides}), chosen["budget"])
-        typer.echo(_compared_schedule(config))
-        loadings = pca_loadings(data, settings["pca"]) if settings["pca"] else None
-        for k in range(seeds):
-            # stable across re-runs (resumable); the first seed keeps the folder name of single-seed ensembles
-            member = f"members/candidate-{list(FIELD_CANDIDATES).index(name)}" + (f"-seed-{config.seed + k}" if k else "")
-            typer.echo(f"member {i * seeds + k + 1}/{n * seeds}: {name}" + (f", seed {config.seed + k}" if seeds > 1
-                                                                              else "") + f" → {out / member}")
-            fit_field(data, dataclasses.replace(config, seed=config.seed + k), out / member, loadings=loadings,
-                      resume=resume)
-            members.append(member)
-            labels.append(name if seeds == 1 else f"{name}, seed {config.seed + k}")
-    write_ensemble(out, members, labels, rule=f"mean of the {n} candidate(s) with the best mean r on held-out sections "
-                                              f"{', '.join(chosen['validation_sections'])}"
-                                              + (f", each fitted with {seeds} seeds" if seeds > 1 else ""))
-    typer.echo(f"ensemble of {len(members)} fields of {len(data.genes)} variables on {len(data)} points from "
-               f"{_sections(data)} → {out} (queries average the members)")
+        specs.append(MemberSpec(name, f"candidate-{list(FIELD_CANDIDATES).index(name)}", config,
+                                pca_loadings(data, settings["pca"]) if settings["pca"] else None))
+    typer.echo(_compared_schedule(specs[0].config))
+    members = fit_members(data, out, specs, seeds=seeds, resume=resume, log=typer.echo,
+                          rule=f"mean of the {n} candidate(s) with the best mean r on held-out sections "
+                               f"{', '.join(chosen['validation_sections'])}")
+    typer.echo(_ensemble_done(data, members, out))
+
+
+def _ensemble_done(data, members, out: Path) -> str:
+    return (f"ensemble of {len(members)} fields of {len(data.genes)} variables on {len(data)} points from "
+            f"{_sections(data)} → {out} (queries average the members)")
 
 
 @app.command()

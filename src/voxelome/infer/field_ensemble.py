@@ -8,7 +8,8 @@ counts per ``target_sum``, or the modelled value), whatever its likelihood, so t
 
 A run folder holds the members in ``members/candidate-K/`` (ordinary field runs; K = the candidate's index in
 :data:`~voxelome.train.field_selection.FIELD_CANDIDATES`; ``candidate-K-seed-S/`` for its other seeds, and
-``members/seed-S/`` for the seeds of one fixed configuration, ``reconstruct fit --seeds``) and ``ensemble.json`` naming them;
+``members/field[-seed-S]/`` for the seeds of one fixed configuration, ``reconstruct fit --seeds``;
+:mod:`voxelome.train.field_members` fits them) and ``ensemble.json`` naming them;
 :meth:`voxelome.infer.field_export.FittedField.load` returns a :class:`FieldEnsemble` for such a folder, so every
 query (points, denoised spots, virtual sections, volumes, the Dask export) works unchanged.
 """
