@@ -49,3 +49,8 @@ def parse_numbers(text, name: str, counts=(1, 3), example: str | None = None) ->
     if len(vals) not in counts:
         raise VoxelomeError(f"--{name}={text!r} must hold {' or '.join(map(str, counts))} numbers.")
     return vals
+
+
+def parse_names(text) -> list[str] | None:
+    """``"A, B,,C"`` → ``["A", "B", "C"]`` (gene or channel names); ``None`` or empty → ``None`` (all)."""
+    return None if not text else [g.strip() for g in str(text).split(",") if g.strip()]

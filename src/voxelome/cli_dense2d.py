@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import typer
 
+from voxelome.cli_common import parse_names
 from voxelome.errors import VoxelomeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -237,7 +238,7 @@ def predict_cmd(run: Path = typer.Argument(..., help="Run folder (or train --out
             if section is not None or spots is not None or spots_out is not None:
                 raise VoxelomeError("--section/--spots/--spots-out go with --image; per-spot values of a stack "
                                     "section: predict that section's image.")
-            names = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
+            names = parse_names(genes)
             return run_predict_stack(run, stack, out, genes=names, n_genes=n_genes, overwrite=overwrite,
                                      allow_coarse=allow_coarse)
         if genes is not None or n_genes is not None:

@@ -19,7 +19,8 @@ import numpy as np
 import typer
 
 from voxelome.cli_common import friendly as _friendly
-from voxelome.cli_common import parse_numbers, parse_sets
+from voxelome.cli_common import parse_names, parse_numbers, parse_sets
+from voxelome.cli_field_query import denoise, predict, section, volume
 from voxelome.errors import VoxelomeError, did_you_mean
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -28,14 +29,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 #: genes modelled when none are named: a field's time per iteration grows with them (NTF fits 500–1,000)
 DEFAULT_FIELD_GENES = 500
-
-
-def _numbers(text: Optional[str], name: str, n: tuple[int, ...]):
-    return parse_numbers(text, name, n)
-
-
-def _genes(text: Optional[str]):
-    return None if not text else [g.strip() for g in text.split(",") if g.strip()]
 
 
 def _sets(items: list[str]) -> dict:
@@ -145,7 +138,7 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         adata = ad.read_h5ad(stack)
         if drop_empty:
             adata = _without_empty(adata, layer)
-    loadings, gene_list = None, _genes(genes)
+    loadings, gene_list = None, parse_names(genes)
     sig = None
     if signatures_model is not None:
         from voxelome.signatures import SignatureModel
@@ -205,7 +198,7 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if likelihood:
         base["likelihood"] = likelihood
     if jitter != "auto":
-        base["jitter_um"] = tuple(_numbers(jitter, "jitter", (1, 3)))
+        base["jitter_um"] = tuple(parse_numbers(jitter, "jitter", (1, 3)))
     if sig is None and obsm_key is None and base["likelihood"] != "gaussian" and not data.is_counts:
         raise VoxelomeError(f"likelihood {base['likelihood']!r} models counts, but the stack's values are not counts; "
                             "use --likelihood gaussian or pass the raw counts.")
@@ -298,7 +291,7 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
     from voxelome.train.point_store import MANIFEST, open_point_store, write_point_store
 
     _check_n_genes(n_genes)
-    gene_list = _genes(genes)
+    gene_list = parse_names(genes)
     if stack.is_file():
         backed = ad.read_h5ad(stack, backed="r")
         gene_list = _choose_genes(backed, gene_list, n_genes, layer=layer, chunk=chunk, verb="keeping")
@@ -311,98 +304,6 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
                + (f"; {dropped} points without counts left out (--drop-empty)" if dropped else ""))
 
 
-def _load(run: Path):
-    from voxelome.infer.field_export import FittedField
-
-    return FittedField.load(run)
-
-
-@app.command()
-@_friendly
-def volume(run: Path = typer.Argument(..., help="Run folder from `reconstruct fit`."),
-           out: Path = typer.Option(..., help="Output .ome.zarr (c, z, y, x); resumes if interrupted."),
-           spacing: str = typer.Option(..., help="Voxel size µm: one number or dz,dy,dx."),
-           bbox: Optional[str] = typer.Option(None, help="Box x0,y0,z0,x1,y1,z1 µm (default: the training spots' box, first to last section)."),
-           genes: Optional[str] = typer.Option(None, help="Channels, comma-separated (default: all)."),
-           chunks: str = typer.Option("16,64,64", help="Output chunk z,y,x in voxels."),
-           overwrite: bool = typer.Option(False, help="Replace an output of another field or grid.")):
-    """Write the field on a voxel grid of any spacing and box (chunked OME-Zarr)."""
-    sp = _numbers(spacing, "spacing", (1, 3))
-    box = _numbers(bbox, "bbox", (6,))
-    ch = [int(c) for c in _numbers(chunks, "chunks", (3,))]
-    stats = _load(run).write_volume(out, sp[0] if len(sp) == 1 else sp, bbox_um=None if box is None else (box[:3], box[3:]),
-                                    genes=_genes(genes), chunks=ch, overwrite=overwrite)
-    typer.echo(json.dumps(stats, indent=1))
-
-
-@app.command()
-@_friendly
-def section(run: Path = typer.Argument(..., help="Run folder from `reconstruct fit`."),
-            out: Path = typer.Option(..., help="Output: .ome.zarr (c, y, x) with µm scale and gene names (napari), "
-                                     ".tif (ImageJ hyperstack, µm; Fiji), or .npz (values (g, rows, cols), genes, "
-                                     "placement matrix)."),
-            origin: str = typer.Option(..., help="Plane origin x,y,z µm (pixel (0, 0))."),
-            normal: str = typer.Option("0,0,1", help="Plane normal x,y,z (oblique allowed)."),
-            pixel_size: float = typer.Option(10.0, help="µm per output pixel."),
-            shape: str = typer.Option(..., help="rows,cols of the output."),
-            genes: Optional[str] = typer.Option(None, help="Genes (default all).")):
-    """A virtual section on any plane."""
-    from voxelome.register.placement import SectionPlacement
-
-    field = _load(run)
-    placement = SectionPlacement.from_origin_normal(_numbers(origin, "origin", (3,)), _numbers(normal, "normal", (3,)),
-                                                    pixel_size)
-    from voxelome.io.planes import plane_format, write_plane
-
-    kind = plane_format(out)
-    rows, cols = (int(v) for v in _numbers(shape, "shape", (2,)))
-    values = field.virtual_section(placement, (rows, cols), _genes(genes))
-    names = [field.genes[i] for i in field.gene_index(_genes(genes))]
-    write_plane(out, values, names, pixel_size, placement.matrix, kind=kind)
-    typer.echo(f"virtual section {values.shape} (genes, rows, cols) at {pixel_size:g} µm → {out}")
-
-
-@app.command()
-@_friendly
-def predict(run: Path = typer.Argument(..., help="Run folder from `reconstruct fit`."),
-            points: Path = typer.Option(..., help="CSV with columns x, y, z (µm)."),
-            out: Path = typer.Option(..., help="Output CSV: x, y, z and one column per gene."),
-            genes: Optional[str] = typer.Option(None, help="Genes (default all)."),
-            value: str = typer.Option("rate", help="rate: denoised log1p counts per 10k; measured: the expected "
-                                      "log1p value a spot there would read (count fields: at the CSV's `library` "
-                                      "column (total counts) when it has one, else at the depth the field predicts "
-                                      "there).")):
-    """Field values at arbitrary points."""
-    import pandas as pd
-
-    if value not in ("rate", "measured"):
-        raise VoxelomeError(f"--value {value!r}: use 'rate' (denoised expression) or 'measured' (what a spot would "
-                            "read).")
-    table = pd.read_csv(points)
-    missing = [c for c in "xyz" if c not in table.columns]
-    if missing:
-        raise VoxelomeError(f"{points} lacks columns {missing}; it needs x, y, z in µm.")
-    field = _load(run)
-    names = [field.genes[i] for i in field.gene_index(_genes(genes))]
-    library = table["library"].to_numpy(float) if value == "measured" and "library" in table.columns else None
-    values = field.predict(table[["x", "y", "z"]].to_numpy(float), names, value=value, library=library)
-    pd.concat([table[["x", "y", "z"]], pd.DataFrame(values, columns=names)], axis=1).to_csv(out, index=False)
-    typer.echo(f"{len(table)} points × {len(names)} genes → {out}")
-
-
-@app.command()
-@_friendly
-def denoise(run: Path = typer.Argument(..., help="Run folder from `reconstruct fit`."),
-            stack: Path = typer.Option(..., help="AnnData .h5ad with obsm['spatial_3d']."),
-            out: Path = typer.Option(..., help="Output .h5ad with obsm['field_denoised']."),
-            section_key: str = typer.Option("section", help="obs column of sections (their batch effects are applied).")):
-    """Denoised field values at the measured spots."""
-    import anndata as ad
-
-    from voxelome.infer.field_export import FIELD_DENOISED_KEY
-    from voxelome.io.atomic import atomic_write_h5ad
-
-    adata = ad.read_h5ad(stack)
-    _load(run).denoise(adata, section_key=section_key)
-    atomic_write_h5ad(adata, out)
-    typer.echo(f"obsm[{FIELD_DENOISED_KEY!r}] {adata.obsm[FIELD_DENOISED_KEY].shape} → {out}")
+# the query verbs (volume, section, predict, denoise) live in cli_field_query; registered here in --help order
+for _command in (volume, section, predict, denoise):
+    app.command()(_command)
