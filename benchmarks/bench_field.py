@@ -422,9 +422,15 @@ REAL_CANDIDATES = {
 }
 
 
-def read_real_stack(name: str):
-    """A registered real stack (``stack_sections(method="icp")``), spots with ≥ REAL_MIN_COUNTS counts."""
+def read_real_stack(name: str, order: str = "numeric"):
+    """A registered real stack (``stack_sections(method="icp")``), spots with ≥ REAL_MIN_COUNTS counts.
+
+    ``order="suggested"``: where :func:`~voxelome.register.section_order.check_section_order` flags the numeric
+    order (her2st B), the sections are stacked in the order their expression suggests, REAL_GAP_UM apart (the
+    real gaps are then unknown); elsewhere the numeric order is kept.
+    """
     from voxelome.io.legacy_st import read_legacy_st
+    from voxelome.register.section_order import check_section_order
     from voxelome.register.stack_data import read_st_csv_layer
     from voxelome.register.stack_expression import stack_sections
 
@@ -439,6 +445,11 @@ def read_real_stack(name: str):
         ads = [read_legacy_st(d / "ST-cnts" / f"{s}.tsv.gz", d / "ST-spotfiles" / f"{s}_selection.tsv", library_id=s)
                for s in names]
         z = (np.array([int(s[1:]) for s in names]) - 1) * REAL_GAP_UM
+    if order == "suggested":
+        check = check_section_order(ads, names, warn=False)
+        if not check.consistent:
+            ads = [ads[names.index(s)] for s in check.suggested]
+            names, z = list(check.suggested), np.arange(len(ads)) * REAL_GAP_UM
     st = stack_sections(ads, z, names=names, method="icp")
     st.obs["section"] = st.obs["section"].astype(str)
     return st[np.asarray(st.X.sum(1)).ravel() >= REAL_MIN_COUNTS].copy(), names

@@ -95,15 +95,15 @@ def phantom_input():
 
 
 def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "compared", seeds: int = 1,
-                skip=()) -> dict:
+                skip=(), order: str = "numeric") -> dict:
     t0 = time.perf_counter()
     if name == "phantom":
         stack, names, held_out, truth_all = phantom_input()
     else:
-        (stack, names), truth_all = read_real_stack(name), None
+        (stack, names), truth_all = read_real_stack(name, order), None
         held_out = list(inner_folds(names))
     y_all = log_norm(stack.X)
-    res = {"stack": name, "sections": names, "folds": []}
+    res = {"stack": name, "sections": names, "order": order, "folds": []}
     for h in held_out[:max_folds]:
         f0 = time.perf_counter()
         sec_all = stack.obs["section"].to_numpy()
@@ -201,15 +201,20 @@ def main():
                          "(top2_xN: all 2N fields; select_xN: the N of select's choice)")
     ap.add_argument("--skip", nargs="*", default=[], choices=("ntf", "robust"),
                     help="leave out these single-setting fits (fewer fits when only the ensembles are compared)")
+    ap.add_argument("--order", choices=("numeric", "suggested"), default="numeric",
+                    help="section order of the real stacks: numeric, or the expression-suggested order where "
+                         "check_section_order flags the numeric one (her2st B); results_<stacks>_order.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     results = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
                "budget": BUDGET, "final_schedule": args.final_schedule, "inner_sections_rule": inner_sections.__doc__.split("\n")[0]}
     for name in args.only:
-        results[name] = stack_folds(args.out, name, args.max_folds, args.final_schedule, args.seeds, args.skip)
+        results[name] = stack_folds(args.out, name, args.max_folds, args.final_schedule, args.seeds, args.skip,
+                                    args.order)
         print(json.dumps({k: v for k, v in results[name].items() if k != "folds"}), flush=True)
         tag = ("" if args.final_schedule == "compared" else "_long") + (f"_seeds{args.seeds}" if args.seeds > 1 else "")
+        tag += "_order" if args.order == "suggested" else ""
         (args.out / f"results_{'_'.join(args.only)}{tag}.json").write_text(json.dumps(results, indent=1, default=str))
 
 

@@ -2,6 +2,7 @@
 
     voxelome register plane --volume V --image HE.png --pixel-size 5 --out DIR [--landmarks L.csv]
     voxelome register stack S1.h5ad S2.h5ad ... --z 0,15,30 --out stack.h5ad [--method icp|fgw]
+    voxelome register order S1.h5ad S2.h5ad ... [--out order.json]
 """
 
 from __future__ import annotations
@@ -143,12 +144,56 @@ def stack(sections: List[Path] = typer.Argument(..., help="Sections in cutting o
           zarr_out: Optional[Path] = typer.Option(None, help="Image stacks: the registered 3D image as OME-Zarr (c,z,y,x)."),
           max_points: Optional[int] = typer.Option(None, help="Expression stacks: sections with more spots/cells "
                                                    "are aligned as pooled grid bins (default 5000 icp, 1500 fgw)."),
+          check_order: bool = typer.Option(True, help="With 3 or more sections, also check the given order against "
+                                                      "the sections' expression (`register order`) and warn when "
+                                                      "another order fits clearly better; the stack keeps your order."),
           seed: int = typer.Option(0)):
     """Align serial sections into one 3D frame and write one AnnData with per-section transforms."""
-    _friendly(_stack)(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, max_points, seed)
+    _friendly(_stack)(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, max_points, check_order,
+                      seed)
 
 
-def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, max_points, seed):
+@app.command("order")
+def order(sections: List[Path] = typer.Argument(..., help="Sections in the order you believe they were cut (≥ 3)."),
+          out: Optional[Path] = typer.Option(None, help="Write the check (similarity matrix, suggested order) as JSON."),
+          pixel_size_um: Optional[float] = typer.Option(None, help="µm per pixel of the sections, if readers cannot tell."),
+          n_genes: int = typer.Option(100, help="Genes compared: the highest mean log1p(counts per 10k)."),
+          max_points: int = typer.Option(5000, help="Sections with more spots/cells are aligned as pooled grid bins.")):
+    """Check the cutting order of serial sections against their expression.
+
+    Each pair is aligned rigidly and scored by how well one section's spots are predicted gene by gene from the
+    other's nearest spots; the path through all sections that makes neighbours most alike is the suggested order
+    (its direction is arbitrary). Exits 0 either way; read `consistent` and `gain`.
+    """
+    _friendly(_order)(sections, out, pixel_size_um, n_genes, max_points)
+
+
+def _order(sections, out, pixel_size_um, n_genes, max_points):
+    from voxelome.io import read_section
+    from voxelome.io.atomic import atomic_write_json
+    from voxelome.register.section_order import check_section_order
+
+    adatas = [read_section(s, pixel_size_um=pixel_size_um) for s in sections]
+    names = [Path(s).name.split(".")[0] for s in sections]
+    check = check_section_order(adatas, names, n_genes=n_genes, max_points=max_points, progress=True)
+    summary = check.to_dict()
+    if out is not None:
+        atomic_write_json(Path(out), summary)
+    summary.pop("similarity")
+    typer.echo(json.dumps(summary))
+
+
+def _order_warning(adatas, names, max_points) -> Optional[dict]:
+    """``register stack``'s order check: warns (through ``check_section_order``) and returns its short summary."""
+    from voxelome.register.section_order import check_section_order
+
+    if len(adatas) < 3:
+        return None
+    check = check_section_order(adatas, names, max_points=max_points or 5000)
+    return {"consistent": check.consistent, "suggested": check.suggested, "gain": round(check.gain, 3)}
+
+
+def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, max_points, check_order, seed):
     from voxelome.io import read_section
     from voxelome.io.sections import write_h5ad
 
@@ -166,6 +211,7 @@ def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, m
         raise VoxelomeError("--zarr-out writes the registered H&E stack: it needs --images (one per section).")
     adatas = [read_section(s, pixel_size_um=pixel_size_um) for s in sections]
     names = [Path(s).name.split(".")[0] for s in sections]
+    order_check = _order_warning(adatas, names, max_points) if check_order else None
     if images:
         from voxelome.register.stack_image import stack_images
 
@@ -183,4 +229,6 @@ def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, m
         summary["dice_adjacent"] = [round(float(d), 3) for d in info["dice_adjacent"]]
     if zarr_out is not None:
         summary["zarr_out"] = str(zarr_out)
+    if order_check is not None:
+        summary["order_check"] = order_check
     typer.echo(json.dumps(summary))

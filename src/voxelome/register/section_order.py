@@ -1,0 +1,284 @@
+"""Check the cutting order of serial sections from their expression (``voxelome register order``).
+
+Serial sections are numbered by hand; a well label, a slide position or a re-cut can make the numbers disagree
+with the depth order, and every 3D method (stacking, fields, interpolation between sections) then reads the wrong
+neighbours. Adjacent sections of one block share their expression *patterns* more than distant ones, so the
+order that makes neighbours most alike — the maximum-similarity path through all sections (seriation) — is
+evidence about the cutting order. It cannot tell the direction (top from bottom), and it is only as good as the
+similarity: sections far apart in a homogeneous tissue look alike too. Use it as a check, not as ground truth.
+
+Similarity of a pair: the moving section is aligned rigidly onto the other (the ICP of
+:func:`~voxelome.register.stack_expression.stack_sections`), then each section's spots are predicted from the
+other's ``k`` nearest aligned spots (in-plane) and the per-gene Pearson r over spots is averaged over the
+``n_genes`` highest-mean genes and both directions. Unlike the nearest-spot profile correlation used to score
+stacks, this measures whether the two sections show the same *spatial* pattern gene by gene.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
+
+from voxelome.errors import VoxelomeError, check_positive
+from voxelome.evaluate.field_baselines import knn_3d, per_gene_scores
+
+#: sections up to which the best order is found exactly (Held–Karp, O(2ⁿ n²)); beyond, greedy paths + 2-opt
+EXACT_MAX = 12
+#: the given order is flagged when the suggested order's mean neighbour similarity is higher by this fraction
+WARN_GAIN = 0.2
+
+
+@dataclass
+class OrderCheck:
+    """Result of :func:`check_section_order`.
+
+    Attributes
+    ----------
+    names : list of str
+        Sections in the given order.
+    similarity : ndarray, shape (n, n)
+        Symmetric pairwise similarity (mean per-gene r; diagonal NaN).
+    given_score, suggested_score : float
+        Mean similarity of adjacent sections in the given / suggested order.
+    suggested : list of str
+        The most consistent order (oriented to start nearer the given first section).
+    gain : float
+        ``suggested_score / given_score − 1`` (0 when the given order is already the best).
+    sections : list of dict
+        Per section: ``neighbours_r`` (mean similarity with its given neighbours), ``closest`` (the most similar
+        other section) and ``closest_r``.
+    consistent : bool
+        ``gain < warn_gain``.
+    """
+
+    names: list
+    similarity: np.ndarray
+    given_score: float
+    suggested: list
+    suggested_score: float
+    gain: float
+    sections: list = field(default_factory=list)
+    consistent: bool = True
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (the similarity as nested lists, NaN diagonal as ``None``)."""
+        sim = [[None if not np.isfinite(v) else round(float(v), 4) for v in row] for row in self.similarity]
+        return {"names": self.names, "given_score": round(self.given_score, 4), "suggested": self.suggested,
+                "suggested_score": round(self.suggested_score, 4), "gain": round(self.gain, 4),
+                "consistent": self.consistent, "sections": self.sections, "similarity": sim}
+
+
+def path_score(similarity: np.ndarray, order) -> float:
+    """Mean similarity of consecutive sections along ``order`` (indices)."""
+    order = list(order)
+    return float(np.mean([similarity[a, b] for a, b in zip(order, order[1:])]))
+
+
+def best_order(similarity: np.ndarray) -> list[int]:
+    """The path through every section with the highest summed similarity of neighbours.
+
+    Exact (Held–Karp dynamic programme) for up to ``EXACT_MAX`` sections; beyond, the best of the greedy paths
+    from every start, improved by 2-opt reversals until none helps. Oriented so that section 0 lies in the first
+    half (a path and its reverse score the same).
+
+    Parameters
+    ----------
+    similarity : ndarray, shape (n, n)
+        Symmetric; the diagonal is ignored.
+
+    Returns
+    -------
+    list of int
+        Section indices in the suggested order.
+    """
+    s = np.nan_to_num(np.asarray(similarity, float), nan=-np.inf)
+    n = len(s)
+    if n <= 2:
+        return list(range(n))
+    path = _held_karp(s) if n <= EXACT_MAX else _two_opt(s, max((_greedy(s, a) for a in range(n)),
+                                                             key=lambda p: _total(s, p)))
+    return path if path.index(0) <= (n - 1) / 2 else path[::-1]
+
+
+def _total(s, path) -> float:
+    return float(sum(s[a, b] for a, b in zip(path, path[1:])))
+
+
+def _held_karp(s: np.ndarray) -> list[int]:
+    n = len(s)
+    full = (1 << n) - 1
+    best = np.full((1 << n, n), -np.inf)
+    back = np.full((1 << n, n), -1, dtype=np.int64)
+    for v in range(n):
+        best[1 << v, v] = 0.0
+    for mask in range(1, full + 1):  # increasing masks: every subset is finished before its supersets
+        for v in (i for i in range(n) if (mask >> i) & 1):
+            if not np.isfinite(best[mask, v]):
+                continue
+            for u in range(n):
+                if (mask >> u) & 1:
+                    continue
+                cand = best[mask, v] + s[v, u]
+                if cand > best[mask | (1 << u), u]:
+                    best[mask | (1 << u), u], back[mask | (1 << u), u] = cand, v
+    v, mask, path = int(np.argmax(best[full])), full, []
+    while v >= 0:
+        path.append(v)
+        v, mask = int(back[mask, v]), mask & ~(1 << v)
+    return path[::-1]
+
+
+def _greedy(s: np.ndarray, start: int) -> list[int]:
+    path, left = [start], set(range(len(s))) - {start}
+    while left:
+        nxt = max(left, key=lambda u: s[path[-1], u])
+        path.append(nxt)
+        left.remove(nxt)
+    return path
+
+
+def _two_opt(s: np.ndarray, path: list[int]) -> list[int]:
+    improved = True
+    while improved:
+        improved = False
+        for i, j in itertools.combinations(range(len(path) + 1), 2):
+            if j - i < 2:
+                continue
+            cand = path[:i] + path[i:j][::-1] + path[j:]
+            if _total(s, cand) > _total(s, path) + 1e-12:
+                path, improved = cand, True
+    return path
+
+
+def _top_mean_genes(X: sp.csr_matrix, n_genes: int) -> np.ndarray:
+    """Columns of the ``n_genes`` highest mean log1p(counts per 10k) (sparse: nothing densified)."""
+    lib = np.maximum(np.asarray(X.sum(1), float).ravel(), 1.0)
+    L = sp.diags(1e4 / lib) @ X
+    L.data = np.log1p(L.data)
+    return np.argsort(-np.asarray(L.mean(0)).ravel(), kind="stable")[:n_genes]
+
+
+def section_similarity(adatas, *, n_genes: int = 100, k: int = 8, max_spots: int = 2000, pitch_um=None,
+                       max_points: int = 5000, seed: int = 0, progress: bool = False) -> np.ndarray:
+    """Pairwise spatial-expression similarity of sections after rigid alignment (see the module docstring).
+
+    Parameters
+    ----------
+    adatas : list of AnnData
+        Sections with counts, ``obsm['spatial']`` (px) and ``uns['voxelome']['pixel_size_um']``.
+    n_genes : int
+        Genes scored: the highest mean log1p(counts per 10k) over all sections' shared genes.
+    k : int
+        Spots of the other section averaged (inverse-distance weights) to predict a spot.
+    max_spots : int
+        Spots predicted per section and direction (a seeded random subset above it: cell-level sections).
+    pitch_um, max_points : optional
+        As :func:`~voxelome.register.stack_expression.stack_sections` (ICP scale; sections above ``max_points``
+        are aligned as pooled bins).
+    progress : bool
+        Show a progress bar over the pairs.
+
+    Returns
+    -------
+    ndarray, shape (n, n)
+        Symmetric similarity (mean per-gene r, higher = more alike), NaN on the diagonal.
+    """
+    from tqdm.auto import tqdm
+
+    from voxelome.register.stack_expression import (
+        _embed, _gene_positions, _split, _stack_shared, section_xy_um)
+    from voxelome.register.stack_icp import align_binned, align_icp, bin_size_um
+
+    check_positive("n_genes", n_genes)
+    check_positive("k", k)
+    check_positive("max_spots", max_spots)
+    _, cols = _gene_positions(adatas)
+    X = _stack_shared([a.X for a in adatas], cols)
+    sizes = [a.n_obs for a in adatas]
+    embs = _split(_embed(X, 20, 300, dedup=False), sizes)
+    top = _top_mean_genes(X, n_genes)
+    lib = np.maximum(np.asarray(X.sum(1), float).ravel(), 1.0)
+    Y = np.log1p(X[:, top].toarray() * (1e4 / lib)[:, None])
+    ys = _split(Y, sizes)
+    xys = [section_xy_um(a) for a in adatas]
+    if pitch_um is None:
+        d, _ = cKDTree(xys[0]).query(xys[0], k=2)
+        pitch_um = float(np.median(d[:, 1]))
+    bin_um = bin_size_um(xys, pitch_um, int(max_points))
+    rng = np.random.default_rng(seed)
+    picks = [np.sort(rng.choice(m, max_spots, replace=False)) if m > max_spots else np.arange(m) for m in sizes]
+    n = len(adatas)
+    sim = np.full((n, n), np.nan)
+    pairs = list(itertools.combinations(range(n), 2))
+    for a, b in tqdm(pairs, desc="section similarity", unit="pair", disable=not progress):
+        if bin_um is None:
+            r, t, _ = align_icp(xys[a], embs[a], xys[b], embs[b], pitch_um=pitch_um)
+        else:
+            r, t, _ = align_binned(align_icp, xys[a], embs[a], xys[b], embs[b], bin_um=bin_um, pitch_um=pitch_um)
+        xb = xys[b] @ r.T + t
+        ab = per_gene_scores(knn_3d(xys[a], ys[a], xb[picks[b]], k=k), ys[b][picks[b]])["mean_r"]
+        ba = per_gene_scores(knn_3d(xb, ys[b], xys[a][picks[a]], k=k), ys[a][picks[a]])["mean_r"]
+        sim[a, b] = sim[b, a] = np.nanmean([ab, ba])
+    return sim
+
+
+def check_section_order(adatas, names=None, *, warn_gain: float = WARN_GAIN, warn: bool = True,
+                        **similarity_options) -> OrderCheck:
+    """Compare the given order of serial sections with the order their expression suggests.
+
+    Parameters
+    ----------
+    adatas : list of AnnData
+        Sections in the order the user believes is the cutting order (at least 3).
+    names : list of str, optional
+        Section names (default ``section_0`` …).
+    warn_gain : float
+        Flag the given order (``consistent=False`` and a warning) when the suggested order's mean neighbour
+        similarity is at least this fraction higher.
+    warn : bool
+        Emit the warning (``False``: only report).
+    **similarity_options
+        Passed to :func:`section_similarity`.
+
+    Returns
+    -------
+    OrderCheck
+    """
+    from voxelome.register.stack_expression import check_stack_inputs
+
+    if len(adatas) < 3:
+        raise VoxelomeError(f"checking an order needs at least 3 sections (got {len(adatas)}): with two, every "
+                            "order is the same up to direction.")
+    names, _ = check_stack_inputs(adatas, np.arange(len(adatas), dtype=float), names)
+    sim = section_similarity(adatas, **similarity_options)
+    n = len(names)
+    given = path_score(sim, range(n))
+    order = best_order(sim)
+    suggested = path_score(sim, order)
+    gain = max(0.0, suggested / given - 1.0) if given > 0 else (np.inf if suggested > given else 0.0)
+    per = []
+    for i in range(n):
+        nb = [j for j in (i - 1, i + 1) if 0 <= j < n]
+        others = np.where(np.arange(n) == i, -np.inf, np.nan_to_num(sim[i], nan=-np.inf))
+        j = int(np.argmax(others))
+        per.append({"section": names[i], "neighbours_r": round(float(np.mean(sim[i, nb])), 4),
+                    "closest": names[j], "closest_r": round(float(sim[i, j]), 4)})
+    check = OrderCheck(names=names, similarity=sim, given_score=given, suggested=[names[i] for i in order],
+                       suggested_score=suggested, gain=float(gain), sections=per, consistent=bool(gain < warn_gain))
+    if warn and not check.consistent:
+        odd = [p["section"] for p in per if p["closest"] not in _neighbours(names, p["section"])]
+        warnings.warn(f"the sections' expression does not follow the given order {names}: neighbours in "
+                      f"{check.suggested} are {gain:.0%} more alike (mean per-gene r {suggested:.3f} vs "
+                      f"{given:.3f}); most alike to a non-neighbour: {odd}. Check the numbering (slide wells are "
+                      "not always the cutting order) before stacking or fitting a 3D field.", stacklevel=2)
+    return check
+
+
+def _neighbours(names, name):
+    i = names.index(name)
+    return names[max(0, i - 1):i] + names[i + 1:i + 2]

@@ -1,0 +1,137 @@
+"""Checking the cutting order of serial sections from their expression (``register order``, issue 3)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from voxelome.cli import app
+from voxelome.constants import SPATIAL_KEY
+from voxelome.datasets import axial_placement
+from voxelome.errors import VoxelomeError
+from voxelome.register.section_order import EXACT_MAX, best_order, check_section_order, path_score
+
+HER2ST = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
+Z_SLICES = (3, 8, 13, 18, 23, 28)  # axial sections of the 32-slice test phantom, 50 µm apart
+
+
+def _brute_force(sim):
+    n = len(sim)
+    return max(path_score(sim, p) for p in itertools.permutations(range(n)))
+
+
+def test_best_order_is_the_exact_optimum_for_small_stacks():
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 7):
+        a = rng.random((n, n))
+        sim = (a + a.T) / 2
+        np.fill_diagonal(sim, np.nan)
+        order = best_order(sim)
+        assert sorted(order) == list(range(n))
+        assert path_score(sim, order) == pytest.approx(_brute_force(sim))
+        assert order.index(0) <= (n - 1) / 2  # oriented: the first given section in the first half
+
+
+def test_best_order_recovers_a_shuffled_band_beyond_the_exact_size():
+    n = EXACT_MAX + 6
+    perm = np.random.default_rng(1).permutation(n)
+    depth = np.empty(n)
+    depth[perm] = np.arange(n)  # section perm[k] lies at depth k
+    sim = -np.abs(depth[:, None] - depth[None, :])  # alike in proportion to closeness
+    np.fill_diagonal(sim, np.nan)
+    order = best_order(sim)
+    assert order in (list(perm), list(perm[::-1]))
+
+
+def _rotated(adata, angle_deg, shift_um):
+    b = adata.copy()
+    px = float(b.uns["voxelome"]["pixel_size_um"])
+    xy = np.asarray(b.obsm[SPATIAL_KEY], float) * px
+    a = np.deg2rad(angle_deg)
+    r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    b.obsm[SPATIAL_KEY] = ((xy - xy.mean(0)) @ r.T + xy.mean(0) + np.asarray(shift_um)) / px
+    return b
+
+
+@pytest.fixture(scope="module")
+def phantom_sections(phantom):
+    """Axial sections in depth order, each turned and shifted on its slide (so the order check must align them)."""
+    rng = np.random.default_rng(0)
+    return [_rotated(phantom.cut_section(axial_placement(phantom, z), seed=k), rng.uniform(-60, 60),
+                     rng.uniform(-200, 200, 2)) for k, z in enumerate(Z_SLICES)]
+
+
+def test_shuffled_phantom_sections_are_put_back_in_depth_order(phantom_sections):
+    names = [f"z{z}" for z in Z_SLICES]
+    perm = [3, 0, 5, 1, 4, 2]
+    with pytest.warns(UserWarning, match="does not follow the given order"):
+        check = check_section_order([phantom_sections[i] for i in perm], [names[i] for i in perm])
+    assert check.suggested in (names, names[::-1])
+    assert not check.consistent and check.gain > 0.2
+    assert check.similarity.shape == (6, 6) and np.allclose(check.similarity, check.similarity.T, equal_nan=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the true order raises no order warning
+        right = check_section_order(phantom_sections, names)
+    assert right.consistent and right.gain == 0.0 and right.suggested == names
+    assert right.given_score > 1.2 * check.given_score  # neighbours in depth are more alike than shuffled ones
+    # each section's most alike other section is one of its depth neighbours
+    assert all(p["closest"] in names[max(0, i - 1):i] + names[i + 1:i + 2] for i, p in enumerate(right.sections))
+
+
+def test_order_check_rejects_what_it_cannot_judge(phantom_sections):
+    with pytest.raises(VoxelomeError, match="at least 3 sections"):
+        check_section_order(phantom_sections[:2])
+    with pytest.raises(VoxelomeError, match="unique, one per section"):
+        check_section_order(phantom_sections[:3], ["a", "b"])
+    with pytest.raises(VoxelomeError, match="n_genes"):
+        check_section_order(phantom_sections[:3], n_genes=0)
+
+
+@pytest.mark.skipif(not HER2ST.exists(), reason="needs ../shared/data/her2st")
+def test_her2st_patient_b_numbering_is_flagged_and_c_is_not():
+    """Real serial sections: C's numbers follow its expression; B's do not (B2 resembles B6, B1 resembles B3)."""
+    from voxelome.io.legacy_st import read_legacy_st
+
+    def read(patient):
+        names = sorted(p.name.split(".")[0] for p in (HER2ST / "ST-cnts").glob(f"{patient}*.tsv.gz"))
+        return [read_legacy_st(HER2ST / "ST-cnts" / f"{s}.tsv.gz", HER2ST / "ST-spotfiles" / f"{s}_selection.tsv",
+                               library_id=s) for s in names], names
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="gene sets differ")
+        c = check_section_order(*read("C"), warn=False)
+        b = check_section_order(*read("B"), warn=False)
+    assert c.consistent and c.gain < 0.1
+    assert not b.consistent and b.gain > 0.3
+    per = {p["section"]: p for p in b.sections}
+    assert per["B2"]["closest"] == "B6" and per["B1"]["closest"] == "B3"
+
+
+def test_cli_register_order_and_the_check_in_register_stack(phantom_sections, tmp_path):
+    from voxelome.io.sections import write_h5ad
+
+    files = []
+    for z, a in zip(Z_SLICES, phantom_sections):
+        files.append(tmp_path / f"z{z}.h5ad")
+        write_h5ad(a, files[-1])
+    shuffled = [files[i] for i in (3, 0, 5, 1, 4, 2)]
+    runner = CliRunner()
+    r = runner.invoke(app, ["register", "order", *map(str, shuffled), "--out", str(tmp_path / "order.json")])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "order.json").read_text())
+    names = [f"z{z}" for z in Z_SLICES]
+    assert saved["suggested"] in (names, names[::-1]) and saved["consistent"] is False
+    assert len(saved["similarity"]) == 6 and saved["similarity"][0][0] is None
+    r = runner.invoke(app, ["register", "stack", *map(str, files[:4]), "--z", "0,50,100,150",
+                            "--out", str(tmp_path / "stack.h5ad")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["order_check"]["consistent"] is True and summary["order_check"]["suggested"] == names[:4]
+    r = runner.invoke(app, ["register", "order", *map(str, files[:2])])
+    assert r.exit_code != 0 and "at least 3 sections" in r.output
