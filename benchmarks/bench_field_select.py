@@ -95,7 +95,7 @@ def phantom_input():
 
 
 def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "compared", seeds: int = 1,
-                skip=(), order: str = "numeric") -> dict:
+                skip=(), order: str = "numeric", n_top: int = 2) -> dict:
     t0 = time.perf_counter()
     if name == "phantom":
         stack, names, held_out, truth_all = phantom_input()
@@ -132,14 +132,20 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
                   "robust": ("robust", {**BUDGET, **candidate_overrides(data, FIELD_CANDIDATES[ROBUST_CANDIDATE])})}
         second = chosen["settings"][chosen["ranking"][1]]
         fields["second"] = ("second" + suffix, {**final, **second["overrides"]})
-        for extra in range(1, seeds):  # the same two settings fitted again with other seeds (--seeds)
-            fields[f"select_seed{extra}"] = (f"select{suffix}_seed{extra}", {**fields["select"][1], "seed": extra})
-            fields[f"second_seed{extra}"] = (f"second{suffix}_seed{extra}", {**fields["second"][1], "seed": extra})
+        ranked = ["select", "second"]
+        if n_top >= 3:  # select's third candidate too (--top 3)
+            third = chosen["settings"][chosen["ranking"][2]]
+            fields["third"] = ("third" + suffix, {**final, **third["overrides"]})
+            ranked.append("third")
+        for extra in range(1, seeds):  # the same settings fitted again with other seeds (--seeds)
+            for t in ranked:
+                fields[f"{t}_seed{extra}"] = (f"{t}{suffix}_seed{extra}", {**fields[t][1], "seed": extra})
         for tag in skip:
             fields.pop(tag)
         preds = {}
         for tag, (folder, overrides) in fields.items():
-            pca = chosen["pca"] if tag.startswith("select") else second["pca"] if tag.startswith("second") else 0
+            pca = chosen["pca"] if tag.startswith("select") else second["pca"] if tag.startswith("second") else \
+                third["pca"] if tag.startswith("third") else 0
             field = final_fit(data, work / folder, overrides, pca_loadings(data, pca) if pca else None)
             preds[tag] = (field.predict(qxyz, value="measured"), field.predict(qxyz))
         # top2 (declared before bench_field.py's fifth-session run): the mean of the two best validation candidates
@@ -150,6 +156,12 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
             # and select's choice alone with its seeds (what --ensemble 1 would give)
             members = ["select", "second"] + [f"{t}_seed{k}" for k in range(1, seeds) for t in ("select", "second")]
             preds[f"top2_x{seeds}"] = tuple(sum(preds[m][i] for m in members) / len(members) for i in range(2))
+            if n_top >= 3:
+                # declared in the twelfth session before this run: the top 3 candidates × `seeds` seeds, averaged
+                # (`reconstruct fit --ensemble 3`); adopted as the default only at ≥ +0.003 mean r over top2_x{seeds}
+                # on the real stacks and not lower by > 0.005 against the phantom's truth
+                trio = members + ["third"] + [f"third_seed{k}" for k in range(1, seeds)]
+                preds[f"top3_x{seeds}"] = tuple(sum(preds[m][i] for m in trio) / len(trio) for i in range(2))
             alone = ["select"] + [f"select_seed{k}" for k in range(1, seeds)]
             preds[f"select_x{seeds}"] = tuple(sum(preds[m][i] for m in alone) / len(alone) for i in range(2))
         # val_guided (declared in the seventh session before its scores were seen): top2 where the two best averaged
@@ -181,7 +193,7 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
         res[f"mean_r_{b}"] = float(np.mean([f["baselines"][b]["r"] for f in res["folds"]]))
     res["best_baseline"] = max(BASELINE_KS, key=lambda b: res[f"mean_r_{b}"])
     res["select_minus_best_baseline"] = res["mean_r_select"] - res[f"mean_r_{res['best_baseline']}"]
-    for m in ("robust", "top2", f"top2_x{seeds}", f"select_x{seeds}"):
+    for m in ("robust", "top2", f"top2_x{seeds}", f"top3_x{seeds}", f"select_x{seeds}"):
         if f"mean_r_{m}" in res:
             res[f"{m}_minus_best_baseline"] = res[f"mean_r_{m}"] - res[f"mean_r_{res['best_baseline']}"]
     res["wall_s"] = time.perf_counter() - t0
@@ -204,6 +216,8 @@ def main():
     ap.add_argument("--order", choices=("numeric", "suggested"), default="numeric",
                     help="section order of the real stacks: numeric, or the expression-suggested order where "
                          "check_section_order flags the numeric one (her2st B); results_<stacks>_order.json")
+    ap.add_argument("--top", type=int, choices=(2, 3), default=2,
+                    help="3: also fit select's third candidate (with --seeds) and score top3_xN; results_*_top3.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -211,10 +225,10 @@ def main():
                "budget": BUDGET, "final_schedule": args.final_schedule, "inner_sections_rule": inner_sections.__doc__.split("\n")[0]}
     for name in args.only:
         results[name] = stack_folds(args.out, name, args.max_folds, args.final_schedule, args.seeds, args.skip,
-                                    args.order)
+                                    args.order, args.top)
         print(json.dumps({k: v for k, v in results[name].items() if k != "folds"}), flush=True)
         tag = ("" if args.final_schedule == "compared" else "_long") + (f"_seeds{args.seeds}" if args.seeds > 1 else "")
-        tag += "_order" if args.order == "suggested" else ""
+        tag += ("_order" if args.order == "suggested" else "") + ("_top3" if args.top == 3 else "")
         (args.out / f"results_{'_'.join(args.only)}{tag}.json").write_text(json.dumps(results, indent=1, default=str))
 
 

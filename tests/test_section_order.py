@@ -135,3 +135,45 @@ def test_cli_register_order_and_the_check_in_register_stack(phantom_sections, tm
     assert summary["order_check"]["consistent"] is True and summary["order_check"]["suggested"] == names[:4]
     r = runner.invoke(app, ["register", "order", *map(str, files[:2])])
     assert r.exit_code != 0 and "at least 3 sections" in r.output
+
+
+def _stacked(phantom, depth_of):
+    """The phantom's axial sections as one stack (aligned: their own µm positions), section k placed at depth_of[k]."""
+    import anndata as ad
+
+    parts = []
+    for k, z in enumerate(Z_SLICES):
+        a = phantom.cut_section(axial_placement(phantom, z), seed=k)
+        px = float(a.uns["voxelome"]["pixel_size_um"])
+        a.obsm["spatial_3d"] = np.column_stack([np.asarray(a.obsm[SPATIAL_KEY], float) * px,
+                                                np.full(a.n_obs, depth_of[k])])
+        a.obs["section"] = f"z{z}"
+        parts.append(a)
+    return ad.concat(parts, index_unique="-", merge="first")
+
+
+def test_a_stacks_z_order_is_checked_where_it_lies(phantom):
+    from voxelome.register.section_order import check_stack_order
+
+    right = check_stack_order(_stacked(phantom, [50.0 * k for k in range(6)]), warn=False)
+    assert right.consistent and right.names == [f"z{z}" for z in Z_SLICES]
+    wrong_depths = [50.0 * k for k in (3, 0, 5, 1, 4, 2)]
+    with pytest.warns(UserWarning, match="does not follow the given order"):
+        wrong = check_stack_order(_stacked(phantom, wrong_depths))
+    assert wrong.names == [f"z{Z_SLICES[i]}" for i in np.argsort(wrong_depths)]  # read in the stack's z order
+    assert not wrong.consistent and wrong.suggested in ([f"z{z}" for z in Z_SLICES], [f"z{z}" for z in Z_SLICES][::-1])
+
+
+def test_reconstruct_fit_warns_when_z_order_and_expression_disagree(phantom, tmp_path):
+    stack = _stacked(phantom, [50.0 * k for k in (3, 0, 5, 1, 4, 2)])
+    path = tmp_path / "stack.h5ad"
+    stack.write_h5ad(path)
+    fast = ["--settings", "ntf", "--seeds", "1", "--n-genes", "3", "--set", "iterations=5", "--set", "batch_size=64",
+            "--set", "n_levels=3", "--set", "log2_table_size=8"]
+    res = CliRunner().invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "run"), *fast])
+    assert res.exit_code == 0, res.output
+    assert "does not follow their z order" in res.output
+    _stacked(phantom, [50.0 * k for k in range(6)]).write_h5ad(path)  # the same sections at their true depths
+    res = CliRunner().invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "run2"), *fast])
+    assert res.exit_code == 0, res.output
+    assert "does not follow" not in res.output

@@ -150,6 +150,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if adata is not None:
         data = PointData.from_anndata(adata, genes=gene_list, obsm_key=obsm_key, layer=layer, section_key=section_key,
                                       z_slab_um=z_slabs)
+        if z_slabs is None and len(data.section_names) >= 3:
+            _warn_if_disordered(adata, section_key, layer)
     overrides = _sets(set_)
     chosen_by_user = likelihood or jitter != "auto" or {"likelihood", "jitter_um", "section_dim"} & set(overrides)
     if data.z_slab_um is not None:  # slabs of one volume share no batch effect: a per-slab term would absorb z biology
@@ -243,6 +245,19 @@ def _sections(data) -> str:
 def _compared_schedule(config) -> str:
     return (f"fitting on every section with the schedule the candidates were compared at: {config.iterations} "
             f"iterations × {config.batch_size} points")
+
+
+def _warn_if_disordered(adata, section_key: str, layer) -> None:
+    """A field reads each section's z neighbours: say so when the sections' expression disagrees with their z order."""
+    from voxelome.register.section_order import check_stack_order
+
+    check = check_stack_order(adata, section_key=section_key, layer=layer, warn=False)
+    if not check.consistent:
+        typer.echo(f"warning: the sections' expression does not follow their z order {check.names}: neighbours in "
+                   f"{check.suggested} are {check.gain:.0%} more alike (per-gene r of neighbours "
+                   f"{check.suggested_score:.3f} vs {check.given_score:.3f}). Check the section numbering and z "
+                   "before trusting interpolation between sections (README: 'Check the cutting order first').",
+                   err=True)
 
 
 def _fit_ensemble(data, chosen: dict, out: Path, n: int, seeds: int, preset: str, overrides: dict,

@@ -163,6 +163,35 @@ def _top_mean_genes(X: sp.csr_matrix, n_genes: int) -> np.ndarray:
     return np.argsort(-np.asarray(L.mean(0)).ravel(), kind="stable")[:n_genes]
 
 
+def _pair_similarity(xys, ys, *, k: int, max_spots: int, seed: int, progress: bool, align=None) -> np.ndarray:
+    """Symmetric (n, n) mean per-gene r of each pair (see :func:`section_similarity`); ``align(a, b)`` returns the
+    rigid map ``(R, t)`` of section b onto a (``None``: the sections are already in one frame)."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    picks = [np.sort(rng.choice(len(x), max_spots, replace=False)) if len(x) > max_spots else np.arange(len(x))
+             for x in xys]
+    n = len(xys)
+    sim = np.full((n, n), np.nan)
+    for a, b in tqdm(list(itertools.combinations(range(n), 2)), desc="section similarity", unit="pair",
+                     disable=not progress):
+        xb = xys[b]
+        if align is not None:
+            r, t = align(a, b)
+            xb = xb @ r.T + t
+        ab = per_gene_scores(knn_3d(xys[a], ys[a], xb[picks[b]], k=k), ys[b][picks[b]])["mean_r"]
+        ba = per_gene_scores(knn_3d(xb, ys[b], xys[a][picks[a]], k=k), ys[a][picks[a]])["mean_r"]
+        sim[a, b] = sim[b, a] = np.nanmean([ab, ba])
+    return sim
+
+
+def _scored_genes(X: sp.csr_matrix, n_genes: int) -> np.ndarray:
+    """log1p(counts per 10k) ``(n, n_genes)`` of the highest-mean genes of ``X`` (cells × genes, counts)."""
+    top = _top_mean_genes(X, n_genes)
+    lib = np.maximum(np.asarray(X.sum(1), float).ravel(), 1.0)
+    return np.log1p(X[:, top].toarray() * (1e4 / lib)[:, None])
+
+
 def section_similarity(adatas, *, n_genes: int = 100, k: int = 8, max_spots: int = 2000, pitch_um=None,
                        max_points: int = 5000, seed: int = 0, progress: bool = False) -> np.ndarray:
     """Pairwise spatial-expression similarity of sections after rigid alignment (see the module docstring).
@@ -188,43 +217,66 @@ def section_similarity(adatas, *, n_genes: int = 100, k: int = 8, max_spots: int
     ndarray, shape (n, n)
         Symmetric similarity (mean per-gene r, higher = more alike), NaN on the diagonal.
     """
-    from tqdm.auto import tqdm
-
     from voxelome.register.stack_expression import (
         _embed, _gene_positions, _split, _stack_shared, section_xy_um)
     from voxelome.register.stack_icp import align_binned, align_icp, bin_size_um
 
-    check_positive("n_genes", n_genes)
-    check_positive("k", k)
-    check_positive("max_spots", max_spots)
+    _check_options(n_genes, k, max_spots)
     _, cols = _gene_positions(adatas)
     X = _stack_shared([a.X for a in adatas], cols)
     sizes = [a.n_obs for a in adatas]
     embs = _split(_embed(X, 20, 300, dedup=False), sizes)
-    top = _top_mean_genes(X, n_genes)
-    lib = np.maximum(np.asarray(X.sum(1), float).ravel(), 1.0)
-    Y = np.log1p(X[:, top].toarray() * (1e4 / lib)[:, None])
-    ys = _split(Y, sizes)
+    ys = _split(_scored_genes(X, n_genes), sizes)
     xys = [section_xy_um(a) for a in adatas]
     if pitch_um is None:
         d, _ = cKDTree(xys[0]).query(xys[0], k=2)
         pitch_um = float(np.median(d[:, 1]))
     bin_um = bin_size_um(xys, pitch_um, int(max_points))
-    rng = np.random.default_rng(seed)
-    picks = [np.sort(rng.choice(m, max_spots, replace=False)) if m > max_spots else np.arange(m) for m in sizes]
-    n = len(adatas)
-    sim = np.full((n, n), np.nan)
-    pairs = list(itertools.combinations(range(n), 2))
-    for a, b in tqdm(pairs, desc="section similarity", unit="pair", disable=not progress):
+
+    def align(a, b):
         if bin_um is None:
-            r, t, _ = align_icp(xys[a], embs[a], xys[b], embs[b], pitch_um=pitch_um)
-        else:
-            r, t, _ = align_binned(align_icp, xys[a], embs[a], xys[b], embs[b], bin_um=bin_um, pitch_um=pitch_um)
-        xb = xys[b] @ r.T + t
-        ab = per_gene_scores(knn_3d(xys[a], ys[a], xb[picks[b]], k=k), ys[b][picks[b]])["mean_r"]
-        ba = per_gene_scores(knn_3d(xb, ys[b], xys[a][picks[a]], k=k), ys[a][picks[a]])["mean_r"]
-        sim[a, b] = sim[b, a] = np.nanmean([ab, ba])
-    return sim
+            return align_icp(xys[a], embs[a], xys[b], embs[b], pitch_um=pitch_um)[:2]
+        return align_binned(align_icp, xys[a], embs[a], xys[b], embs[b], bin_um=bin_um, pitch_um=pitch_um)[:2]
+
+    return _pair_similarity(xys, ys, k=k, max_spots=max_spots, seed=seed, progress=progress, align=align)
+
+
+def stacked_similarity(stack, *, section_key: str = "section", layer=None, n_genes: int = 100, k: int = 8,
+                       max_spots: int = 2000, seed: int = 0) -> tuple[list, np.ndarray]:
+    """:func:`section_similarity` of sections already in one frame (a stack's ``obsm['spatial_3d']``, no alignment).
+
+    Parameters
+    ----------
+    stack : AnnData
+        All sections: counts in ``X`` (or ``layers[layer]``), ``obsm['spatial_3d']`` (µm), ``obs[section_key]``.
+
+    Returns
+    -------
+    names : list of str
+        Sections in increasing median z (their depth order in the stack).
+    similarity : ndarray, shape (n, n)
+        In that order.
+    """
+    from voxelome.constants import SPATIAL_3D_KEY
+
+    _check_options(n_genes, k, max_spots)
+    if SPATIAL_3D_KEY not in stack.obsm or section_key not in stack.obs:
+        raise VoxelomeError(f"the stack needs obsm[{SPATIAL_3D_KEY!r}] and obs[{section_key!r}] to check its order.")
+    xyz = np.asarray(stack.obsm[SPATIAL_3D_KEY], float)
+    sec = stack.obs[section_key].astype(str).to_numpy()
+    names = sorted(set(sec), key=lambda s: float(np.median(xyz[sec == s, 2])))
+    X = stack.X if layer is None else stack.layers[layer]
+    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
+    Y = _scored_genes(X, n_genes)
+    xys = [xyz[sec == s, :2] for s in names]
+    ys = [Y[sec == s] for s in names]
+    return names, _pair_similarity(xys, ys, k=k, max_spots=max_spots, seed=seed, progress=False)
+
+
+def _check_options(n_genes, k, max_spots) -> None:
+    check_positive("n_genes", n_genes)
+    check_positive("k", k)
+    check_positive("max_spots", max_spots)
 
 
 def check_section_order(adatas, names=None, *, warn_gain: float = WARN_GAIN, warn: bool = True,
@@ -255,8 +307,26 @@ def check_section_order(adatas, names=None, *, warn_gain: float = WARN_GAIN, war
         raise VoxelomeError(f"checking an order needs at least 3 sections (got {len(adatas)}): with two, every "
                             "order is the same up to direction.")
     names, _ = check_stack_inputs(adatas, np.arange(len(adatas), dtype=float), names)
-    sim = section_similarity(adatas, **similarity_options)
-    n = len(names)
+    return order_check(section_similarity(adatas, **similarity_options), names, warn_gain=warn_gain, warn=warn)
+
+
+def check_stack_order(stack, *, section_key: str = "section", layer=None, warn_gain: float = WARN_GAIN,
+                      warn: bool = True, **similarity_options) -> OrderCheck:
+    """:func:`check_section_order` for a stack already in one 3D frame: is its z order its expression's order?
+
+    For a stack built elsewhere (or by ``register stack``) before fitting a field; sections are compared where
+    they lie (no alignment), in increasing median z. Options as :func:`stacked_similarity`.
+    """
+    names, sim = stacked_similarity(stack, section_key=section_key, layer=layer, **similarity_options)
+    if len(names) < 3:
+        raise VoxelomeError(f"checking an order needs at least 3 sections (got {len(names)}): with two, every "
+                            "order is the same up to direction.")
+    return order_check(sim, names, warn_gain=warn_gain, warn=warn)
+
+
+def order_check(similarity: np.ndarray, names: list, *, warn_gain: float = WARN_GAIN, warn: bool = True) -> OrderCheck:
+    """The :class:`OrderCheck` of sections ``names`` (in their given order) with pairwise ``similarity``."""
+    sim, n = similarity, len(names)
     given = path_score(sim, range(n))
     order = best_order(sim)
     suggested = path_score(sim, order)
@@ -268,14 +338,14 @@ def check_section_order(adatas, names=None, *, warn_gain: float = WARN_GAIN, war
         j = int(np.argmax(others))
         per.append({"section": names[i], "neighbours_r": round(float(np.mean(sim[i, nb])), 4),
                     "closest": names[j], "closest_r": round(float(sim[i, j]), 4)})
-    check = OrderCheck(names=names, similarity=sim, given_score=given, suggested=[names[i] for i in order],
+    check = OrderCheck(names=list(names), similarity=sim, given_score=given, suggested=[names[i] for i in order],
                        suggested_score=suggested, gain=float(gain), sections=per, consistent=bool(gain < warn_gain))
     if warn and not check.consistent:
         odd = [p["section"] for p in per if p["closest"] not in _neighbours(names, p["section"])]
         warnings.warn(f"the sections' expression does not follow the given order {names}: neighbours in "
                       f"{check.suggested} are {gain:.0%} more alike (mean per-gene r {suggested:.3f} vs "
                       f"{given:.3f}); most alike to a non-neighbour: {odd}. Check the numbering (slide wells are "
-                      "not always the cutting order) before stacking or fitting a 3D field.", stacklevel=2)
+                      "not always the cutting order) before stacking or fitting a 3D field.", stacklevel=3)
     return check
 
 
