@@ -189,7 +189,7 @@ def _order_warning(adatas, names, max_points) -> Optional[dict]:
 
     if len(adatas) < 3:
         return None
-    check = check_section_order(adatas, names, max_points=max_points or 5000)
+    check = check_section_order(adatas, names, max_points=max_points or 5000, progress=True)
     return {"consistent": check.consistent, "suggested": check.suggested, "gain": round(check.gain, 3)}
 
 
