@@ -122,6 +122,6 @@ def test_stack_inputs_are_checked_before_registration(tmp_path, deep_phantom):  
     r = invoke(*base, "--out", tmp_path / "st.h5ad", "--images", f"{ims[0]}, {ims[1]}",
                "--zarr-out", tmp_path / "st.ome.zarr")
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output.strip().splitlines()[-1])
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(summary["dice_adjacent"]) == 1 and 0 <= summary["dice_adjacent"][0] <= 1
     assert (tmp_path / "st.ome.zarr").is_dir() and (tmp_path / "st.h5ad").exists()

@@ -131,7 +131,7 @@ def test_cli_register_order_and_the_check_in_register_stack(phantom_sections, tm
     r = runner.invoke(app, ["register", "stack", *map(str, files[:4]), "--z", "0,50,100,150",
                             "--out", str(tmp_path / "stack.h5ad")])
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output.strip().splitlines()[-1])
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["order_check"]["consistent"] is True and summary["order_check"]["suggested"] == names[:4]
     r = runner.invoke(app, ["register", "order", *map(str, files[:2])])
     assert r.exit_code != 0 and "at least 3 sections" in r.output

@@ -29,6 +29,8 @@ from voxelome.evaluate.field_baselines import knn_3d, per_gene_scores
 
 #: sections up to which the best order is found exactly (Held–Karp, O(2ⁿ n²)); beyond, greedy paths + 2-opt
 EXACT_MAX = 12
+#: points per section read by :func:`stacked_similarity` (a seeded subset above it)
+REFERENCE_SPOTS = 20000
 #: the given order is flagged when the suggested order's mean neighbour similarity is higher by this fraction
 WARN_GAIN = 0.2
 
@@ -265,11 +267,15 @@ def stacked_similarity(stack, *, section_key: str = "section", layer=None, n_gen
     xyz = np.asarray(stack.obsm[SPATIAL_3D_KEY], float)
     sec = stack.obs[section_key].astype(str).to_numpy()
     names = sorted(set(sec), key=lambda s: float(np.median(xyz[sec == s, 2])))
+    # at most REFERENCE_SPOTS points per section (seeded): bounded memory for a cell-level stack of millions
+    rng = np.random.default_rng(seed)
+    rows = [np.flatnonzero(sec == s) for s in names]
+    rows = [np.sort(rng.choice(r, REFERENCE_SPOTS, replace=False)) if len(r) > REFERENCE_SPOTS else r for r in rows]
     X = stack.X if layer is None else stack.layers[layer]
+    X = X[np.concatenate(rows)]
     X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
-    Y = _scored_genes(X, n_genes)
-    xys = [xyz[sec == s, :2] for s in names]
-    ys = [Y[sec == s] for s in names]
+    ys = np.split(_scored_genes(X, n_genes), np.cumsum([len(r) for r in rows])[:-1])
+    xys = [xyz[r, :2] for r in rows]
     return names, _pair_similarity(xys, ys, k=k, max_spots=max_spots, seed=seed, progress=False)
 
 
