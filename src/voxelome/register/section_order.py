@@ -181,14 +181,42 @@ def _pair_similarity(xys, ys, *, k: int, max_spots: int, seed: int, progress: bo
         if align is not None:
             r, t = align(a, b)
             xb = xb @ r.T + t
-        ab = per_gene_scores(knn_3d(xys[a], ys[a], xb[picks[b]], k=k), ys[b][picks[b]])["mean_r"]
-        ba = per_gene_scores(knn_3d(xb, ys[b], xys[a][picks[a]], k=k), ys[a][picks[a]])["mean_r"]
-        sim[a, b] = sim[b, a] = np.nanmean([ab, ba])
+        sim[a, b] = sim[b, a] = spatial_agreement(xys[a], ys[a], xb, ys[b], k=k, query_a=picks[a], query_b=picks[b])
     return sim
 
 
-def _scored_genes(X: sp.csr_matrix, n_genes: int) -> np.ndarray:
-    """log1p(counts per 10k) ``(n, n_genes)`` of the highest-mean genes of ``X`` (cells × genes, counts)."""
+def spatial_agreement(xy_a, y_a, xy_b, y_b, *, k: int = 8, query_a=None, query_b=None) -> float:
+    """Do two aligned sections show the same spatial pattern, gene by gene?
+
+    Each section's spots are predicted from the other's ``k`` nearest spots (inverse-distance weights, in-plane);
+    the per-gene Pearson r over spots is averaged over genes and over both directions.
+
+    Parameters
+    ----------
+    xy_a, xy_b : array, shape (n_a, 2), (n_b, 2)
+        Spot centres (µm) in one frame.
+    y_a, y_b : array, shape (n_a, g), (n_b, g)
+        The same genes' values (e.g. log1p counts per 10k, :func:`scored_genes`).
+    k : int
+        Neighbours averaged.
+    query_a, query_b : array of int, optional
+        Spots predicted (default all).
+
+    Returns
+    -------
+    float
+        Mean per-gene r (NaN-mean over genes constant in a section).
+    """
+    qa = np.arange(len(xy_a)) if query_a is None else query_a
+    qb = np.arange(len(xy_b)) if query_b is None else query_b
+    ab = per_gene_scores(knn_3d(xy_a, y_a, np.asarray(xy_b)[qb], k=k), np.asarray(y_b)[qb])["mean_r"]
+    ba = per_gene_scores(knn_3d(xy_b, y_b, np.asarray(xy_a)[qa], k=k), np.asarray(y_a)[qa])["mean_r"]
+    return float(np.nanmean([ab, ba]))
+
+
+def scored_genes(X, n_genes: int = 100) -> np.ndarray:
+    """log1p(counts per 10k) ``(n, n_genes)`` of the highest-mean genes of counts ``X`` (spots × genes, sparse ok)."""
+    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
     top = _top_mean_genes(X, n_genes)
     lib = np.maximum(np.asarray(X.sum(1), float).ravel(), 1.0)
     return np.log1p(X[:, top].toarray() * (1e4 / lib)[:, None])
@@ -228,7 +256,7 @@ def section_similarity(adatas, *, n_genes: int = 100, k: int = 8, max_spots: int
     X = _stack_shared([a.X for a in adatas], cols)
     sizes = [a.n_obs for a in adatas]
     embs = _split(_embed(X, 20, 300, dedup=False), sizes)
-    ys = _split(_scored_genes(X, n_genes), sizes)
+    ys = _split(scored_genes(X, n_genes), sizes)
     xys = [section_xy_um(a) for a in adatas]
     if pitch_um is None:
         d, _ = cKDTree(xys[0]).query(xys[0], k=2)
@@ -274,7 +302,7 @@ def stacked_similarity(stack, *, section_key: str = "section", layer=None, n_gen
     X = stack.X if layer is None else stack.layers[layer]
     X = X[np.concatenate(rows)]
     X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
-    ys = np.split(_scored_genes(X, n_genes), np.cumsum([len(r) for r in rows])[:-1])
+    ys = np.split(scored_genes(X, n_genes), np.cumsum([len(r) for r in rows])[:-1])
     xys = [xyz[r, :2] for r in rows]
     return names, _pair_similarity(xys, ys, k=k, max_spots=max_spots, seed=seed, progress=False)
 
