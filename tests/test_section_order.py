@@ -122,8 +122,12 @@ def test_cli_register_order_and_the_check_in_register_stack(phantom_sections, tm
         write_h5ad(a, files[-1])
     shuffled = [files[i] for i in (3, 0, 5, 1, 4, 2)]
     runner = CliRunner()
-    r = runner.invoke(app, ["register", "order", *map(str, shuffled), "--out", str(tmp_path / "order.json")])
+    r = runner.invoke(app, ["register", "order", *map(str, shuffled), "--out", str(tmp_path / "order.json"),
+                            "--figure", str(tmp_path / "order.png")])
     assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    assert Image.open(tmp_path / "order.png").size[0] > 500
     saved = json.loads((tmp_path / "order.json").read_text())
     names = [f"z{z}" for z in Z_SLICES]
     assert saved["suggested"] in (names, names[::-1]) and saved["consistent"] is False

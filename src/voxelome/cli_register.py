@@ -156,6 +156,7 @@ def stack(sections: List[Path] = typer.Argument(..., help="Sections in cutting o
 @app.command("order")
 def order(sections: List[Path] = typer.Argument(..., help="Sections in the order you believe they were cut (≥ 3)."),
           out: Optional[Path] = typer.Option(None, help="Write the check (similarity matrix, suggested order) as JSON."),
+          figure: Optional[Path] = typer.Option(None, help="Write the similarity in the given and suggested order as a PNG."),
           pixel_size_um: Optional[float] = typer.Option(None, help="µm per pixel of the sections, if readers cannot tell."),
           n_genes: int = typer.Option(100, help="Genes compared: the highest mean log1p(counts per 10k)."),
           max_points: int = typer.Option(5000, help="Sections with more spots/cells are aligned as pooled grid bins.")):
@@ -165,10 +166,10 @@ def order(sections: List[Path] = typer.Argument(..., help="Sections in the order
     other's nearest spots; the path through all sections that makes neighbours most alike is the suggested order
     (its direction is arbitrary). Exits 0 either way; read `consistent` and `gain`.
     """
-    _friendly(_order)(sections, out, pixel_size_um, n_genes, max_points)
+    _friendly(_order)(sections, out, figure, pixel_size_um, n_genes, max_points)
 
 
-def _order(sections, out, pixel_size_um, n_genes, max_points):
+def _order(sections, out, figure, pixel_size_um, n_genes, max_points):
     from voxelome.io import read_section
     from voxelome.io.atomic import atomic_write_json
     from voxelome.register.section_order import check_section_order
@@ -179,6 +180,10 @@ def _order(sections, out, pixel_size_um, n_genes, max_points):
     summary = check.to_dict()
     if out is not None:
         atomic_write_json(Path(out), summary)
+    if figure is not None:
+        from voxelome.plot.figures import section_order
+
+        summary["figure"] = str(section_order(check.similarity, check.names, check.suggested, figure, gain=check.gain))
     summary.pop("similarity")
     typer.echo(json.dumps(summary))
 

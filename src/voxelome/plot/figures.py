@@ -22,7 +22,7 @@ from matplotlib.patches import Patch
 from voxelome.errors import VoxelomeError
 from voxelome.evaluate.metrics import pearson_per_column
 
-__all__ = ["section_overlay", "orthogonal_views", "training_curves", "scatter_pred_vs_true"]
+__all__ = ["section_overlay", "orthogonal_views", "training_curves", "scatter_pred_vs_true", "section_order"]
 
 DPI = 110
 _RC = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7}
@@ -364,4 +364,42 @@ def scatter_pred_vs_true(pred, true, names, path, *, max_panels: int = 16, hexbi
             ax.set_ylabel("predicted")
         extra = f" (first {k} of {pred.shape[1]})" if k < pred.shape[1] else ""
         fig.suptitle(f"Predicted vs measured{extra}")
+        return _save(fig, path)
+
+
+def section_order(similarity, names, suggested, path, *, gain: float | None = None) -> Path:
+    """Pairwise section similarity in the given order and in the suggested one (``register order``).
+
+    Parameters
+    ----------
+    similarity : array, shape (n, n)
+        Symmetric similarity (mean per-gene r) of the sections ``names`` in their given order.
+    names, suggested : list of str
+        The given order and the suggested one (the same names).
+    path : path-like
+        PNG to write.
+    gain : float, optional
+        The suggested order's relative gain, shown in the title.
+
+    Returns
+    -------
+    Path
+    """
+    sim = np.asarray(similarity, float)
+    if sim.shape != (len(names), len(names)) or sorted(suggested) != sorted(names):
+        raise VoxelomeError(f"similarity {sim.shape} must be n × n for the {len(names)} names, and suggested must "
+                            "hold the same names.")
+    finite = sim[np.isfinite(sim)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(7.6, 3.6))
+        axes = fig.subplots(1, 2)
+        for ax, order, title in ((axes[0], list(names), "given order"),
+                                 (axes[1], list(suggested), "suggested order" + ("" if gain is None else f" (+{gain:.0%})"))):
+            idx = [list(names).index(s) for s in order]
+            im = ax.imshow(sim[np.ix_(idx, idx)], vmin=lo, vmax=hi, cmap="viridis")
+            ax.set_xticks(range(len(order)), order, rotation=90)
+            ax.set_yticks(range(len(order)), order)
+            ax.set_title(title)
+        fig.colorbar(im, ax=axes, shrink=0.8, label="per-gene r of a section predicted from the other")
         return _save(fig, path)
