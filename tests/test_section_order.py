@@ -181,3 +181,8 @@ def test_reconstruct_fit_warns_when_z_order_and_expression_disagree(phantom, tmp
     res = CliRunner().invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "run2"), *fast])
     assert res.exit_code == 0, res.output
     assert "does not follow" not in res.output
+
+
+def test_best_order_keeps_the_given_order_when_a_pair_has_no_score():
+    sim = np.array([[np.nan, 0.1, 0.5], [0.1, np.nan, np.nan], [0.5, np.nan, np.nan]])
+    assert best_order(sim) == [0, 1, 2]

@@ -2,7 +2,7 @@
 
     voxelome register plane --volume V --image HE.png --pixel-size 5 --out DIR [--landmarks L.csv]
     voxelome register stack S1.h5ad S2.h5ad ... --z 0,15,30 --out stack.h5ad [--method icp|fgw]
-    voxelome register order S1.h5ad S2.h5ad ... [--out order.json]
+    voxelome register order S1.h5ad S2.h5ad ... [--out order.json] [--figure order.png]
 """
 
 from __future__ import annotations
@@ -216,7 +216,6 @@ def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, m
         raise VoxelomeError("--zarr-out writes the registered H&E stack: it needs --images (one per section).")
     adatas = [read_section(s, pixel_size_um=pixel_size_um) for s in sections]
     names = [Path(s).name.split(".")[0] for s in sections]
-    order_check = _order_warning(adatas, names, max_points) if check_order else None
     if images:
         from voxelome.register.stack_image import stack_images
 
@@ -227,6 +226,7 @@ def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, m
 
         st = stack_sections(adatas, z_um, names=names, method=method, seed=seed, max_points=max_points)
     write_h5ad(st, out)
+    order_check = _order_warning(adatas, names, max_points) if check_order else None  # after the stack's own checks
     info = st.uns["voxelome"]["stack"]
     summary = {"spots": st.n_obs, "sections": list(info["sections"]), "method": info["method"],
                "bin_um": info.get("bin_um"), "seconds": round(info["seconds"], 2), "out": str(out)}

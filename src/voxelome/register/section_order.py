@@ -100,7 +100,8 @@ def best_order(similarity: np.ndarray) -> list[int]:
     """
     s = np.nan_to_num(np.asarray(similarity, float), nan=-np.inf)
     n = len(s)
-    if n <= 2:
+    off_diagonal = s[~np.eye(n, dtype=bool)]
+    if n <= 2 or not np.isfinite(off_diagonal).all():  # a pair without a score: no order can be judged
         return list(range(n))
     path = _held_karp(s) if n <= EXACT_MAX else _two_opt(s, max((_greedy(s, a) for a in range(n)),
                                                              key=lambda p: _total(s, p)))
