@@ -13,9 +13,11 @@ from test_field_fit import GENES, synthetic_stack
 from voxelome.cli import app
 from voxelome.errors import VoxelomeError
 from voxelome.evaluate.field_baselines import per_gene_scores
+from voxelome.infer.field_ensemble import FieldEnsemble
 from voxelome.infer.field_export import FittedField
 from voxelome.train.field_selection import (
     FIELD_CANDIDATES,
+    PAIR_CANDIDATES,
     ROBUST_CANDIDATE,
     SELECTION_FILE,
     candidate_config,
@@ -188,8 +190,21 @@ def test_cli_default_and_ntf_settings(stack, tmp_path):
     two = tmp_path / "two.h5ad"
     stack[stack.obs["section"].isin(["z000", "z050"])].copy().write_h5ad(two)
     res = runner.invoke(app, ["reconstruct", "fit", str(two), "--out", str(tmp_path / "two"), *quick])
-    assert res.exit_code == 0 and "--settings auto → ntf" in res.output, res.output
-    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["config"]["likelihood"] == "nb"
+    # two sections of counts: nothing to choose on, so the fixed pair (an NB field + a low-rank Gaussian one)
+    assert res.exit_code == 0 and "--settings auto → pair" in res.output, res.output
+    record = json.loads((tmp_path / "two" / "ensemble.json").read_text())
+    assert record["names"] == list(PAIR_CANDIDATES) and "--settings pair" in record["rule"]
+    cfgs = [yaml.safe_load((tmp_path / "two" / m / "config.yaml").read_text())["config"] for m in record["members"]]
+    assert [c["likelihood"] for c in cfgs] == ["nb", "gaussian"] and cfgs[1]["low_rank"] == "linear"
+    two_data = PointData.from_anndata(ad.read_h5ad(two), genes=variable_genes(ad.read_h5ad(two), 4))
+    for cfg, name in zip(cfgs, PAIR_CANDIDATES):
+        assert cfg["jitter_um"] == pytest.approx(list(candidate_overrides(two_data, FIELD_CANDIDATES[name])["jitter_um"]))
+    mean = FieldEnsemble.load(tmp_path / "two").predict(two_data.xyz_um[:5])
+    parts = [FittedField.load(tmp_path / "two" / m).predict(two_data.xyz_um[:5]) for m in record["members"]]
+    np.testing.assert_allclose(mean, np.mean(parts, 0), rtol=1e-5)
+    res = runner.invoke(app, ["reconstruct", "fit", str(two), "--out", str(tmp_path / "two2"), *quick,
+                              "--settings", "pair", "--jitter", "30"])
+    assert res.exit_code == 2 and "--settings pair fixes" in res.output
 
 
 def test_ensemble_is_the_mean_of_its_members_in_every_query(data, stack, tmp_path):

@@ -1,6 +1,6 @@
 """``voxelome reconstruct``: fit a neural transcriptomic field to serial sections and query it.
 
-    voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B | --n-genes 500] [--settings auto|select|ntf|robust] [--ensemble 2] [--seeds N]
+    voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B | --n-genes 500] [--settings auto|select|ntf|robust|pair] [--ensemble 2] [--seeds N]
     voxelome reconstruct fit CELLS.h5ad --out RUN --z-slabs 11        # volumetric cells without sections
     voxelome reconstruct store STACK.h5ad --out STORE [--genes A,B | --n-genes 500]   # then: reconstruct fit STORE --out RUN
     voxelome reconstruct volume RUN --out field.ome.zarr --spacing 20 [--bbox x0,y0,z0,x1,y1,z1]
@@ -20,6 +20,8 @@ import typer
 
 from voxelome.cli_common import friendly as _friendly
 from voxelome.cli_common import parse_names, parse_numbers, parse_sets
+from voxelome.cli_field_ensemble import (compared_schedule, ensemble_done, fit_pair, fit_selection_ensemble,
+                                         sections_text)
 from voxelome.cli_field_query import denoise, predict, section, volume
 from voxelome.errors import VoxelomeError, did_you_mean
 
@@ -85,8 +87,10 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
                                      "(selection.json; 5 × --select-sections short extra fits); ntf: NB on counts, "
                                      "jitter = spot pitch and 0.75× the section gap, section effects (NTF's recipe); "
                                      "robust: Gaussian on log1p counts, jitter 1.5× pitch in-plane and 4.5× the gap "
-                                     "across, no section effects (for near-replicate serial sections); auto: select "
-                                     "when the stack allows it (≥ 3 sections in memory, genes), else ntf. "
+                                     "across, no section effects (for near-replicate serial sections); pair: the mean "
+                                     "of an NB field (jitter 0.5× pitch) and a low-rank Gaussian one (for 2 sections); "
+                                     "auto: select when the stack allows it (≥ 3 sections in memory, genes), pair on "
+                                     "fewer sections of counts in memory, else ntf. "
                                      "--likelihood, --jitter and --set change single fields."),
         likelihood: Optional[str] = typer.Option(None, help="nb, zinb, poisson or gaussian (default: from --settings)."),
         jitter: str = typer.Option("auto", help="Coordinate jitter σ µm: 'auto' (from --settings, the spot pitch and "
@@ -124,7 +128,7 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if seeds is not None and seeds < 1:
         raise VoxelomeError(f"--seeds {seeds} must be ≥ 1 (fits per field, averaged; 1 = a single fit).")
     seeds = (1 if stack.is_dir() else 2) if seeds is None else seeds
-    choices = ["auto", "select", "ntf", "robust"]
+    choices = ["auto", "select", "ntf", "robust", "pair"]
     if settings not in choices:
         raise VoxelomeError(f"--settings {settings!r} is not one of {', '.join(choices)}.{did_you_mean(settings, choices)}")
     if stack.is_dir():  # a point store: memmapped, never loaded into RAM
@@ -162,11 +166,30 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
                    f"({data.section_names[0]} … {data.section_names[-1]}); no per-section effects")
         overrides = {**overrides, "section_dim": 0}
     if settings == "auto":
-        can = adata is not None and sig is None and obsm_key is None and len(data.section_names) >= 3
-        settings = "select" if can and not chosen_by_user else "ntf"
+        genes_in_memory = adata is not None and sig is None and obsm_key is None
+        if chosen_by_user:
+            settings = "ntf"
+        elif genes_in_memory and len(data.section_names) >= 3:
+            settings = "select"
+        else:
+            settings = "pair" if genes_in_memory and data.is_counts else "ntf"
         typer.echo(f"--settings auto → {settings}" + ("" if settings == "select" else (
             " (--likelihood/--jitter/--set given)" if chosen_by_user else
             " (choosing needs ≥ 3 sections of genes held in memory)")))
+    if settings == "pair":
+        if sig is not None or obsm_key or not data.is_counts or adata is None:
+            raise VoxelomeError("--settings pair fits an NB field on counts and a low-rank one on their principal "
+                                "axes: it needs gene counts held in memory (an .h5ad, no --signatures-model/--obsm-key); "
+                                "use --settings ntf.")
+        if chosen_by_user:
+            raise VoxelomeError("--settings pair fixes the likelihood, jitter and section effects of its two fields; "
+                                "drop --likelihood, --jitter and --set likelihood/jitter_um/section_dim, or use "
+                                "--settings ntf.")
+        if ensemble not in (1, 2):
+            raise VoxelomeError(f"--ensemble {ensemble} applies to --settings select; --settings pair always fits "
+                                "its two fields (drop --ensemble).")
+        fit_pair(data, out, seeds, preset, overrides, resume=not no_resume)
+        return
     if settings == "select":
         if chosen_by_user:
             raise VoxelomeError("--settings select chooses the likelihood, jitter and section effects itself; drop "
@@ -188,7 +211,7 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         typer.echo(f"held-out mean r of the two best averaged: {chosen['top2_mean_r']:.3f} (the best alone: "
                    f"{chosen['mean_r'][chosen['best']]:.3f})")
         if ensemble > 1 or seeds > 1:
-            _fit_ensemble(data, chosen, out, ensemble, seeds, preset, overrides, resume=not no_resume)
+            fit_selection_ensemble(data, chosen, out, ensemble, seeds, preset, overrides, resume=not no_resume)
             return
     elif ensemble not in (1, 2):  # 2 is the default, meant for select
         raise VoxelomeError(f"--ensemble {ensemble} applies to --settings select (the candidates it ranks); "
@@ -207,7 +230,7 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     config = make_field_config(preset, **{**base, **overrides})
     if settings == "select":  # the schedule the candidates were compared with: fit what was validated
         config = with_budget(config, chosen["budget"])
-        typer.echo(_compared_schedule(config))
+        typer.echo(compared_schedule(config))
     if sig is not None:
         lookup = {g: i for i, g in enumerate(sig.genes)}
         load = np.asarray(sig.loadings)[:, [lookup[g] for g in data.genes]]
@@ -219,11 +242,11 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if seeds > 1:
         members = fit_members(data, out, [MemberSpec(settings, "field", config, loadings)], seeds=seeds,
                               rule=f"one configuration (--settings {settings})", resume=not no_resume, log=typer.echo)
-        typer.echo(_ensemble_done(data, members, out))
+        typer.echo(ensemble_done(data, members, out))
         return
     (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # a single field now: an older ensemble record must not shadow it
     run = fit_field(data, config, out, loadings=loadings, resume=not no_resume)
-    typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {_sections(data)} → {run}")
+    typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {sections_text(data)} → {run}")
 
 
 def _without_empty(adata, layer):
@@ -237,16 +260,6 @@ def _without_empty(adata, layer):
     return adata[total > 0].copy() if empty else adata
 
 
-def _sections(data) -> str:
-    n = len(data.section_names)
-    return f"{n} sections" if data.z_slab_um is None else f"{n} z-slabs of {data.z_slab_um:g} µm"
-
-
-def _compared_schedule(config) -> str:
-    return (f"fitting on every section with the schedule the candidates were compared at: {config.iterations} "
-            f"iterations × {config.batch_size} points")
-
-
 def _warn_if_disordered(adata, section_key: str, layer) -> None:
     """A field reads each section's z neighbours: say so when the sections' expression disagrees with their z order."""
     from voxelome.register.section_order import check_stack_order
@@ -258,32 +271,6 @@ def _warn_if_disordered(adata, section_key: str, layer) -> None:
                    f"{check.suggested_score:.3f} vs {check.given_score:.3f}). Check the section numbering and z "
                    "before trusting interpolation between sections (README: 'Check the cutting order first').",
                    err=True)
-
-
-def _fit_ensemble(data, chosen: dict, out: Path, n: int, seeds: int, preset: str, overrides: dict,
-                  resume: bool) -> None:
-    """Fit the ``n`` best candidates of a selection, each with ``seeds`` seeds, into ``out/members/`` (as they were
-    compared: :func:`with_budget`) and record them (``ensemble.json``)."""
-    from voxelome.train.field_members import MemberSpec, fit_members
-    from voxelome.train.field_selection import FIELD_CANDIDATES, pca_loadings, with_budget
-    from voxelome.train.field_trainer import make_field_config
-
-    specs = []
-    for name in chosen["ranking"][:n]:
-        settings = chosen["settings"][name]
-        config = with_budget(make_field_config(preset, **{**settings["overrides"], **overrides}), chosen["budget"])
-        specs.append(MemberSpec(name, f"candidate-{list(FIELD_CANDIDATES).index(name)}", config,
-                                pca_loadings(data, settings["pca"]) if settings["pca"] else None))
-    typer.echo(_compared_schedule(specs[0].config))
-    members = fit_members(data, out, specs, seeds=seeds, resume=resume, log=typer.echo,
-                          rule=f"mean of the {n} candidate(s) with the best mean r on held-out sections "
-                               f"{', '.join(chosen['validation_sections'])}")
-    typer.echo(_ensemble_done(data, members, out))
-
-
-def _ensemble_done(data, members, out: Path) -> str:
-    return (f"ensemble of {len(members)} fields of {len(data.genes)} variables on {len(data)} points from "
-            f"{_sections(data)} → {out} (queries average the members)")
 
 
 @app.command()

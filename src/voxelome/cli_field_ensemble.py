@@ -1,0 +1,63 @@
+"""``reconstruct fit``'s ensembles: the best candidates of a selection, or the fixed two-section pair, each fitted
+with several seeds into ``RUN/members/`` and recorded in ``RUN/ensemble.json`` (queries average them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def sections_text(data) -> str:
+    n = len(data.section_names)
+    return f"{n} sections" if data.z_slab_um is None else f"{n} z-slabs of {data.z_slab_um:g} µm"
+
+
+def compared_schedule(config) -> str:
+    return (f"fitting on every section with the schedule the candidates were compared at: {config.iterations} "
+            f"iterations × {config.batch_size} points")
+
+
+def fit_selection_ensemble(data, chosen: dict, out: Path, n: int, seeds: int, preset: str, overrides: dict,
+                  resume: bool) -> None:
+    """Fit the ``n`` best candidates of a selection, each with ``seeds`` seeds, into ``out/members/`` (as they were
+    compared: :func:`with_budget`) and record them (``ensemble.json``)."""
+    from voxelome.train.field_members import MemberSpec, fit_members
+    from voxelome.train.field_selection import FIELD_CANDIDATES, pca_loadings, with_budget
+    from voxelome.train.field_trainer import make_field_config
+
+    specs = []
+    for name in chosen["ranking"][:n]:
+        settings = chosen["settings"][name]
+        config = with_budget(make_field_config(preset, **{**settings["overrides"], **overrides}), chosen["budget"])
+        specs.append(MemberSpec(name, f"candidate-{list(FIELD_CANDIDATES).index(name)}", config,
+                                pca_loadings(data, settings["pca"]) if settings["pca"] else None))
+    typer.echo(compared_schedule(specs[0].config))
+    members = fit_members(data, out, specs, seeds=seeds, resume=resume, log=typer.echo,
+                          rule=f"mean of the {n} candidate(s) with the best mean r on held-out sections "
+                               f"{', '.join(chosen['validation_sections'])}")
+    typer.echo(ensemble_done(data, members, out))
+
+
+def fit_pair(data, out: Path, seeds: int, preset: str, overrides: dict, resume: bool) -> None:
+    """``--settings pair``: the two :data:`PAIR_CANDIDATES`, each with ``seeds`` seeds, averaged in every query."""
+    from voxelome.train.field_members import MemberSpec, fit_members
+    from voxelome.train.field_selection import (FIELD_CANDIDATES, PAIR_CANDIDATES, candidate_overrides,
+                                                pca_loadings)
+    from voxelome.train.field_trainer import make_field_config
+
+    specs = []
+    for name in PAIR_CANDIDATES:
+        cand = FIELD_CANDIDATES[name]
+        config = make_field_config(preset, **{**candidate_overrides(data, cand), **overrides})
+        specs.append(MemberSpec(name, f"candidate-{list(FIELD_CANDIDATES).index(name)}", config,
+                                pca_loadings(data, cand["pca"]) if cand.get("pca") else None))
+    members = fit_members(data, out, specs, seeds=seeds, resume=resume, log=typer.echo,
+                          rule="--settings pair: an NB field and a low-rank Gaussian one (the best pair on triplets "
+                               "of real stacks, benchmarks/bench_field_pairs.py)")
+    typer.echo(ensemble_done(data, members, out))
+
+
+def ensemble_done(data, members, out: Path) -> str:
+    return (f"ensemble of {len(members)} fields of {len(data.genes)} variables on {len(data)} points from "
+            f"{sections_text(data)} → {out} (queries average the members)")
