@@ -68,6 +68,8 @@ from voxelome.train.field_trainer import fit_field, make_field_config, suggest_j
 from voxelome.train.point_data import PointData  # noqa: E402
 
 BUDGET = {"iterations": 400, "batch_size": 2048}
+#: fit folders of select's candidates by validation rank (rank 0 = select's choice)
+RANK_TAGS = ("select", "second", "third", "fourth", "fifth")
 #: the ``cpu`` preset's schedule until the ninth session (then 400 × 2,048 too)
 LONG_SCHEDULE = {"iterations": 1500, "batch_size": 4096}
 
@@ -95,7 +97,7 @@ def phantom_input():
 
 
 def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "compared", seeds: int = 1,
-                skip=(), order: str = "numeric", n_top: int = 2) -> dict:
+                skip=(), order: str = "numeric", n_top: int = 2, best_pair_rule: bool = False) -> dict:
     t0 = time.perf_counter()
     if name == "phantom":
         stack, names, held_out, truth_all = phantom_input()
@@ -130,22 +132,23 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
         fields = {"select": ("select" + suffix, {**final, **chosen["overrides"]}),
                   "ntf": ("default", {**BUDGET, "likelihood": "nb", "jitter_um": suggest_jitter(data)}),
                   "robust": ("robust", {**BUDGET, **candidate_overrides(data, FIELD_CANDIDATES[ROBUST_CANDIDATE])})}
-        second = chosen["settings"][chosen["ranking"][1]]
-        fields["second"] = ("second" + suffix, {**final, **second["overrides"]})
-        ranked = ["select", "second"]
-        if n_top >= 3:  # select's third candidate too (--top 3)
-            third = chosen["settings"][chosen["ranking"][2]]
-            fields["third"] = ("third" + suffix, {**final, **third["overrides"]})
-            ranked.append("third")
+        # select's candidates by rank: 0 and 1 always (top2), 2 with --top 3, the best validation pair's with --best-pair
+        best_pair = max(chosen["pair_mean_r"], key=lambda p: p["mean_r"])["members"]
+        ranks = {0, 1} | ({2} if n_top >= 3 else set()) | \
+            ({chosen["ranking"].index(m) for m in best_pair} if best_pair_rule else set())
+        settings_of = {RANK_TAGS[k]: chosen["settings"][chosen["ranking"][k]] for k in sorted(ranks)}
+        for tag, cand in settings_of.items():
+            if tag != "select":  # select's own fit is the entry above (its overrides are chosen["overrides"])
+                fields[tag] = (tag + suffix, {**final, **cand["overrides"]})
         for extra in range(1, seeds):  # the same settings fitted again with other seeds (--seeds)
-            for t in ranked:
+            for t in settings_of:
                 fields[f"{t}_seed{extra}"] = (f"{t}{suffix}_seed{extra}", {**fields[t][1], "seed": extra})
         for tag in skip:
             fields.pop(tag)
         preds = {}
         for tag, (folder, overrides) in fields.items():
-            pca = chosen["pca"] if tag.startswith("select") else second["pca"] if tag.startswith("second") else \
-                third["pca"] if tag.startswith("third") else 0
+            rank_tag = tag.split("_seed")[0]
+            pca = settings_of[rank_tag]["pca"] if rank_tag in settings_of else 0
             field = final_fit(data, work / folder, overrides, pca_loadings(data, pca) if pca else None)
             preds[tag] = (field.predict(qxyz, value="measured"), field.predict(qxyz))
         # top2 (declared before bench_field.py's fifth-session run): the mean of the two best validation candidates
@@ -162,6 +165,15 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
                 # on the real stacks and not lower by > 0.005 against the phantom's truth
                 trio = members + ["third"] + [f"third_seed{k}" for k in range(1, seeds)]
                 preds[f"top3_x{seeds}"] = tuple(sum(preds[m][i] for m in trio) / len(trio) for i in range(2))
+            if best_pair_rule:
+                # declared in the twelfth session before this run: the two candidates whose *averaged* prediction
+                # scored best on the validation sections (select_field's pair_mean_r), × `seeds` seeds; adopted as the
+                # default only at ≥ +0.003 mean r over top2_x{seeds} on the real stacks and not lower by > 0.005
+                # against the phantom's truth
+                tags = [RANK_TAGS[chosen["ranking"].index(m)] for m in best_pair]
+                duo = tags + [f"{t}_seed{k}" for k in range(1, seeds) for t in tags]
+                preds[f"bestpair_x{seeds}"] = tuple(sum(preds[m][i] for m in duo) / len(duo) for i in range(2))
+                row["best_pair_ranks"] = sorted(chosen["ranking"].index(m) for m in best_pair)
             alone = ["select"] + [f"select_seed{k}" for k in range(1, seeds)]
             preds[f"select_x{seeds}"] = tuple(sum(preds[m][i] for m in alone) / len(alone) for i in range(2))
         # val_guided (declared in the seventh session before its scores were seen): top2 where the two best averaged
@@ -193,7 +205,7 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
         res[f"mean_r_{b}"] = float(np.mean([f["baselines"][b]["r"] for f in res["folds"]]))
     res["best_baseline"] = max(BASELINE_KS, key=lambda b: res[f"mean_r_{b}"])
     res["select_minus_best_baseline"] = res["mean_r_select"] - res[f"mean_r_{res['best_baseline']}"]
-    for m in ("robust", "top2", f"top2_x{seeds}", f"top3_x{seeds}", f"select_x{seeds}"):
+    for m in ("robust", "top2", f"top2_x{seeds}", f"top3_x{seeds}", f"bestpair_x{seeds}", f"select_x{seeds}"):
         if f"mean_r_{m}" in res:
             res[f"{m}_minus_best_baseline"] = res[f"mean_r_{m}"] - res[f"mean_r_{res['best_baseline']}"]
     res["wall_s"] = time.perf_counter() - t0
@@ -218,6 +230,9 @@ def main():
                          "check_section_order flags the numeric one (her2st B); results_<stacks>_order.json")
     ap.add_argument("--top", type=int, choices=(2, 3), default=2,
                     help="3: also fit select's third candidate (with --seeds) and score top3_xN; results_*_top3.json")
+    ap.add_argument("--best-pair", action="store_true",
+                    help="also fit the best validation pair's candidates (with --seeds) and score bestpair_xN; "
+                         "results_*_bestpair.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -225,10 +240,11 @@ def main():
                "budget": BUDGET, "final_schedule": args.final_schedule, "inner_sections_rule": inner_sections.__doc__.split("\n")[0]}
     for name in args.only:
         results[name] = stack_folds(args.out, name, args.max_folds, args.final_schedule, args.seeds, args.skip,
-                                    args.order, args.top)
+                                    args.order, args.top, args.best_pair)
         print(json.dumps({k: v for k, v in results[name].items() if k != "folds"}), flush=True)
         tag = ("" if args.final_schedule == "compared" else "_long") + (f"_seeds{args.seeds}" if args.seeds > 1 else "")
         tag += ("_order" if args.order == "suggested" else "") + ("_top3" if args.top == 3 else "")
+        tag += "_bestpair" if args.best_pair else ""
         (args.out / f"results_{'_'.join(args.only)}{tag}.json").write_text(json.dumps(results, indent=1, default=str))
 
 
