@@ -58,6 +58,7 @@ from voxelome.datasets import make_lung_phantom  # noqa: E402
 from voxelome.errors import VoxelomeError  # noqa: E402
 from voxelome.train.field_selection import (  # noqa: E402
     FIELD_CANDIDATES,
+    PAIR_CANDIDATES,
     ROBUST_CANDIDATE,
     candidate_overrides,
     inner_sections,
@@ -97,7 +98,8 @@ def phantom_input():
 
 
 def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "compared", seeds: int = 1,
-                skip=(), order: str = "numeric", n_top: int = 2, best_pair_rule: bool = False) -> dict:
+                skip=(), order: str = "numeric", n_top: int = 2, best_pair_rule: bool = False,
+                pair_rule: bool = False) -> dict:
     t0 = time.perf_counter()
     if name == "phantom":
         stack, names, held_out, truth_all = phantom_input()
@@ -140,6 +142,11 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
         for tag, cand in settings_of.items():
             if tag != "select":  # select's own fit is the entry above (its overrides are chosen["overrides"])
                 fields[tag] = (tag + suffix, {**final, **cand["overrides"]})
+        if pair_rule:  # --settings pair's two fixed candidates (the two-section default), whatever select ranked
+            for k, name in enumerate(PAIR_CANDIDATES):
+                settings_of[f"pair{k}"] = {"overrides": candidate_overrides(data, FIELD_CANDIDATES[name]),
+                                           "pca": int(FIELD_CANDIDATES[name].get("pca", 0))}
+                fields[f"pair{k}"] = (f"pair{k}", {**BUDGET, **settings_of[f"pair{k}"]["overrides"]})
         for extra in range(1, seeds):  # the same settings fitted again with other seeds (--seeds)
             for t in settings_of:
                 fields[f"{t}_seed{extra}"] = (f"{t}{suffix}_seed{extra}", {**fields[t][1], "seed": extra})
@@ -174,6 +181,13 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
                 duo = tags + [f"{t}_seed{k}" for k in range(1, seeds) for t in tags]
                 preds[f"bestpair_x{seeds}"] = tuple(sum(preds[m][i] for m in duo) / len(duo) for i in range(2))
                 row["best_pair_ranks"] = sorted(chosen["ranking"].index(m) for m in best_pair)
+            if pair_rule:
+                # declared in the twelfth session before this run: --settings pair (× `seeds`) on stacks where select
+                # can choose; adopted there only at ≥ +0.003 mean r over top2_x{seeds} on the real stacks and not lower
+                # by > 0.005 against the phantom's truth (the pair was designed on triplets of A, C, D and breast:
+                # this is not an independent test on those stacks)
+                duo = ["pair0", "pair1"] + [f"pair{j}_seed{k}" for k in range(1, seeds) for j in (0, 1)]
+                preds[f"pair_x{seeds}"] = tuple(sum(preds[m][i] for m in duo) / len(duo) for i in range(2))
             alone = ["select"] + [f"select_seed{k}" for k in range(1, seeds)]
             preds[f"select_x{seeds}"] = tuple(sum(preds[m][i] for m in alone) / len(alone) for i in range(2))
         # val_guided (declared in the seventh session before its scores were seen): top2 where the two best averaged
@@ -205,7 +219,8 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
         res[f"mean_r_{b}"] = float(np.mean([f["baselines"][b]["r"] for f in res["folds"]]))
     res["best_baseline"] = max(BASELINE_KS, key=lambda b: res[f"mean_r_{b}"])
     res["select_minus_best_baseline"] = res["mean_r_select"] - res[f"mean_r_{res['best_baseline']}"]
-    for m in ("robust", "top2", f"top2_x{seeds}", f"top3_x{seeds}", f"bestpair_x{seeds}", f"select_x{seeds}"):
+    for m in ("robust", "top2", f"top2_x{seeds}", f"top3_x{seeds}", f"bestpair_x{seeds}", f"pair_x{seeds}",
+              f"select_x{seeds}"):
         if f"mean_r_{m}" in res:
             res[f"{m}_minus_best_baseline"] = res[f"mean_r_{m}"] - res[f"mean_r_{res['best_baseline']}"]
     res["wall_s"] = time.perf_counter() - t0
@@ -233,6 +248,8 @@ def main():
     ap.add_argument("--best-pair", action="store_true",
                     help="also fit the best validation pair's candidates (with --seeds) and score bestpair_xN; "
                          "results_*_bestpair.json")
+    ap.add_argument("--pair", action="store_true",
+                    help="also fit --settings pair's two candidates (with --seeds) and score pair_xN; results_*_pair.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -240,11 +257,11 @@ def main():
                "budget": BUDGET, "final_schedule": args.final_schedule, "inner_sections_rule": inner_sections.__doc__.split("\n")[0]}
     for name in args.only:
         results[name] = stack_folds(args.out, name, args.max_folds, args.final_schedule, args.seeds, args.skip,
-                                    args.order, args.top, args.best_pair)
+                                    args.order, args.top, args.best_pair, args.pair)
         print(json.dumps({k: v for k, v in results[name].items() if k != "folds"}), flush=True)
         tag = ("" if args.final_schedule == "compared" else "_long") + (f"_seeds{args.seeds}" if args.seeds > 1 else "")
         tag += ("_order" if args.order == "suggested" else "") + ("_top3" if args.top == 3 else "")
-        tag += "_bestpair" if args.best_pair else ""
+        tag += ("_bestpair" if args.best_pair else "") + ("_pair" if args.pair else "")
         (args.out / f"results_{'_'.join(args.only)}{tag}.json").write_text(json.dumps(results, indent=1, default=str))
 
 

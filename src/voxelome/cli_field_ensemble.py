@@ -9,17 +9,19 @@ import typer
 
 
 def sections_text(data) -> str:
+    """"5 sections" or "9 z-slabs of 11 µm", for the fit's closing line."""
     n = len(data.section_names)
     return f"{n} sections" if data.z_slab_um is None else f"{n} z-slabs of {data.z_slab_um:g} µm"
 
 
 def compared_schedule(config) -> str:
+    """The line that says a selection's fields are fitted with the schedule their candidates were compared at."""
     return (f"fitting on every section with the schedule the candidates were compared at: {config.iterations} "
             f"iterations × {config.batch_size} points")
 
 
 def fit_selection_ensemble(data, chosen: dict, out: Path, n: int, seeds: int, preset: str, overrides: dict,
-                  resume: bool) -> None:
+                           resume: bool) -> None:
     """Fit the ``n`` best candidates of a selection, each with ``seeds`` seeds, into ``out/members/`` (as they were
     compared: :func:`with_budget`) and record them (``ensemble.json``)."""
     from voxelome.train.field_members import MemberSpec, fit_members
@@ -59,5 +61,6 @@ def fit_pair(data, out: Path, seeds: int, preset: str, overrides: dict, resume: 
 
 
 def ensemble_done(data, members, out: Path) -> str:
+    """The fit's closing line for an ensemble run."""
     return (f"ensemble of {len(members)} fields of {len(data.genes)} variables on {len(data)} points from "
             f"{sections_text(data)} → {out} (queries average the members)")
