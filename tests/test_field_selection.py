@@ -175,10 +175,11 @@ def test_cli_default_and_ntf_settings(stack, tmp_path):
     assert cfg["likelihood"] == "nb" and cfg["jitter_um"] == [30.0, 30.0, 30.0] and cfg["section_dim"] == 8
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "x"), "--settings", "robst"])
     assert res.exit_code == 2 and "Did you mean 'robust'" in res.output
-    # the default (auto): choose on held-out sections when there are ≥ 3 sections, else NTF's recipe
+    # select: choose on held-out sections (what auto fits for values that are not counts on ≥ 3 sections)
     wide = [q if q != "batch_size=64" else "batch_size=4096" for q in quick]  # above the selection's cap
-    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "auto"), *wide])
-    assert res.exit_code == 0 and "--settings auto → select" in res.output, res.output
+    res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "auto"), *wide,
+                              "--settings", "select"])
+    assert res.exit_code == 0, res.output
     picked = json.loads((tmp_path / "auto" / "selection" / SELECTION_FILE).read_text())
     assert picked["budget"] == [400, 2048] and len(picked["scores"]) == len(FIELD_CANDIDATES)
     # the chosen candidates are fitted with the schedule they were compared at, not the longer one asked for
@@ -190,8 +191,8 @@ def test_cli_default_and_ntf_settings(stack, tmp_path):
     two = tmp_path / "two.h5ad"
     stack[stack.obs["section"].isin(["z000", "z050"])].copy().write_h5ad(two)
     res = runner.invoke(app, ["reconstruct", "fit", str(two), "--out", str(tmp_path / "two"), *quick])
-    # two sections of counts: nothing to choose on, so the fixed pair (an NB field + a low-rank Gaussian one)
-    assert res.exit_code == 0 and "--settings auto → pair" in res.output, res.output
+    # the default (auto) on counts, two sections or more: the fixed pair (an NB field + a low-rank Gaussian one)
+    assert res.exit_code == 0 and "--settings auto → pair (counts held in memory)" in res.output, res.output
     record = json.loads((tmp_path / "two" / "ensemble.json").read_text())
     assert record["names"] == list(PAIR_CANDIDATES) and "--settings pair" in record["rule"]
     cfgs = [yaml.safe_load((tmp_path / "two" / m / "config.yaml").read_text())["config"] for m in record["members"]]
@@ -253,7 +254,8 @@ def test_cli_select_ensemble_default_and_single(stack, tmp_path):
     path = tmp_path / "stack.h5ad"
     stack.write_h5ad(path)
     runner = CliRunner()
-    tiny = ["--n-genes", "4", "--select-sections", "1", *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
+    tiny = ["--n-genes", "4", "--select-sections", "1", "--settings", "select",
+            *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
     run = tmp_path / "run"
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), *tiny])
     assert res.exit_code == 0 and "member 4/4" in res.output, res.output
@@ -329,7 +331,7 @@ def test_cli_seeds_average_fits_of_other_seeds(stack, tmp_path):
     np.testing.assert_allclose(FittedField.load(run).predict(xyz), (members[0] + members[1]) / 2, rtol=1e-5)
     # with select: each of the --ensemble best candidates fitted with every seed
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(tmp_path / "sel"), *tiny,
-                              "--select-sections", "1", "--ensemble", "1", "--seeds", "2"])
+                              "--settings", "select", "--select-sections", "1", "--ensemble", "1", "--seeds", "2"])
     assert res.exit_code == 0, res.output
     record = json.loads((tmp_path / "sel" / "ensemble.json").read_text())
     assert len(record["members"]) == 2 and record["members"][1] == record["members"][0] + "-seed-1"

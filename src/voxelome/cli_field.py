@@ -88,9 +88,9 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
                                      "jitter = spot pitch and 0.75× the section gap, section effects (NTF's recipe); "
                                      "robust: Gaussian on log1p counts, jitter 1.5× pitch in-plane and 4.5× the gap "
                                      "across, no section effects (for near-replicate serial sections); pair: the mean "
-                                     "of an NB field (jitter 0.5× pitch) and a low-rank Gaussian one (for 2 sections); "
-                                     "auto: select when the stack allows it (≥ 3 sections in memory, genes), pair on "
-                                     "fewer sections of counts in memory, else ntf. "
+                                     "of an NB field (jitter 0.5× pitch) and a low-rank Gaussian one; auto: pair for "
+                                     "counts held in memory (.h5ad, genes), select for other values on ≥ 3 sections, "
+                                     "else ntf. "
                                      "--likelihood, --jitter and --set change single fields."),
         likelihood: Optional[str] = typer.Option(None, help="nb, zinb, poisson or gaussian (default: from --settings)."),
         jitter: str = typer.Option("auto", help="Coordinate jitter σ µm: 'auto' (from --settings, the spot pitch and "
@@ -168,14 +168,14 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if settings == "auto":
         genes_in_memory = adata is not None and sig is None and obsm_key is None
         if chosen_by_user:
-            settings = "ntf"
+            settings, why = "ntf", " (--likelihood/--jitter/--set given)"
+        elif genes_in_memory and data.is_counts:  # the pair: ahead of select on the real stacks (BENCHMARKS.md)
+            settings, why = "pair", " (counts held in memory)"
         elif genes_in_memory and len(data.section_names) >= 3:
-            settings = "select"
+            settings, why = "select", " (values that are not counts, ≥ 3 sections)"
         else:
-            settings = "pair" if genes_in_memory and data.is_counts else "ntf"
-        typer.echo(f"--settings auto → {settings}" + ("" if settings == "select" else (
-            " (--likelihood/--jitter/--set given)" if chosen_by_user else
-            " (choosing needs ≥ 3 sections of genes held in memory)")))
+            settings, why = "ntf", " (a pair or a choice needs genes held in memory)"
+        typer.echo(f"--settings auto → {settings}{why}")
     if settings == "pair":
         if sig is not None or obsm_key or not data.is_counts or adata is None:
             raise VoxelomeError("--settings pair fits an NB field on counts and a low-rank one on their principal "

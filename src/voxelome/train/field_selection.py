@@ -68,10 +68,11 @@ def pca_loadings(data: PointData, k: int) -> np.ndarray:
 #: library collapsed on her2st B (held-out r 0.04–0.16 against 0.2–0.3; the library field, ``model_library``, fixed
 #: most of that); but its smoothing across sections loses to kNN on the phantom.
 ROBUST_CANDIDATE = "gaussian, jitter ×1.5 in-plane ×6 across, no section effects"
-#: ``reconstruct fit --settings pair`` (what ``auto`` fits on a count stack too small to choose on, < 3 sections):
-#: the mean of these two candidates. The best single candidate or pair on 14 triplets of her2st A, C, D and the breast
-#: layers (a section predicted from its two neighbours alone), then better than ``ntf`` on all four held-out her2st
-#: patients E–H (+0.009 mean r; ``benchmarks/bench_field_pairs.py``, BENCHMARKS.md).
+#: ``reconstruct fit --settings pair`` (what ``auto`` fits on counts held in memory): the mean of these two
+#: candidates. The best single candidate or pair on 14 triplets of her2st A, C, D and the breast layers (a section
+#: predicted from its two neighbours alone); then better than ``ntf`` on all four held-out her2st patients E–H
+#: (+0.009 mean r; ``benchmarks/bench_field_pairs.py``) and than ``select``'s top two on the five real stacks
+#: (+0.006; ``bench_field_select.py --pair``) and the phantom's truth (+0.003) (BENCHMARKS.md).
 PAIR_CANDIDATES = ("nb, jitter ×0.5",
                    "gaussian, jitter ×1.5 in-plane ×6 across, no section effects, low rank (8 principal axes)")
 
