@@ -59,10 +59,14 @@ def run_fold(stack, held: str, val: str, slab_um: float, out: Path) -> dict:
     codes = pd.Categorical(tr_a.obs["section"]).codes
     base = baselines(tr_a.obsm["spatial_3d"], codes, y_tr, xyz, {"test": truth}, [(val_mask, y_tr[val_mask])])["test"]
     s = per_gene_scores(pred, truth)
-    sel = json.loads((work / "run" / "selection" / "selection.json").read_text())
+    # the fields the run averages (ensemble.json), and the selection's held-out slabs when `select` chose them
+    record = json.loads((work / "run" / "ensemble.json").read_text())
+    sel_file = work / "run" / "selection" / "selection.json"
+    sel = json.loads(sel_file.read_text()) if sel_file.exists() else {}
     row = {"held_out": held, "slab_um": slab_um, "n_train": int(tr.sum()), "n_test": int(te.sum()),
            "field": {"r": s["mean_r"], "rmse": s["mean_rmse"]}, "baselines": base, "fit_wall_s": fit_s,
-           "chosen": sel["ranking"][:2], "validation_slabs": sel["validation_sections"],
+           "chosen": sorted({n.rsplit(", seed", 1)[0] for n in record["names"]}),
+           "validation_slabs": sel.get("validation_sections"),
            "cli_log": [ln for ln in log.splitlines() if ln.strip()][:4]}
     print(json.dumps({"fold": held, "slab_um": slab_um, "field": round(s["mean_r"], 4),
                       **{b: (round(v["r"], 4), v["k"]) for b, v in base.items()}, "chosen": row["chosen"],
