@@ -159,8 +159,13 @@ def _stacked(phantom, depth_of):
 def test_a_stacks_z_order_is_checked_where_it_lies(phantom):
     from voxelome.register.section_order import check_stack_order
 
-    right = check_stack_order(_stacked(phantom, [50.0 * k for k in range(6)]), warn=False)
+    stack = _stacked(phantom, [50.0 * k for k in range(6)])
+    right = check_stack_order(stack, warn=False)
     assert right.consistent and right.names == [f"z{z}" for z in Z_SLICES]
+    # counts kept in layers['counts'] beside normalised X (scanpy's habit) are what the check reads
+    stack.layers["counts"] = stack.X.copy()
+    stack.X = np.log1p(np.asarray(stack.X.todense() if hasattr(stack.X, "todense") else stack.X, float))
+    np.testing.assert_allclose(check_stack_order(stack, warn=False).similarity, right.similarity)
     wrong_depths = [50.0 * k for k in (3, 0, 5, 1, 4, 2)]
     with pytest.warns(UserWarning, match="does not follow the given order"):
         wrong = check_stack_order(_stacked(phantom, wrong_depths))

@@ -230,7 +230,8 @@ def section_similarity(adatas, *, n_genes: int = 100, k: int = 8, max_spots: int
     Parameters
     ----------
     adatas : list of AnnData
-        Sections with counts, ``obsm['spatial']`` (px) and ``uns['voxelome']['pixel_size_um']``.
+        Sections with counts (``layers['counts']`` when there, else ``X``), ``obsm['spatial']`` (px) and
+        ``uns['voxelome']['pixel_size_um']``.
     n_genes : int
         Genes scored: the highest mean log1p(counts per 10k) over all sections' shared genes.
     k : int
@@ -254,7 +255,7 @@ def section_similarity(adatas, *, n_genes: int = 100, k: int = 8, max_spots: int
 
     _check_options(n_genes, k, max_spots)
     _, cols = _gene_positions(adatas)
-    X = _stack_shared([a.X for a in adatas], cols)
+    X = _stack_shared([a.layers["counts"] if "counts" in a.layers else a.X for a in adatas], cols)  # counts if kept
     sizes = [a.n_obs for a in adatas]
     embs = _split(_embed(X, 20, 300, dedup=False), sizes)
     ys = _split(scored_genes(X, n_genes), sizes)
@@ -279,7 +280,8 @@ def stacked_similarity(stack, *, section_key: str = "section", layer=None, n_gen
     Parameters
     ----------
     stack : AnnData
-        All sections: counts in ``X`` (or ``layers[layer]``), ``obsm['spatial_3d']`` (µm), ``obs[section_key]``.
+        All sections: counts in ``layers[layer]``, else ``layers['counts']``, else ``X``; ``obsm['spatial_3d']``
+        (µm); ``obs[section_key]``.
 
     Returns
     -------
@@ -300,7 +302,7 @@ def stacked_similarity(stack, *, section_key: str = "section", layer=None, n_gen
     rng = np.random.default_rng(seed)
     rows = [np.flatnonzero(sec == s) for s in names]
     rows = [np.sort(rng.choice(r, REFERENCE_SPOTS, replace=False)) if len(r) > REFERENCE_SPOTS else r for r in rows]
-    X = stack.X if layer is None else stack.layers[layer]
+    X = stack.layers[layer] if layer else stack.layers["counts"] if "counts" in stack.layers else stack.X
     X = X[np.concatenate(rows)]
     X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
     ys = np.split(scored_genes(X, n_genes), np.cumsum([len(r) for r in rows])[:-1])
