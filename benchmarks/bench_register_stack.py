@@ -79,6 +79,17 @@ def gene_accuracy(adatas, xys):
     return float(np.mean([spatial_agreement(xys[k - 1], y[k - 1], xys[k], y[k]) for k in range(1, len(adatas))]))
 
 
+def map_determinants(adatas, xys):
+    """Per section, the determinant of the least-squares linear map raw µm → stacked µm: +1 for a rotation, −1 for a
+    mirrored section (PASTE's Procrustes allows reflections)."""
+    dets = []
+    for a, xy in zip(adatas, xys):
+        raw = section_xy_um(a)
+        m, *_ = np.linalg.lstsq(np.column_stack([raw, np.ones(len(raw))]), xy, rcond=None)
+        dets.append(round(float(np.linalg.det(m[:2])), 3))
+    return dets
+
+
 def _paste_pot_compat():
     """paste-bio 1.4.0 passes POT's conditional-gradient solver a line search without the ``df_G`` argument
     that POT ≥ 0.9 adds; adapt the call (PASTE's line search never used it), nothing else changes."""
@@ -242,6 +253,7 @@ def main():
             xys, sec, cpu = run_paste(adatas, a.paste_repeats)
             row["paste_r"], row["paste_s"], row["paste_cpu_s"] = accuracy(adatas, xys), sec, cpu
             row["paste_gene_r"] = gene_accuracy(adatas, xys)
+            row["paste_det"] = map_determinants(adatas, xys)
             row["speedup_icp_vs_paste"] = sec / row["icp_s"]
             row["speedup_icp_align_vs_paste"] = sec / row["icp_align_s"]
             row["speedup_icp_cpu_vs_paste_cpu"] = cpu / row["icp_cpu_s"]

@@ -37,7 +37,7 @@ WARN_GAIN = 0.2
 
 @dataclass
 class OrderCheck:
-    """Result of :func:`check_section_order`.
+    """Result of :func:`check_section_order` / :func:`check_stack_order`.
 
     Attributes
     ----------
@@ -257,7 +257,7 @@ def section_similarity(adatas, *, n_genes: int = 100, k: int = 8, max_spots: int
     _, cols = _gene_positions(adatas)
     X = _stack_shared([a.layers["counts"] if "counts" in a.layers else a.X for a in adatas], cols)  # counts if kept
     sizes = [a.n_obs for a in adatas]
-    embs = _split(_embed(X, 20, 300, dedup=False), sizes)
+    embs = _split(_embed(X, 20, 300, dedup=False), sizes)  # stack_sections' default embedding (20 PCs, 300 genes)
     ys = _split(scored_genes(X, n_genes), sizes)
     xys = [section_xy_um(a) for a in adatas]
     if pitch_um is None:
