@@ -143,9 +143,9 @@ def stack_folds(out: Path, name: str, max_folds=None, final_schedule: str = "com
             if tag != "select":  # select's own fit is the entry above (its overrides are chosen["overrides"])
                 fields[tag] = (tag + suffix, {**final, **cand["overrides"]})
         if pair_rule:  # --settings pair's two fixed candidates (the two-section default), whatever select ranked
-            for k, name in enumerate(PAIR_CANDIDATES):
-                settings_of[f"pair{k}"] = {"overrides": candidate_overrides(data, FIELD_CANDIDATES[name]),
-                                           "pca": int(FIELD_CANDIDATES[name].get("pca", 0))}
+            for k, cand_name in enumerate(PAIR_CANDIDATES):  # not `name`: that is the stack's, used for `work`
+                settings_of[f"pair{k}"] = {"overrides": candidate_overrides(data, FIELD_CANDIDATES[cand_name]),
+                                           "pca": int(FIELD_CANDIDATES[cand_name].get("pca", 0))}
                 fields[f"pair{k}"] = (f"pair{k}", {**BUDGET, **settings_of[f"pair{k}"]["overrides"]})
         for extra in range(1, seeds):  # the same settings fitted again with other seeds (--seeds)
             for t in settings_of:

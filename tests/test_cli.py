@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from voxelome.cli import app
 from voxelome.io import read_section, validate_section, write_h5ad
 from voxelome.io.omezarr import read_ome_zarr
+from ngff import assert_ngff_image
 
 VERBS = ("demo", "signatures", "train", "predict", "evaluate", "convert")
 TINY_SETS = ["--set", "epochs=1", "--set", "steps_per_epoch=2", "--set", "batch_size=2", "--set", "width=8",
@@ -215,6 +216,8 @@ def test_train_predict_evaluate(volume_file, section_h5ad, tmp_path):
     assert data.shape == (6, 16, 72, 72) and spacing == (20.0, 20.0, 20.0) and len(names) == 6
     np.testing.assert_allclose(np.asarray(data).sum(0), 1.0, atol=1e-4)
     genes, gene_spacing, gene_names = read_ome_zarr(tmp_path / "pred_genes.ome.zarr")
+    assert_ngff_image(pred, "czyx")
+    assert_ngff_image(tmp_path / "pred_genes.ome.zarr", "czyx")
     assert gene_names == ["SFTPC", "PECAM1"] and genes.shape == (2, 16, 72, 72) and gene_spacing == spacing
 
     # the same scan as a micro-CT reconstruction folder (one TIFF per z, slice distance given): the same prediction

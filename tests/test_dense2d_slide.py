@@ -10,6 +10,7 @@ import torch
 
 from voxelome.errors import VoxelomeError
 from voxelome.infer.slide import predict_slide, read_slide_map, write_slide_map
+from ngff import assert_ngff_image
 from voxelome.models.dense2d import DenseExpressionNet2D
 
 
@@ -69,6 +70,7 @@ def test_slide_map_store_is_2d_ome_zarr_in_micrometres_and_matches_memory(tmp_pa
                           channel_names=["A", "B", "C"], pixel_size_um=4.0, chunk=48,
                           extra_attrs={"voxelome": {"unit": "test"}})
     data, px, names = read_slide_map(out)
+    assert_ngff_image(out, "cyx")  # a multiscale 2D image, as napari-ome-zarr reads it
     assert names == ["A", "B", "C"] and px == (8.0, 8.0) and data.shape == (3, 150, 135)
     np.testing.assert_allclose(data[:], predict_slide(image, _pointwise(2), tile=32, stride=2, n_channels=3),
                                rtol=1e-6)
@@ -100,6 +102,7 @@ def test_image_stack_becomes_a_3d_expression_volume(tmp_path):
     out = write_stack_map(tmp_path / "stack.ome.zarr", stack, _pointwise(2), tile=32, stride=2,
                           channel_names=["A", "B", "C"], pixel_size_um=4.0, section_spacing_um=50.0, chunk=24)
     data, spacing, names = read_ome_zarr(out)
+    assert_ngff_image(out, "czyx")
     assert data.shape == (3, 3, 35, 45) and spacing == (50.0, 8.0, 8.0) and names == ["A", "B", "C"]
     for z in range(3):
         np.testing.assert_allclose(np.asarray(data[:, z]), _direct(stack[z], 2), rtol=1e-5, atol=1e-6)

@@ -18,6 +18,7 @@ from voxelome.io.volumes import read_volume
 from voxelome.train.dense2d_config import make_dense2d_config
 from voxelome.train.dense2d_data import slide_from_section
 from voxelome.train.dense2d_trainer import TrainedDense2D, train_dense2d
+from ngff import assert_ngff_image
 
 ORIGIN = (32.0, -120.0, -84.0)
 
@@ -73,6 +74,7 @@ def test_cli_maps_a_registered_stack_into_a_volume_equal_to_the_per_section_maps
                                  str(tmp_path / "vol.ome.zarr"), "--genes", "GRAD,TUM"])
     assert r.exit_code == 0, r.output
     data, spacing, names = read_ome_zarr(tmp_path / "vol.ome.zarr")
+    assert_ngff_image(tmp_path / "vol.ome.zarr", "czyx")
     model = TrainedDense2D.load(run)
     s = model.stride
     assert names == ["GRAD", "TUM"] and data.shape == (2, 3, 112 // s, 112 // s)

@@ -19,6 +19,7 @@ from voxelome.io.omezarr import read_ome_zarr
 from voxelome.register.placement import SectionPlacement
 from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
 from voxelome.train.point_data import PointData
+from ngff import assert_ngff_image
 
 GENES = [f"g{i}" for i in range(12)]
 HELD_OUT = "z200"
@@ -193,6 +194,7 @@ def test_volume_export_matches_points_is_chunk_invariant_and_resumable(fitted, t
     s1 = field.write_volume(tmp_path / "a.ome.zarr", (25.0, 20.0, 30.0), chunks=(3, 4, 5), **kw)
     s2 = field.write_volume(tmp_path / "b.ome.zarr", (25.0, 20.0, 30.0), chunks=(8, 7, 3), **kw)
     a, spacing, names = read_ome_zarr(tmp_path / "a.ome.zarr")
+    assert_ngff_image(tmp_path / "a.ome.zarr", "czyx")
     b = np.asarray(read_ome_zarr(tmp_path / "b.ome.zarr")[0])
     a = np.asarray(a)
     assert names == ["g0", "g5", "g7"] and a.shape == tuple(s1["shape_czyx"]) == (3, 9, 12, 11)
@@ -256,6 +258,7 @@ def test_cli_fit_volume_predict(split, tmp_path):
                               "--spacing", "200", "--genes", "g1"])
     assert res.exit_code == 0, res.output
     assert np.asarray(read_ome_zarr(tmp_path / "v.ome.zarr")[0]).shape[0] == 1
+    assert_ngff_image(tmp_path / "v.ome.zarr", "czyx")
     pd.DataFrame({"x": [10.0, 500.0], "y": [20.0, 600.0], "z": [0.0, 222.0]}).to_csv(tmp_path / "p.csv", index=False)
     res = runner.invoke(app, ["reconstruct", "predict", str(run), "--points", str(tmp_path / "p.csv"),
                               "--out", str(tmp_path / "o.csv")])
@@ -276,6 +279,7 @@ def test_cli_fit_volume_predict(split, tmp_path):
     from voxelome.infer.slide import read_slide_map
 
     data, spacing, names = read_slide_map(tmp_path / "s.ome.zarr")  # the 2D (c, y, x) reader
+    assert_ngff_image(tmp_path / "s.ome.zarr", "cyx")
     np.testing.assert_allclose(np.asarray(data), expected, rtol=1e-6)
     assert names == ["g2", "g0"] and tuple(spacing) == (40.0, 40.0)
     with tifffile.TiffFile(tmp_path / "s.tif") as tf:

@@ -170,3 +170,41 @@ def test_atomic_torch_save(tmp_path):
     torch = pytest.importorskip("torch")
     atomic_torch_save({"w": torch.ones(2)}, tmp_path / "ck.pt")
     assert torch.load(tmp_path / "ck.pt")["w"].sum().item() == 2.0
+
+
+def test_an_independent_ngff_validator_accepts_our_files_and_rejects_broken_ones(tmp_path):
+    """The check other tests use (``yaozarrs``) is not vacuous: it fails on the faults a writer could make."""
+    import json
+
+    from ngff import assert_ngff_image
+    from voxelome.io.omezarr import write_image_ome_zarr
+
+    vol = write_volume_ome_zarr(tmp_path / "v.zarr", np.zeros((2, 16, 32, 32), np.float32), (10.0, 5.0, 5.0),
+                                channel_names=["a", "b"], min_size=8)
+    assert len(assert_ngff_image(vol, "czyx").multiscales[0].datasets) == 3
+    img = write_image_ome_zarr(tmp_path / "i.zarr", np.zeros((2, 16, 32), np.float32), ["a", "b"], (5.0, 5.0))
+    assert_ngff_image(img, "cyx")
+    attrs_file = vol / ".zattrs"
+    good = json.loads(attrs_file.read_text())
+
+    def broken(edit):
+        attrs = json.loads(json.dumps(good))
+        edit(attrs["multiscales"][0])
+        attrs_file.write_text(json.dumps(attrs))
+        return vol
+
+    faults = {  # each must be refused by the validator itself (a ValueError: pydantic's or the storage check's)
+        "scale of the wrong length": lambda m: m["datasets"][0]["coordinateTransformations"][0].update(scale=[10.0, 5.0]),
+        "an axis more than the arrays have": lambda m: m["axes"].insert(1, {"name": "t", "type": "time"}),
+        "a level that is not there": lambda m: m["datasets"].append({**m["datasets"][-1], "path": "9"}),
+        "a unit outside UDUNITS (a warning of the validator)": lambda m: m["axes"][1].update(unit="microns"),
+    }
+    for fault, edit in faults.items():
+        with pytest.raises((ValueError, Warning)):
+            assert_ngff_image(broken(edit))
+            pytest.fail(f"the validator accepted {fault}")
+    # what the specification allows but voxelome promises (µm) is checked on top
+    with pytest.raises(AssertionError, match="millimeter"):
+        assert_ngff_image(broken(lambda m: m["axes"][1].update(unit="millimeter")))
+    attrs_file.write_text(json.dumps(good))
+    assert_ngff_image(vol, "czyx")

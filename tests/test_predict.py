@@ -23,6 +23,7 @@ from voxelome.io.omezarr import read_ome_zarr
 from voxelome.io.volume import Volume
 from voxelome.signatures import SignatureConfig, fit_signatures
 from voxelome.train import make_config, train_model
+from ngff import assert_ngff_image
 
 
 def _markers(out):
@@ -47,6 +48,7 @@ def test_prediction_is_ngff_with_micrometre_scale(trained_run, phantom, tmp_path
     assert stats["shape_czyx"] == [k, *shape] and stats["computed"] == stats["blocks"] == 2 * 5 * 5
 
     data, read_spacing, names = read_ome_zarr(out)
+    assert_ngff_image(out, "czyx")  # as napari-ome-zarr / spatialdata read it
     assert data.shape == (k, *shape)
     assert read_spacing == spacing and names == model.names
     attrs = zarr.open_group(str(out), mode="r").attrs.asdict()

@@ -19,6 +19,7 @@ from voxelome.register.stack_expression import (
     section_xy_um,
     stack_sections,
 )
+from ngff import assert_ngff_image
 
 BREAST = Path(__file__).resolve().parents[2] / "shared" / "data" / "paste_breast_st2016"
 
@@ -212,6 +213,7 @@ def test_image_stack_recovers_rotation_and_writes_ome_zarr(tmp_path, phantom):
         err = np.sqrt(np.mean(np.sum((xyz[sec == name, :2] - ref) ** 2, 1)))
         assert err < 20.0, (name, err)
     data, spacing, _axes = read_ome_zarr(tmp_path / "stack.ome.zarr")
+    assert_ngff_image(tmp_path / "stack.ome.zarr", "czyx")
     assert tuple(data.shape) == res.rgb.shape and data.shape[:2] == (3, 3)
     np.testing.assert_allclose(spacing, (20.0, 20.0, 20.0))
 

@@ -17,6 +17,7 @@ from voxelome.datasets.superres_sections import array_grid, beyond_pair, restore
 from voxelome.errors import VoxelomeError
 from voxelome.infer.slide import read_slide_map
 from voxelome.io.omezarr import read_ome_zarr
+from ngff import assert_ngff_image
 
 runner = CliRunner()
 TINY = ["--preset", "superres-tiny", "--set", "iterations=20", "--set", "device=cpu", "--n-genes", "3"]
@@ -103,6 +104,7 @@ def test_predict_several_sections_writes_a_volume(run, files, tmp_path):
                "--section-spacing-um", 16, "--out", tmp_path / "v.zarr", "--samples", 2, "--steps", 3)
     assert r.exit_code == 0, r.output
     arr, spacing, _ = read_ome_zarr(tmp_path / "v.zarr" / "upper.ome.zarr")
+    assert_ngff_image(tmp_path / "v.zarr" / "upper.ome.zarr", "czyx")
     assert arr.shape[:2] == (3, 2) and spacing[0] == 16.0
 
 

@@ -22,6 +22,7 @@ from voxelome.models.diffusion.process import GaussianDiffusion
 from voxelome.train.superres_config import make_superres_config
 from voxelome.train.superres_model import TrainedSuperRes
 from voxelome.train.superres_trainer import train_superres
+from ngff import assert_ngff_image
 
 F = 4  # factor
 
@@ -267,9 +268,12 @@ def test_outputs_open_as_ome_zarr_and_aggregate_to_labels(trained, tmp_path):
     with pytest.raises(Exception):  # a write that fails midway (a 4D mask) keeps the old output, leaves no debris
         write_superres(tmp_path / "sr.zarr", pred, p.genes, 20.0, masks=np.ones((2, 2, 2, 2)), overwrite=True)
     assert np.allclose(np.asarray(read_slide_map(out / "mean.ome.zarr")[0]), pred.mean)
+    for name in ("mean", "std", "lower", "upper"):
+        assert_ngff_image(out / f"{name}.ome.zarr", "cyx")
     assert sorted(q.name for q in tmp_path.iterdir()) == ["sr.zarr"]
     vol = write_superres(tmp_path / "vol.zarr", [pred, pred], p.genes, 20.0, section_spacing_um=16.0)
     arr, spacing, _ = read_ome_zarr(vol / "std.ome.zarr")
+    assert_ngff_image(vol / "std.ome.zarr", "czyx")
     assert arr.shape == (4, 2, 32, 32) and tuple(spacing) == (16.0, 20.0, 20.0)
     # cells: 2×2-pixel labels; the per-label mean of the samples' mean equals the mean map's label mean
     labels = (np.arange(32)[:, None] // 2 * 16 + np.arange(32)[None] // 2 + 1).astype(int)
