@@ -1,0 +1,124 @@
+"""How far *any* average of the fields already fitted by ``bench_field_select.py`` gets on each held-out section.
+
+An upper bound, not a method: for every fold, every subset of up to ``--max-members`` of the fold's finished fits
+(``select``'s ranked candidates × seeds, ``ntf``, ``robust``, the pair …) is averaged and scored on the held-out
+section itself, and the best subset kept — a choice no user could make, since it reads the test section. If even
+that ceiling stays under 3D kNN + 0.03, no ensemble of this model family (these settings, this budget) meets the
+issue's ≥ 0.03 on that stack, and a different model, not another rule for combining these, would be needed.
+
+Reads the fits and the per-fold baselines of a finished ``bench_field_select.py --seeds N [--pair …]`` run (``--out``
+of that run; nothing is fitted here). Fits are looked up in ``<out>/runs/*/<fold>`` (fold names are unique across
+stacks), which also finds the folder that run wrote some ``--pair`` fits to before its loop variable was fixed.
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_field_ceiling.py \\
+        --runs benchmarks/out/field_select_seeds --out benchmarks/out/field_ceiling
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_field import REAL_GENES, REAL_STACKS, inner_folds, log_norm, per_gene_scores, read_real_stack  # noqa: E402
+from bench_field_select import phantom_input  # noqa: E402
+
+from voxelome.infer.field_export import FittedField  # noqa: E402
+
+
+def fold_runs(runs: Path, fold: str) -> dict[str, Path]:
+    """Finished fits (a ``checkpoint`` and a ``config.yaml``) of one fold, by folder name; the selection's short fits
+    are left out (they were fitted on fewer sections)."""
+    found = {}
+    for parent in sorted(runs.glob(f"runs/*/{fold}")):
+        for run in sorted(parent.iterdir()):
+            if run.name != "selection" and run.name not in found and (run / "config.yaml").exists() \
+                    and any(run.glob("*.pt")):
+                found[run.name] = run
+    return found
+
+
+def baseline_rows(runs: Path, name: str) -> dict:
+    """Per-fold rows of the bench_field_select run (baselines with their k chosen as in its table; the ``--pair``
+    run's rows when there is one, for ``pair_x2``)."""
+    found = []
+    for f in sorted(runs.glob("results_*.json")):
+        d = json.loads(f.read_text())
+        if name in d and "folds" in d[name]:
+            found.append({row["held_out"]: row for row in d[name]["folds"]})
+    if not found:
+        raise SystemExit(f"no bench_field_select results for {name} in {runs}")
+    return max(found, key=lambda rows: sum("pair_x2" in r for r in rows.values()))
+
+
+def ceiling(runs: Path, name: str, max_members: int) -> dict:
+    if name == "phantom":
+        stack, _, folds, _ = phantom_input()
+    else:
+        stack, names = read_real_stack(name, "numeric")
+        folds = list(inner_folds(names))
+    y_all = log_norm(stack.X)
+    rows = baseline_rows(runs, name)
+    out = {"stack": name, "folds": []}
+    for h in folds:
+        sec = stack.obs["section"].to_numpy()
+        tr, te = sec != h, sec == h
+        top = np.argsort(-y_all[tr].mean(0), kind="stable")[:REAL_GENES]  # bench_field_select's genes
+        q, truth = stack.obsm["spatial_3d"][te], y_all[te][:, top]
+        preds = {k: FittedField.load(p).predict(q, value="measured") for k, p in fold_runs(runs, h).items()}
+        # identical fits (select's choice is often one of the pair) would only weigh a member twice
+        unique = {}
+        for k, v in preds.items():
+            if not any(np.array_equal(v, u) for u in unique.values()):
+                unique[k] = v
+        best_sub, best_r = None, -np.inf
+        for m in range(1, min(max_members, len(unique)) + 1):
+            for sub in itertools.combinations(unique, m):
+                r = per_gene_scores(sum(unique[k] for k in sub) / m, truth)["mean_r"]
+                if r > best_r:
+                    best_sub, best_r = sub, r
+        base = {b: v["r"] for b, v in rows[h]["baselines"].items()}
+        row = {"held_out": h, "fits": len(preds), "distinct_fits": len(unique), "baselines": base,
+               "best_single": max(per_gene_scores(v, truth)["mean_r"] for v in unique.values()),
+               "mean_of_all": per_gene_scores(sum(unique.values()) / len(unique), truth)["mean_r"],
+               "ceiling": best_r, "ceiling_members": list(best_sub)}
+        for tag in ("pair_x2", "top2_x2"):
+            if tag in rows[h]:
+                row[tag] = rows[h][tag]["r"]
+        print(json.dumps(row), flush=True)
+        out["folds"].append(row)
+    mean = lambda key: float(np.mean([f[key] for f in out["folds"]]))  # noqa: E731
+    best_base = max(out["folds"][0]["baselines"], key=lambda b: np.mean([f["baselines"][b] for f in out["folds"]]))
+    out["best_baseline"] = best_base
+    out["mean_best_baseline"] = float(np.mean([f["baselines"][best_base] for f in out["folds"]]))
+    for key in ("best_single", "mean_of_all", "ceiling", "pair_x2", "top2_x2"):
+        if all(key in f for f in out["folds"]):
+            out[f"mean_{key}"] = mean(key)
+            out[f"{key}_minus_best_baseline"] = out[f"mean_{key}"] - out["mean_best_baseline"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, default=Path("benchmarks/out/field_select_seeds"),
+                    help="--out of a finished bench_field_select.py run")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/field_ceiling"))
+    ap.add_argument("--only", nargs="*", default=list(REAL_STACKS), choices=(*REAL_STACKS, "phantom"))
+    ap.add_argument("--max-members", type=int, default=5, help="largest subset averaged")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.only:
+        res = ceiling(args.runs, name, args.max_members)
+        print(json.dumps({k: v for k, v in res.items() if k != "folds"}), flush=True)
+        (args.out / f"ceiling_{name}.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
