@@ -132,11 +132,18 @@ def test_cli_register_order_and_the_check_in_register_stack(phantom_sections, tm
     names = [f"z{z}" for z in Z_SLICES]
     assert saved["suggested"] in (names, names[::-1]) and saved["consistent"] is False
     assert len(saved["similarity"]) == 6 and saved["similarity"][0][0] is None
-    r = runner.invoke(app, ["register", "stack", *map(str, files[:4]), "--z", "0,50,100,150",
-                            "--out", str(tmp_path / "stack.h5ad")])
+    fewer = tmp_path / f"z{Z_SLICES[1]}_fewer_genes.h5ad"  # one section without one gene: the stack uses the rest
+    write_h5ad(phantom_sections[1][:, 1:].copy(), fewer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = runner.invoke(app, ["register", "stack", str(files[0]), str(fewer), *map(str, files[2:4]),
+                                "--z", "0,50,100,150", "--out", str(tmp_path / "stack.h5ad")])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["order_check"]["consistent"] is True and summary["order_check"]["suggested"] == names[:4]
+    assert summary["order_check"]["consistent"] is True
+    assert summary["order_check"]["suggested"] == [names[0], fewer.stem, *names[2:4]]
+    said = [str(w.message) for w in caught if "gene sets differ" in str(w.message)]
+    assert len(said) == 1 and "using the" in said[0]  # once, by the stack; the order check does not repeat it
     r = runner.invoke(app, ["register", "order", *map(str, files[:2])])
     assert r.exit_code != 0 and "at least 3 sections" in r.output
 

@@ -192,9 +192,13 @@ def _order_warning(adatas, names, max_points) -> Optional[dict]:
     """``register stack``'s order check: warns (through ``check_section_order``) and returns its short summary."""
     from voxelome.register.section_order import check_section_order
 
+    import warnings
+
     if len(adatas) < 3:
         return None
-    check = check_section_order(adatas, names, max_points=max_points or 5000, progress=True)
+    with warnings.catch_warnings():  # the stack has just said how many genes the sections share
+        warnings.filterwarnings("ignore", message="gene sets differ between sections")
+        check = check_section_order(adatas, names, max_points=max_points or 5000, progress=True)
     return {"consistent": check.consistent, "suggested": check.suggested, "gain": round(check.gain, 3)}
 
 
