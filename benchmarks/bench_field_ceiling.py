@@ -12,6 +12,10 @@ stacks), which also finds the folder that run wrote some ``--pair`` fits to befo
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_field_ceiling.py \\
         --runs benchmarks/out/field_select_seeds --out benchmarks/out/field_ceiling
+
+``--only starmap`` does the same on 3D STARmap's held-out slabs with the members of the ``reconstruct fit`` runs that
+``bench_field_cells.py`` left (``--cells-runs``: its ``--out`` folders; every run of a fold, e.g. ``--z-slabs`` 11 and
+22, `select` and `pair`, pooled), the baselines from those runs' results.
 """
 
 from __future__ import annotations
@@ -26,10 +30,27 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_field import REAL_GENES, REAL_STACKS, inner_folds, log_norm, per_gene_scores, read_real_stack  # noqa: E402
+from bench_field import (  # noqa: E402
+    REAL_GENES,
+    REAL_STACKS,
+    STARMAP_FOLDS,
+    inner_folds,
+    leave_out,
+    log_norm,
+    per_gene_scores,
+    read_real_stack,
+    starmap_stack,
+)
 from bench_field_select import phantom_input  # noqa: E402
 
 from voxelome.infer.field_export import FittedField  # noqa: E402
+
+
+def measured(run: Path, xyz: np.ndarray, genes) -> np.ndarray:
+    """A fitted field's measured-spot prediction ``(n, len(genes))`` at ``xyz`` µm, columns in the order of ``genes``."""
+    field = FittedField.load(run)
+    col = {g: k for k, g in enumerate(field.genes)}
+    return field.predict(xyz, value="measured")[:, [col[str(g)] for g in genes]]
 
 
 def fold_runs(runs: Path, fold: str) -> dict[str, Path]:
@@ -57,6 +78,64 @@ def baseline_rows(runs: Path, name: str) -> dict:
     return max(found, key=lambda rows: sum("pair_x2" in r for r in rows.values()))
 
 
+def best_subset(preds: dict, truth: np.ndarray, max_members: int) -> dict:
+    """Scores of the best single field, the mean of all and the best mean of ≤ ``max_members`` fields (on ``truth``).
+
+    Identical predictions (select's choice is often one of the pair) count once: a copy would only weigh a member twice.
+    """
+    unique = {}
+    for k, v in preds.items():
+        if not any(np.array_equal(v, u) for u in unique.values()):
+            unique[k] = v
+    best_sub, best_r = None, -np.inf
+    for m in range(1, min(max_members, len(unique)) + 1):
+        for sub in itertools.combinations(unique, m):
+            r = per_gene_scores(sum(unique[k] for k in sub) / m, truth)["mean_r"]
+            if r > best_r:
+                best_sub, best_r = sub, r
+    return {"fits": len(preds), "distinct_fits": len(unique),
+            "best_single": max(per_gene_scores(v, truth)["mean_r"] for v in unique.values()),
+            "mean_of_all": per_gene_scores(sum(unique.values()) / len(unique), truth)["mean_r"],
+            "ceiling": best_r, "ceiling_members": list(best_sub)}
+
+
+def summarise(out: dict, extra=("pair_x2", "top2_x2")) -> dict:
+    """Stack means and their margins over the best baseline (the one with the highest mean over the folds)."""
+    folds = out["folds"]
+    best_base = max(folds[0]["baselines"], key=lambda b: np.mean([f["baselines"][b] for f in folds]))
+    out["best_baseline"] = best_base
+    out["mean_best_baseline"] = float(np.mean([f["baselines"][best_base] for f in folds]))
+    for key in ("best_single", "mean_of_all", "ceiling", *extra):
+        if all(key in f for f in folds):
+            out[f"mean_{key}"] = float(np.mean([f[key] for f in folds]))
+            out[f"{key}_minus_best_baseline"] = out[f"mean_{key}"] - out["mean_best_baseline"]
+    return out
+
+
+def starmap_ceiling(cells_runs: list[Path], max_members: int) -> dict:
+    stack = starmap_stack()
+    out = {"stack": "starmap", "runs": [str(p) for p in cells_runs], "folds": []}
+    for held, val in STARMAP_FOLDS.items():
+        tr, te, _ = leave_out(stack, held, val)
+        te_a = stack[te]
+        q, truth = np.asarray(te_a.obsm["spatial_3d"], float), log_norm(te_a.X)
+        preds, base, cli = {}, None, {}
+        for root in cells_runs:
+            for work in sorted(root.glob(f"{held}_slab*")):
+                for member in sorted((work / "run" / "members").iterdir()):
+                    preds[f"{root.name}/{work.name}/{member.name}"] = measured(member, q, te_a.var_names)
+            for res in sorted(root.glob("results_slab*.json")):
+                for slab, run in json.loads(res.read_text())["runs"].items():
+                    for row in run["folds"]:
+                        if row["held_out"] == held:
+                            base = {b: v["r"] for b, v in row["baselines"].items()}
+                            cli[f"{root.name}/slab{slab}"] = row["field"]["r"]
+        row = {"held_out": held, "baselines": base, "cli_runs": cli, **best_subset(preds, truth, max_members)}
+        print(json.dumps(row), flush=True)
+        out["folds"].append(row)
+    return summarise(out, extra=())
+
+
 def ceiling(runs: Path, name: str, max_members: int) -> dict:
     if name == "phantom":
         stack, _, folds, _ = phantom_input()
@@ -71,37 +150,15 @@ def ceiling(runs: Path, name: str, max_members: int) -> dict:
         tr, te = sec != h, sec == h
         top = np.argsort(-y_all[tr].mean(0), kind="stable")[:REAL_GENES]  # bench_field_select's genes
         q, truth = stack.obsm["spatial_3d"][te], y_all[te][:, top]
-        preds = {k: FittedField.load(p).predict(q, value="measured") for k, p in fold_runs(runs, h).items()}
-        # identical fits (select's choice is often one of the pair) would only weigh a member twice
-        unique = {}
-        for k, v in preds.items():
-            if not any(np.array_equal(v, u) for u in unique.values()):
-                unique[k] = v
-        best_sub, best_r = None, -np.inf
-        for m in range(1, min(max_members, len(unique)) + 1):
-            for sub in itertools.combinations(unique, m):
-                r = per_gene_scores(sum(unique[k] for k in sub) / m, truth)["mean_r"]
-                if r > best_r:
-                    best_sub, best_r = sub, r
-        base = {b: v["r"] for b, v in rows[h]["baselines"].items()}
-        row = {"held_out": h, "fits": len(preds), "distinct_fits": len(unique), "baselines": base,
-               "best_single": max(per_gene_scores(v, truth)["mean_r"] for v in unique.values()),
-               "mean_of_all": per_gene_scores(sum(unique.values()) / len(unique), truth)["mean_r"],
-               "ceiling": best_r, "ceiling_members": list(best_sub)}
+        preds = {k: measured(p, q, stack.var_names[top]) for k, p in fold_runs(runs, h).items()}
+        row = {"held_out": h, "baselines": {b: v["r"] for b, v in rows[h]["baselines"].items()},
+               **best_subset(preds, truth, max_members)}
         for tag in ("pair_x2", "top2_x2"):
             if tag in rows[h]:
                 row[tag] = rows[h][tag]["r"]
         print(json.dumps(row), flush=True)
         out["folds"].append(row)
-    mean = lambda key: float(np.mean([f[key] for f in out["folds"]]))  # noqa: E731
-    best_base = max(out["folds"][0]["baselines"], key=lambda b: np.mean([f["baselines"][b] for f in out["folds"]]))
-    out["best_baseline"] = best_base
-    out["mean_best_baseline"] = float(np.mean([f["baselines"][best_base] for f in out["folds"]]))
-    for key in ("best_single", "mean_of_all", "ceiling", "pair_x2", "top2_x2"):
-        if all(key in f for f in out["folds"]):
-            out[f"mean_{key}"] = mean(key)
-            out[f"{key}_minus_best_baseline"] = out[f"mean_{key}"] - out["mean_best_baseline"]
-    return out
+    return summarise(out)
 
 
 def main():
@@ -109,13 +166,17 @@ def main():
     ap.add_argument("--runs", type=Path, default=Path("benchmarks/out/field_select_seeds"),
                     help="--out of a finished bench_field_select.py run")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/field_ceiling"))
-    ap.add_argument("--only", nargs="*", default=list(REAL_STACKS), choices=(*REAL_STACKS, "phantom"))
+    ap.add_argument("--only", nargs="*", default=list(REAL_STACKS), choices=(*REAL_STACKS, "phantom", "starmap"))
+    ap.add_argument("--cells-runs", type=Path, nargs="*",
+                    default=[Path("benchmarks/out/field_cells_seeds"), Path("benchmarks/out/field_cells_pair")],
+                    help="--only starmap: --out folders of bench_field_cells.py runs")
     ap.add_argument("--max-members", type=int, default=5, help="largest subset averaged")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.only:
-        res = ceiling(args.runs, name, args.max_members)
+        res = (starmap_ceiling(args.cells_runs, args.max_members) if name == "starmap"
+               else ceiling(args.runs, name, args.max_members))
         print(json.dumps({k: v for k, v in res.items() if k != "folds"}), flush=True)
         (args.out / f"ceiling_{name}.json").write_text(json.dumps(res, indent=1))
 
