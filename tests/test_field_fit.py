@@ -255,7 +255,7 @@ def test_cli_fit_volume_predict(split, tmp_path):
                               "--set", "log2_table_size=8"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["reconstruct", "volume", str(run), "--out", str(tmp_path / "v.ome.zarr"),
-                              "--spacing", "200", "--genes", "g1"])
+                              "--spacing-um", "200", "--genes", "g1"])  # --spacing-um: as the other verbs spell it
     assert res.exit_code == 0, res.output
     assert np.asarray(read_ome_zarr(tmp_path / "v.ome.zarr")[0]).shape[0] == 1
     assert_ngff_image(tmp_path / "v.ome.zarr", "czyx")
@@ -274,6 +274,8 @@ def test_cli_fit_volume_predict(split, tmp_path):
     expected = FittedField.load(run).virtual_section(
         SectionPlacement.from_origin_normal((0, 0, 100), (0.2, 0, 1), 40.0), (6, 9), ["g2", "g0"])
     for name in ("s.ome.zarr", "s.tif", "s.npz"):
+        if name == "s.npz":  # the µm-suffixed spelling of the other verbs works too
+            plane[plane.index("--pixel-size")] = "--pixel-size-um"
         res = runner.invoke(app, ["reconstruct", "section", str(run), "--out", str(tmp_path / name), *plane])
         assert res.exit_code == 0, res.output
     from voxelome.infer.slide import read_slide_map

@@ -26,7 +26,8 @@ def _load(run: Path):
 @_friendly
 def volume(run: Path = typer.Argument(..., help="Run folder from `reconstruct fit`."),
            out: Path = typer.Option(..., help="Output .ome.zarr (c, z, y, x); resumes if interrupted."),
-           spacing: str = typer.Option(..., help="Voxel size µm: one number or dz,dy,dx."),
+           spacing: str = typer.Option(..., "--spacing", "--spacing-um",  # -um: as the other verbs spell it
+                                       help="Voxel size µm: one number or dz,dy,dx."),
            bbox: Optional[str] = typer.Option(None, help="Box x0,y0,z0,x1,y1,z1 µm (default: the training spots' box, first to last section)."),
            genes: Optional[str] = typer.Option(None, help="Channels, comma-separated (default: all)."),
            chunks: str = typer.Option("16,64,64", help="Output chunk z,y,x in voxels."),
@@ -47,7 +48,7 @@ def section(run: Path = typer.Argument(..., help="Run folder from `reconstruct f
                                      "placement matrix)."),
             origin: str = typer.Option(..., help="Plane origin x,y,z µm (pixel (0, 0))."),
             normal: str = typer.Option("0,0,1", help="Plane normal x,y,z (oblique allowed)."),
-            pixel_size: float = typer.Option(10.0, help="µm per output pixel."),
+            pixel_size: float = typer.Option(10.0, "--pixel-size", "--pixel-size-um", help="µm per output pixel."),
             shape: str = typer.Option(..., help="rows,cols of the output."),
             genes: Optional[str] = typer.Option(None, help="Genes (default all).")):
     """A virtual section on any plane."""
