@@ -31,7 +31,12 @@ import torch
 from scipy.spatial import cKDTree
 
 from voxelome.datasets import axial_placement, make_lung_phantom
-from voxelome.evaluate.field_baselines import (
+from voxelome.evaluate.field_baselines import (  # noqa: F401  (BASELINE_KS, K_*: imported by the other benchmarks)
+    BASELINE_KS,
+    K_3D,
+    K_SECTION,
+    baseline_predict,
+    choose_k,
     knn_3d,
     linear_between_sections,
     nearest_section,
@@ -41,8 +46,6 @@ from voxelome.infer.field_export import FittedField
 from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
 from voxelome.train.point_data import PointData
 
-K_SECTION = (1, 2, 4, 8, 16, 32)
-K_3D = (4, 8, 16, 32, 64, 128)
 STARMAP = Path(__file__).resolve().parents[2] / "shared" / "data" / "starmap3d_mini_giotto"
 
 
@@ -50,31 +53,6 @@ def log_norm(X, lib=None):
     X = X.toarray() if sp.issparse(X) else np.asarray(X, dtype=np.float64)
     lib = X.sum(1) if lib is None else lib
     return np.log1p(X / lib[:, None] * 1e4)
-
-
-BASELINE_KS = {"nearest_section": K_SECTION, "linear_interp": K_SECTION, "knn_3d": K_3D}
-
-
-def baseline_predict(name, xyz, sec, y, query_xyz, k, weights="distance"):
-    if name == "nearest_section":
-        return nearest_section(xyz, sec, y, query_xyz, k=k)
-    if name == "linear_interp":
-        return linear_between_sections(xyz, sec, y, query_xyz, k=k)
-    return knn_3d(xyz, y, query_xyz, k=k, weights=weights)
-
-
-def choose_k(name, xyz, sec, y, val_sets) -> tuple[int, float]:
-    """The k of baseline ``name`` with the best mean r over the inner validation sets (never the test data).
-
-    ``val_sets``: list of (boolean mask of the validation rows among the training rows, their targets).
-    """
-    scores = {}
-    for k in BASELINE_KS[name]:
-        rs = [per_gene_scores(baseline_predict(name, xyz[~m], sec[~m], y[~m], xyz[m], k), t)["mean_r"]
-              for m, t in val_sets]
-        scores[k] = float(np.mean(rs))
-    k = max(scores, key=scores.get)
-    return k, scores[k]
 
 
 def baselines(train_xyz, train_sec, train_y, query_xyz, targets: dict, val_sets) -> dict:

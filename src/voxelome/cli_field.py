@@ -7,6 +7,7 @@
     voxelome reconstruct section RUN --out plane.ome.zarr --origin x,y,z --normal nx,ny,nz --pixel-size 10 --shape 100,100
     voxelome reconstruct predict RUN --points points.csv --out values.csv
     voxelome reconstruct denoise RUN --stack STACK.h5ad --out denoised.h5ad
+    voxelome reconstruct evaluate STACK.h5ad --out EVAL [--held-out S3,S5]   # held-out sections vs the baselines
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from voxelome.cli_common import friendly as _friendly
 from voxelome.cli_common import parse_names, parse_numbers, parse_sets
 from voxelome.cli_field_ensemble import (compared_schedule, ensemble_done, fit_pair, fit_selection_ensemble,
                                          sections_text)
+from voxelome.cli_field_evaluate import evaluate
 from voxelome.cli_field_query import denoise, predict, section, volume
 from voxelome.errors import VoxelomeError, did_you_mean
 
@@ -306,6 +308,7 @@ def store(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections 
                + (f"; {dropped} points without counts left out (--drop-empty)" if dropped else ""))
 
 
-# the query verbs (volume, section, predict, denoise) live in cli_field_query; registered here in --help order
-for _command in (volume, section, predict, denoise):
+# the query verbs (volume, section, predict, denoise) live in cli_field_query, the held-out check (evaluate) in
+# cli_field_evaluate; registered here in --help order
+for _command in (volume, section, predict, denoise, evaluate):
     app.command()(_command)

@@ -11,7 +11,8 @@ All baselines take training points ``(n, 3)`` µm with their section codes and v
 - :func:`knn_3d`: ``k``-nearest-neighbour regression in 3D (inverse-distance weights).
 
 The section baselines assume an axial stack (sections ~ planes of constant z), as serial
-sectioning gives; they are what a field replaces.
+sectioning gives; they are what a field replaces. :func:`choose_k` picks each baseline's ``k`` on
+validation sections among the training ones (never on the section being scored).
 """
 
 from __future__ import annotations
@@ -98,3 +99,37 @@ def per_gene_scores(pred, true) -> dict:
     rmse = np.sqrt(((p - t) ** 2).mean(0))
     return {"r": r, "rmse": rmse, "mean_r": float(np.nanmean(r)) if np.isfinite(r).any() else float("nan"),
             "mean_rmse": float(rmse.mean())}
+
+
+#: the neighbourhood sizes each baseline's k is chosen from (in-plane spots per section; 3D points)
+K_SECTION = (1, 2, 4, 8, 16, 32)
+K_3D = (4, 8, 16, 32, 64, 128)
+BASELINE_KS = {"nearest_section": K_SECTION, "linear_interp": K_SECTION, "knn_3d": K_3D}
+
+
+def baseline_predict(name: str, xyz, section, values, query_xyz, k: int, weights: str = "distance") -> np.ndarray:
+    """Baseline ``name`` (a key of :data:`BASELINE_KS`) fitted on ``xyz`` µm / ``section`` / ``values`` ``(n, g)``,
+    evaluated at ``query_xyz`` ``(m, 3)`` µm → ``(m, g)``."""
+    if name == "nearest_section":
+        return nearest_section(xyz, section, values, query_xyz, k=k)
+    if name == "linear_interp":
+        return linear_between_sections(xyz, section, values, query_xyz, k=k)
+    if name == "knn_3d":
+        return knn_3d(xyz, values, query_xyz, k=k, weights=weights)
+    raise ValueError(f"unknown baseline {name!r}; one of {sorted(BASELINE_KS)}")
+
+
+def choose_k(name: str, xyz, section, values, val_sets) -> tuple[int, float]:
+    """The ``k`` of baseline ``name`` with the best mean r over validation sets, and that mean r.
+
+    ``val_sets``: list of ``(mask, targets)``: a boolean mask of the validation rows among the training rows
+    (predicted from the other rows) and their target values ``(m, g)``.
+    """
+    xyz, section, values = np.asarray(xyz, float), np.asarray(section), np.asarray(values)
+    scores = {}
+    for k in BASELINE_KS[name]:
+        rs = [per_gene_scores(baseline_predict(name, xyz[~m], section[~m], values[~m], xyz[m], k), t)["mean_r"]
+              for m, t in val_sets]
+        scores[k] = float(np.mean(rs))
+    k = max(scores, key=scores.get)
+    return k, scores[k]
