@@ -18,6 +18,7 @@ held-out her2st patients E–H measure exactly that case (3 sections; the middle
         --out benchmarks/out/field_pairs --stage design --only her2st_A her2st_C
     ... --stage design --only her2st_D breast_st2016      # (the other core)
     ... --stage test                                      # reads the design results, fits E–H
+    ... --stage ceiling   # E–H: every candidate × 2 seeds, the best average of ≤ 5 chosen on the test section
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ from bench_field import REAL_GENES, log_norm, per_gene_scores, read_real_stack  
 from bench_field_library import HELD_OUT_STACKS, KNN_K  # noqa: E402
 from bench_field_select import BUDGET, final_fit  # noqa: E402
 
-from voxelome.train.field_selection import FIELD_CANDIDATES, candidate_overrides, pca_loadings  # noqa: E402
+from voxelome.train.field_selection import (  # noqa: E402
+    FIELD_CANDIDATES,
+    PAIR_CANDIDATES,
+    candidate_overrides,
+    pca_loadings,
+)
 from voxelome.train.field_trainer import suggest_jitter  # noqa: E402
 from voxelome.train.point_data import PointData  # noqa: E402
 
@@ -122,16 +128,50 @@ def test(out: Path, budget_out: Path, chosen: str) -> dict:
             "adopt": bool(chosen != NTF and gain >= 0.005 and worst >= -0.01)}
 
 
+def ceiling(out: Path, budget_out: Path, max_members: int = 5) -> dict:
+    """``--stage ceiling``: on E–H, every candidate (``ntf`` and select's five) × 2 seeds, and the best average of
+    ≤ ``max_members`` of them chosen on the held-out middle section itself (an upper bound for any rule combining
+    these fields; ``bench_field_ceiling.py`` does the same on the stacks with inner sections). Reuses the test stage's
+    fits and the ``ntf`` fits of ``bench_field_budget.py``."""
+    from bench_field_ceiling import best_subset
+
+    rows = []
+    for name in HELD_OUT_STACKS:
+        stack, names = read_real_stack(name)
+        data, q, truth, knn = triplet(stack, names, 1)
+        preds = {}
+        for m, (ov, pca) in candidates(data).items():
+            for seed in (0, 1):
+                if m == NTF:
+                    run = budget_out / "runs" / name / names[1] / ("ntf-short" + (f"-seed{seed}" if seed else ""))
+                else:
+                    run = out / "runs" / name / names[1] / (f"{m.replace(' ', '_').replace(',', '')}-seed{seed}")
+                preds[f"{m}, seed {seed}"] = fit_predict(data, run, ov, pca, q, seed)
+        pair = [p for k, p in preds.items() if k.rsplit(", seed", 1)[0] in PAIR_CANDIDATES]
+        row = {"stack": name, "held_out": names[1], "knn_3d": knn,
+               "pair_x2": per_gene_scores(sum(pair) / len(pair), truth)["mean_r"],
+               **best_subset(preds, truth, max_members)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"folds": rows, **{f"mean_{k}_minus_knn": float(np.mean([r[k] - r["knn_3d"] for r in rows]))
+                              for k in ("best_single", "mean_of_all", "pair_x2", "ceiling")}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/field_pairs"))
     ap.add_argument("--budget-out", type=Path, default=Path("benchmarks/out/field_budget_seeds"),
                     help="bench_field_budget.py --seeds 2 --schedules short output (its ntf fits are reused)")
-    ap.add_argument("--stage", choices=("design", "test"), required=True)
+    ap.add_argument("--stage", choices=("design", "test", "ceiling"), required=True)
     ap.add_argument("--only", nargs="*", default=list(DESIGN_STACKS), choices=DESIGN_STACKS)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
+    if args.stage == "ceiling":
+        res = ceiling(args.out, args.budget_out)
+        print(json.dumps({k: v for k, v in res.items() if k != "folds"}), flush=True)
+        (args.out / "ceiling_her2st_EFGH.json").write_text(json.dumps(res, indent=1))
+        return
     if args.stage == "design":
         res = design(args.out, args.only)
         (args.out / f"design_{'_'.join(args.only)}.json").write_text(json.dumps(res, indent=1))

@@ -88,6 +88,13 @@ def test_cli_evaluate_scores_the_held_out_section_it_never_fitted(stack_file, tm
                                      "z200", "--n-genes", "0", *FAST])
     assert again.exit_code == 0, again.output
     assert json.loads((out / "report.json").read_text())["sections"][0]["field"] == row["field"]
+    # ... but not for another stack (its finished fits would be of other spots)
+    other = ad.read_h5ad(stack_file)
+    other.X = other.X * 2
+    other.write_h5ad(tmp_path / "other.h5ad")
+    r = CliRunner().invoke(app, ["reconstruct", "evaluate", str(tmp_path / "other.h5ad"), "--out", str(out),
+                                 "--held-out", "z200", *FAST])
+    assert r.exit_code == 2 and "other spots or counts" in r.output
 
 
 def test_cli_evaluate_bad_input(stack_file, tmp_path):

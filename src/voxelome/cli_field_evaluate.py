@@ -77,8 +77,11 @@ def evaluate(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sectio
         fold = out / name
         fold.mkdir(exist_ok=True)
         train_path = fold / "train.h5ad"
-        if not train_path.exists():
-            write_h5ad(adata[section != name].copy(), train_path)
+        train_adata = adata[section != name].copy()
+        if train_path.exists():  # a rerun resumes the fits, so they must be of the same spots
+            _check_same_spots(ad.read_h5ad(train_path), train_adata, out)
+        else:
+            write_h5ad(train_adata, train_path)
         fit(stack=train_path, out=fold / "run", genes=genes, n_genes=n_genes, obsm_key=None, section_key=section_key,
             z_slabs=None, drop_empty=False, layer=layer, preset="cpu", settings=settings, likelihood=None,
             jitter="auto", signatures_model=None, set_=list(set_), select_sections=2, ensemble=2, seeds=seeds,
@@ -97,9 +100,19 @@ def evaluate(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sectio
         typer.echo(f"{name}: field r {r['field']['r']:.3f}; " + ", ".join(
             f"{b} {v['r']:.3f} (k {v['k']})" for b, v in r["baselines"].items()))
     meta = {"stack": str(stack), "held_out": chosen, "sections_by_z": list(depths), "settings": settings,
-            "seeds": seeds, "set": list(set_), "value": "measured",
+            "seeds": 2 if seeds is None else seeds, "set": list(set_), "value": "measured",
             "score": "per-gene Pearson r and RMSE over the held-out spots, log1p(counts per 10k)"}
     report = write_report(out, rows, meta)
     typer.echo(report["verdict"] + f" ({out / 'report.json'}, {out / 'evaluate.png'})", err=True)
     typer.echo(json.dumps({k: report[k] for k in ("held_out", "mean_field_r", "mean_baseline_r", "best_baseline",
                                                   "field_minus_best_baseline", "sections_field_ahead")}))
+
+
+def _check_same_spots(saved, now, out: Path) -> None:
+    """Refuse to resume an evaluation folder written for other spots or counts (its fits would be of another stack)."""
+    same = saved.shape == now.shape and list(saved.obs_names) == list(now.obs_names)
+    if same:
+        same = np.isclose(float(saved.X.sum()), float(now.X.sum()), rtol=1e-9)
+    if not same:
+        raise VoxelomeError(f"{out} holds an evaluation of other spots or counts (its training sections differ from "
+                            "this stack's); pass a new --out, or delete that folder to start over.")
