@@ -115,3 +115,23 @@ def test_cli_evaluate_bad_input(stack_file, tmp_path):
 def test_section_depths_are_in_z_order():
     xyz = np.array([[0, 0, 30.0], [1, 1, 10.0], [2, 2, 20.0]])
     assert list(section_depths(xyz, np.array(["c", "a", "b"]))) == ["a", "b", "c"]
+
+
+def test_cli_evaluate_holds_out_whole_z_slabs_of_volumetric_cells(stack_file, tmp_path):
+    """Cells without sections (``--z-slabs``): the slabs ``fit --z-slabs`` makes are held out whole."""
+    cells = ad.read_h5ad(stack_file)
+    del cells.obs["section"]
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(app, ["reconstruct", "evaluate", str(tmp_path / "cells.h5ad"), "--out", str(out),
+                                 "--z-slabs", "50", "--held-out", "z200-250um", "--n-genes", "0", *FAST])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    row = report["sections"][0]
+    assert report["z_slab_um"] == 50 and row["section"] == "z200-250um" and row["n_spots"] == 676
+    assert "z-slabs of 50 µm stand for sections" in r.output  # fitted as `fit --z-slabs` fits: no section effects
+    train = ad.read_h5ad(out / "z200-250um" / "train.h5ad")
+    assert not np.any(np.asarray(train.obsm["spatial_3d"])[:, 2] == 200.0) and train.n_obs == 8 * 676
+    assert row["field"]["r"] > row["baselines"]["nearest_section"]["r"]
+    r = CliRunner().invoke(app, ["reconstruct", "evaluate", str(tmp_path / "cells.h5ad"), "--out", str(out / "x")])
+    assert r.exit_code == 2 and "--z-slabs" in r.output

@@ -1,6 +1,7 @@
 """``voxelome reconstruct evaluate``: hold sections out, fit the field as ``fit`` does, score it beside the baselines.
 
     voxelome reconstruct evaluate STACK.h5ad --out EVAL [--held-out S3,S5 | --max-sections 2] [fit's options]
+    voxelome reconstruct evaluate CELLS.h5ad --out EVAL --z-slabs 22       # volumetric cells: whole z-slabs held out
 
 Per held-out section: ``EVAL/<section>/train.h5ad`` (the other sections), ``EVAL/<section>/run`` (the field, fitted
 by ``reconstruct fit`` with the options given; rerunning resumes finished fits); then ``EVAL/report.json``,
@@ -21,6 +22,10 @@ from voxelome.cli_common import parse_names
 from voxelome.errors import VoxelomeError
 
 
+#: obs column of the z-slab names with ``--z-slabs`` (kept in each fold's train.h5ad; ``fit --z-slabs`` ignores it)
+SLAB_KEY = "z_slab"
+
+
 @_friendly
 def evaluate(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: obsm['spatial_3d'] (µm) + "
                                                     "obs[section-key], counts (as for `reconstruct fit`)."),
@@ -35,6 +40,9 @@ def evaluate(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sectio
              n_genes: Optional[int] = typer.Option(None, help="As for `fit`: the N most variable genes (default "
                                                    "500), chosen on the training sections of each fold."),
              section_key: str = typer.Option("section", help="obs column naming each point's section."),
+             z_slabs: Optional[float] = typer.Option(None, help="Volumetric cells without sections: z-slabs of this "
+                                                     "thickness (µm) stand for sections, as in `fit --z-slabs`; "
+                                                     "whole slabs are held out."),
              layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
              settings: str = typer.Option("auto", help="As for `fit` (auto, pair, select, ntf, robust)."),
              seeds: Optional[int] = typer.Option(None, help="As for `fit` (default 2)."),
@@ -54,19 +62,25 @@ def evaluate(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sectio
     from voxelome.io.sections import write_h5ad
     from voxelome.train.field_selection import held_out_truth
     from voxelome.train.point_data import PointData
+    from voxelome.train.point_data import z_slabs as point_z_slabs
 
     if not stack.exists() or stack.is_dir():
         raise VoxelomeError(f"stack {stack} must be an existing .h5ad (evaluation holds sections out of it; a point "
                             "store cannot be split: evaluate on an .h5ad subsample of it).")
     adata = ad.read_h5ad(stack)
-    if section_key not in adata.obs:
-        raise VoxelomeError(f"the stack has no obs[{section_key!r}]; name the column of section names with "
-                            "--section-key (z-slab data cannot be evaluated by sections).")
     if "spatial_3d" not in adata.obsm:
         raise VoxelomeError("the stack has no obsm['spatial_3d'] (x, y, z µm); stack the sections with "
                             "`voxelome register stack` first.")
-    section = adata.obs[section_key].astype(str).to_numpy()
     xyz = np.asarray(adata.obsm["spatial_3d"], float)
+    score_key = section_key
+    if z_slabs is not None:  # the slabs `fit --z-slabs` makes (edges at multiples of the thickness: same on any subset)
+        codes, slab_names = point_z_slabs(xyz[:, 2], z_slabs)
+        score_key = SLAB_KEY
+        adata.obs[score_key] = np.asarray(slab_names)[codes]
+    elif section_key not in adata.obs:
+        raise VoxelomeError(f"the stack has no obs[{section_key!r}]; name the column of section names with "
+                            "--section-key, or pass --z-slabs for volumetric cells without sections.")
+    section = adata.obs[score_key].astype(str).to_numpy()
     depths = section_depths(xyz, section)
     chosen = choose_held_out(depths, parse_names(held_out), max_sections)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,14 +97,13 @@ def evaluate(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sectio
         else:
             write_h5ad(train_adata, train_path)
         fit(stack=train_path, out=fold / "run", genes=genes, n_genes=n_genes, obsm_key=None, section_key=section_key,
-            z_slabs=None, drop_empty=False, layer=layer, preset="cpu", settings=settings, likelihood=None,
+            z_slabs=z_slabs, drop_empty=False, layer=layer, preset="cpu", settings=settings, likelihood=None,
             jitter="auto", signatures_model=None, set_=list(set_), select_sections=2, ensemble=2, seeds=seeds,
             no_resume=False)
         field = FittedField.load(fold / "run")
-        test = PointData.from_anndata(adata[section == name], genes=field.genes, layer=layer, section_key=section_key,
+        test = PointData.from_anndata(adata[section == name], genes=field.genes, layer=layer, section_key=score_key,
                                       min_sections=1)
-        train = PointData.from_anndata(adata[section != name], genes=field.genes, layer=layer,
-                                       section_key=section_key)
+        train = PointData.from_anndata(adata[section != name], genes=field.genes, layer=layer, section_key=score_key)
         test_y, train_y = held_out_truth(test), held_out_truth(train)
         pred = field.predict(test.xyz_um, value="measured")
         base = baseline_scores(train.xyz_um, np.asarray(train.section_names)[train.section], train_y, test.xyz_um,
@@ -99,7 +112,8 @@ def evaluate(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sectio
         r = rows[-1]
         typer.echo(f"{name}: field r {r['field']['r']:.3f}; " + ", ".join(
             f"{b} {v['r']:.3f} (k {v['k']})" for b, v in r["baselines"].items()))
-    meta = {"stack": str(stack), "held_out": chosen, "sections_by_z": list(depths), "settings": settings,
+    meta = {"stack": str(stack), "held_out": chosen, "sections_by_z": list(depths), "z_slab_um": z_slabs,
+            "settings": settings,
             "seeds": 2 if seeds is None else seeds, "set": list(set_), "value": "measured",
             "score": "per-gene Pearson r and RMSE over the held-out spots, log1p(counts per 10k)"}
     report = write_report(out, rows, meta)
