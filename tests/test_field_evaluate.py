@@ -53,6 +53,11 @@ def test_baselines_choose_k_without_looking_at_the_held_out_section():
     for b, v in real.items():
         assert v["k"] in BASELINE_KS[b] and "z200" not in v["validation_sections"]
         assert v["r"] > shuffled[b]["r"] + 0.1  # the scores do read the held-out spots
+    # two training sections (a three-section stack): nothing to validate on, each baseline keeps its grid's middle
+    two = np.isin(sec, ["z150", "z250"])
+    fixed = baseline_scores(xyz[two], sec[two], y[two], xyz[te], y[te])
+    assert {b: (v["k"], v["val_r"]) for b, v in fixed.items()} == {
+        b: (grid[len(grid) // 2], None) for b, grid in BASELINE_KS.items()}
 
 
 def test_cli_evaluate_scores_the_held_out_section_it_never_fitted(stack_file, tmp_path):
