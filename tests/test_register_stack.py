@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -230,8 +232,12 @@ def test_cli_register_stack(tmp_path, phantom_section):
     write_h5ad(moved, tmp_path / "b.h5ad")
     out = tmp_path / "stack.h5ad"
     r = CliRunner().invoke(app, ["register", "stack", str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad"),
-                                 "--z", "0,10", "--out", str(out)])
+                                 "--z", "0,10", "--out", str(out), "--figure", str(tmp_path / "stack.png")])
     assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    assert json.loads(r.stdout.strip().splitlines()[-1])["figure"] == str(tmp_path / "stack.png")
+    assert Image.open(tmp_path / "stack.png").size[0] > 300  # one pair: as read (top), stacked (bottom)
     st = ad.read_h5ad(out)
     assert st.obsm[SPATIAL_3D_KEY].shape == (phantom_section.n_obs + moved.n_obs, 3)
     assert st.uns["voxelome"]["stack"]["bin_um"] is None  # a few hundred spots: aligned point by point
@@ -364,3 +370,12 @@ def test_large_sections_are_aligned_as_pooled_bins(phantom_section):
     for bad in (5, 2.5, True):
         with pytest.raises(VoxelomeError, match=f"max_points={bad!r} must be an integer ≥ 10"):
             stack_sections([fixed, moved], [0.0, 10.0], max_points=bad)
+
+
+def test_stack_alignment_figure_refuses_mismatched_tables(tmp_path):
+    from voxelome.plot.stack_figures import stack_alignment
+
+    xy = [np.zeros((3, 2)), np.ones((4, 2))]
+    with pytest.raises(VoxelomeError, match="≥ 2 sections"):
+        stack_alignment(xy, xy, [np.zeros(3)], ["a", "b"], tmp_path / "x.png")
+    assert stack_alignment(xy, xy, [np.zeros(3), np.ones(4)], ["a", "b"], tmp_path / "x.png").exists()

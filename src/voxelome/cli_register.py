@@ -147,10 +147,12 @@ def stack(sections: List[Path] = typer.Argument(..., help="Sections in cutting o
           check_order: bool = typer.Option(True, help="With 3 or more sections, also check the given order against "
                                                       "the sections' expression (`register order`) and warn when "
                                                       "another order fits clearly better; the stack keeps your order."),
+          figure: Optional[Path] = typer.Option(None, help="Write a PNG of adjacent sections before and after "
+                                                "alignment, spots coloured by expression PC1 (check it by eye)."),
           seed: int = typer.Option(0)):
     """Align serial sections into one 3D frame and write one AnnData with per-section transforms."""
     _friendly(_stack)(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, max_points, check_order,
-                      seed)
+                      seed, figure)
 
 
 @app.command("order")
@@ -202,7 +204,21 @@ def _order_warning(adatas, names, max_points) -> Optional[dict]:
     return {"consistent": check.consistent, "suggested": check.suggested, "gain": round(check.gain, 3)}
 
 
-def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, max_points, check_order, seed):
+def _alignment_figure(adatas, stacked, names, path: Path) -> None:
+    """``register stack --figure``: adjacent sections as read and as stacked, coloured by joint expression PC1."""
+    from voxelome.plot.stack_figures import stack_alignment
+    from voxelome.register.stack_expression import joint_embedding, section_xy_um
+
+    sec = stacked.obs["section"].astype(str).to_numpy()
+    parts = [stacked[sec == n] for n in names]
+    counts = [p.layers["counts"] if "counts" in p.layers else p.X for p in parts]
+    pc1 = [e[:, 0] for e in joint_embedding(counts, n_components=2)]
+    stack_alignment([section_xy_um(a) for a in adatas], [np.asarray(p.obsm["spatial_3d"])[:, :2] for p in parts],
+                    pc1, names, path)
+
+
+def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, max_points, check_order, seed,
+           figure=None):
     from voxelome.io import read_section
     from voxelome.io.sections import write_h5ad
 
@@ -240,4 +256,7 @@ def _stack(sections, z, out, method, images, pixel_size_um, bspline, zarr_out, m
         summary["zarr_out"] = str(zarr_out)
     if order_check is not None:
         summary["order_check"] = order_check
+    if figure is not None:
+        _alignment_figure(adatas, st, list(info["sections"]), figure)
+        summary["figure"] = str(figure)
     typer.echo(json.dumps(summary))

@@ -7,7 +7,8 @@ spots, RMSE) against their measured log1p(counts per 10k). The baselines — nea
 between the neighbouring sections, 3D kNN — are scored on the same spots, each with its ``k`` chosen on inner
 *training* sections (never on the held-out one).
 
-This module holds the scoring, the report and its figure; the CLI (:mod:`voxelome.cli_field_evaluate`) fits.
+This module holds the scoring and the report (its figure: :func:`voxelome.plot.stack_figures.field_holdout`); the
+CLI (:mod:`voxelome.cli_field_evaluate`) fits.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def write_report(out_dir: Path, rows: list[dict], meta: dict) -> dict:
     import pandas as pd
 
     from voxelome.io.atomic import atomic_path
+    from voxelome.plot.stack_figures import field_holdout
 
     report = {**meta, "sections": [{k: v for k, v in r.items() if not k.endswith("_per_gene") and k != "genes"}
                                    for r in rows], **summarise(rows)}
@@ -125,47 +127,5 @@ def write_report(out_dir: Path, rows: list[dict], meta: dict) -> dict:
                                      **{f"{b}_r": v for b, v in r["baseline_r_per_gene"].items()}}) for r in rows])
     with atomic_path(out_dir / "per_gene.csv") as tmp:
         table.to_csv(tmp, index=False)
-    figure(rows, out_dir / "evaluate.png")
+    field_holdout(rows, BASELINE_LABELS, out_dir / "evaluate.png")
     return report
-
-
-def figure(rows: list[dict], path: Path) -> Path:
-    """Per held-out section, mean r of the field and of each baseline (bars); per gene, field r against the best
-    baseline's r (one point per gene and section; above the diagonal: the field is better for that gene)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from voxelome.io.atomic import atomic_path
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = [r["section"] for r in rows]
-    series = {"field": [r["field"]["r"] for r in rows],
-              **{BASELINE_LABELS[b]: [r["baselines"][b]["r"] for r in rows] for b in BASELINE_KS}}
-    width = 0.8 / len(series)
-    for i, (label, values) in enumerate(series.items()):
-        ax.bar(np.arange(len(names)) + (i - (len(series) - 1) / 2) * width, values, width, label=label)
-    ax.set_xticks(np.arange(len(names)), names)
-    ax.set_ylabel("mean per-gene r (held-out spots)")
-    ax.set_title("held-out sections")
-    ax.legend(fontsize=8, ncol=len(series), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
-    for r in rows:
-        best = r["best_baseline"]
-        bx.scatter(r["baseline_r_per_gene"][best], r["field_r_per_gene"], s=8, alpha=0.6,
-                   label=f"{r['section']} (vs {BASELINE_LABELS[best]})")
-    values = np.concatenate([np.r_[r["baseline_r_per_gene"][r["best_baseline"]], r["field_r_per_gene"]] for r in rows])
-    values = values[np.isfinite(values)]
-    lim = [float(values.min()) - 0.05, float(values.max()) + 0.05] if len(values) else [0.0, 1.0]
-    bx.plot(lim, lim, color="0.5", lw=1)
-    bx.set_xlim(lim)
-    bx.set_ylim(lim)
-    bx.set_xlabel("best baseline r, per gene")
-    bx.set_ylabel("field r, per gene")
-    bx.set_title("genes above the line: the field is better")
-    bx.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
