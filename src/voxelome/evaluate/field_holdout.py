@@ -33,6 +33,14 @@ def section_depths(xyz_um: np.ndarray, section: np.ndarray) -> dict[str, float]:
     return dict(sorted(depth.items(), key=lambda kv: kv[1]))
 
 
+def evenly_spread_inner(order: list, max_sections: int) -> list:
+    """Up to ``max_sections`` of the inner items of ``order`` (never the first or last), evenly spread."""
+    inner = list(order)[1:-1]
+    if len(inner) <= max_sections:
+        return inner
+    return [inner[i] for i in np.unique(np.linspace(0, len(inner) - 1, max_sections).round().astype(int))]
+
+
 def choose_held_out(depths: dict[str, float], requested: list[str] | None, max_sections: int) -> list[str]:
     """The sections to hold out: ``requested`` (checked), else up to ``max_sections`` inner ones, evenly spread.
 
@@ -52,9 +60,7 @@ def choose_held_out(depths: dict[str, float], requested: list[str] | None, max_s
         return list(requested)
     if max_sections < 1:
         raise VoxelomeError(f"--max-sections {max_sections} must be ≥ 1 (each held-out section costs one fit).")
-    inner = order[1:-1]
-    pick = np.unique(np.linspace(0, len(inner) - 1, min(max_sections, len(inner))).round().astype(int))
-    return [inner[i] for i in pick]
+    return evenly_spread_inner(order, max_sections)
 
 
 def baseline_scores(train_xyz, train_section, train_y, test_xyz, test_y) -> dict:
@@ -69,10 +75,7 @@ def baseline_scores(train_xyz, train_section, train_y, test_xyz, test_y) -> dict
         ``{baseline: {"r", "rmse", "k", "val_r", "r_per_gene"}}`` (``val_r`` None without validation).
     """
     train_xyz, train_section = np.asarray(train_xyz, float), np.asarray(train_section)
-    depths = section_depths(train_xyz, train_section)
-    inner = list(depths)[1:-1]
-    if len(inner) > 2:
-        inner = [inner[i] for i in np.unique(np.linspace(0, len(inner) - 1, 2).round().astype(int))]
+    inner = evenly_spread_inner(list(section_depths(train_xyz, train_section)), 2)
     val_sets = [(train_section == s, train_y[train_section == s]) for s in inner]
     out = {}
     for name, grid in BASELINE_KS.items():

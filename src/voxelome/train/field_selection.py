@@ -112,14 +112,13 @@ def held_out_truth(part: PointData) -> np.ndarray:
 
 def inner_sections(data: PointData, max_sections: int) -> list[int]:
     """Codes of up to ``max_sections`` inner sections (never the first or last by median z), evenly spread."""
+    from voxelome.evaluate.field_holdout import evenly_spread_inner
+
     order = sorted(np.unique(data.section), key=lambda c: float(np.median(data.xyz_um[data.section == c, 2])))
-    inner = order[1:-1]
-    if not inner:
+    if len(order) < 3:
         raise VoxelomeError(f"choosing settings needs ≥ 3 sections (a held-out inner section between two others); "
                             f"the stack has {len(order)}. Fit with fixed settings (no select) instead.")
-    if len(inner) > max_sections:
-        inner = [inner[i] for i in np.unique(np.linspace(0, len(inner) - 1, max_sections).round().astype(int))]
-    return [int(c) for c in inner]
+    return [int(c) for c in evenly_spread_inner(order, max_sections)]
 
 
 #: iterations × batch size of the comparison fits at most (the real-stack benchmark's budget, now also the ``cpu``
