@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from voxelome.cli import app
 from voxelome.errors import VoxelomeError
-from voxelome.evaluate.field_baselines import BASELINE_KS, per_gene_scores
-from voxelome.evaluate.field_holdout import baseline_scores, choose_held_out, section_depths
+from voxelome.evaluate.field_baselines import BASELINE_KS, per_gene_scores, section_depths
+from voxelome.evaluate.field_holdout import baseline_scores, choose_held_out
 from voxelome.infer.field_export import FittedField
 
 #: a short fit (the synthetic stack's field converges far sooner than a real one)

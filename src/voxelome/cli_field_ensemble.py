@@ -20,20 +20,28 @@ def compared_schedule(config) -> str:
             f"iterations × {config.batch_size} points")
 
 
+def _candidate_member(data, name: str, candidate_overrides: dict, pca: int, preset: str, overrides: dict,
+                      budget=None):
+    """The :class:`MemberSpec` of select's candidate ``name`` (folder ``candidate-K``, K its index in
+    :data:`FIELD_CANDIDATES`): ``preset`` + the candidate's overrides + the user's, capped at ``budget`` if given,
+    through the top ``pca`` principal axes when ``pca`` > 0."""
+    from voxelome.train.field_members import MemberSpec
+    from voxelome.train.field_selection import FIELD_CANDIDATES, pca_loadings, with_budget
+    from voxelome.train.field_trainer import make_field_config
+
+    config = with_budget(make_field_config(preset, **{**candidate_overrides, **overrides}), budget)
+    return MemberSpec(name, f"candidate-{list(FIELD_CANDIDATES).index(name)}", config,
+                      pca_loadings(data, pca) if pca else None)
+
+
 def fit_selection_ensemble(data, chosen: dict, out: Path, n: int, seeds: int, preset: str, overrides: dict,
                            resume: bool) -> None:
     """Fit the ``n`` best candidates of a selection, each with ``seeds`` seeds, into ``out/members/`` (as they were
     compared: :func:`with_budget`) and record them (``ensemble.json``)."""
-    from voxelome.train.field_members import MemberSpec, fit_members
-    from voxelome.train.field_selection import FIELD_CANDIDATES, pca_loadings, with_budget
-    from voxelome.train.field_trainer import make_field_config
+    from voxelome.train.field_members import fit_members
 
-    specs = []
-    for name in chosen["ranking"][:n]:
-        settings = chosen["settings"][name]
-        config = with_budget(make_field_config(preset, **{**settings["overrides"], **overrides}), chosen["budget"])
-        specs.append(MemberSpec(name, f"candidate-{list(FIELD_CANDIDATES).index(name)}", config,
-                                pca_loadings(data, settings["pca"]) if settings["pca"] else None))
+    specs = [_candidate_member(data, name, chosen["settings"][name]["overrides"], chosen["settings"][name]["pca"],
+                               preset, overrides, chosen["budget"]) for name in chosen["ranking"][:n]]
     typer.echo(compared_schedule(specs[0].config))
     members = fit_members(data, out, specs, seeds=seeds, resume=resume, log=typer.echo,
                           rule=f"mean of the {n} candidate(s) with the best mean r on held-out sections "
@@ -43,17 +51,12 @@ def fit_selection_ensemble(data, chosen: dict, out: Path, n: int, seeds: int, pr
 
 def fit_pair(data, out: Path, seeds: int, preset: str, overrides: dict, resume: bool) -> None:
     """``--settings pair``: the two :data:`PAIR_CANDIDATES`, each with ``seeds`` seeds, averaged in every query."""
-    from voxelome.train.field_members import MemberSpec, fit_members
-    from voxelome.train.field_selection import (FIELD_CANDIDATES, PAIR_CANDIDATES, candidate_overrides,
-                                                pca_loadings)
-    from voxelome.train.field_trainer import make_field_config
+    from voxelome.train.field_members import fit_members
+    from voxelome.train.field_selection import FIELD_CANDIDATES, PAIR_CANDIDATES, candidate_overrides
 
-    specs = []
-    for name in PAIR_CANDIDATES:
-        cand = FIELD_CANDIDATES[name]
-        config = make_field_config(preset, **{**candidate_overrides(data, cand), **overrides})
-        specs.append(MemberSpec(name, f"candidate-{list(FIELD_CANDIDATES).index(name)}", config,
-                                pca_loadings(data, cand["pca"]) if cand.get("pca") else None))
+    specs = [_candidate_member(data, name, candidate_overrides(data, FIELD_CANDIDATES[name]),
+                               int(FIELD_CANDIDATES[name].get("pca", 0)), preset, overrides)
+             for name in PAIR_CANDIDATES]
     members = fit_members(data, out, specs, seeds=seeds, resume=resume, log=typer.echo,
                           rule="--settings pair: an NB field and a low-rank Gaussian one (the best pair on triplets "
                                "of real stacks, benchmarks/bench_field_pairs.py)")

@@ -51,13 +51,8 @@ def evaluate(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sectio
     import anndata as ad
 
     from voxelome.cli_field import fit
-    from voxelome.evaluate.field_holdout import (
-        baseline_scores,
-        choose_held_out,
-        score_section,
-        section_depths,
-        write_report,
-    )
+    from voxelome.evaluate.field_baselines import section_depths
+    from voxelome.evaluate.field_holdout import baseline_scores, choose_held_out, score_section, write_report
     from voxelome.infer.field_export import FittedField
     from voxelome.io.sections import write_h5ad
     from voxelome.train.field_selection import held_out_truth

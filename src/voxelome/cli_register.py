@@ -192,9 +192,9 @@ def _order(sections, out, figure, pixel_size_um, n_genes, max_points):
 
 def _order_warning(adatas, names, max_points) -> Optional[dict]:
     """``register stack``'s order check: warns (through ``check_section_order``) and returns its short summary."""
-    from voxelome.register.section_order import check_section_order
-
     import warnings
+
+    from voxelome.register.section_order import check_section_order
 
     if len(adatas) < 3:
         return None

@@ -12,7 +12,8 @@ All baselines take training points ``(n, 3)`` µm with their section codes and v
 
 The section baselines assume an axial stack (sections ~ planes of constant z), as serial
 sectioning gives; they are what a field replaces. :func:`choose_k` picks each baseline's ``k`` on
-validation sections among the training ones (never on the section being scored).
+validation sections among the training ones (never on the section being scored); :func:`section_depths` and
+:func:`evenly_spread_inner` give the sections in depth order and the inner ones to hold out.
 """
 
 from __future__ import annotations
@@ -39,6 +40,22 @@ class _Sections:
 
     def read(self, i, q_xy, k):
         return _in_plane(self.trees[i], self.vals[i], q_xy, k)
+
+
+def section_depths(xyz_um: np.ndarray, section: np.ndarray) -> dict:
+    """Median z (µm) of every section (keyed by its name or code, as a Python scalar), in increasing z."""
+    section = np.asarray(section)
+    depth = {n.item() if isinstance(n, np.generic) else n: float(np.median(xyz_um[section == n, 2]))
+             for n in np.unique(section)}
+    return dict(sorted(depth.items(), key=lambda kv: kv[1]))
+
+
+def evenly_spread_inner(order: list, max_sections: int) -> list:
+    """Up to ``max_sections`` of the inner items of ``order`` (never the first or last), evenly spread."""
+    inner = list(order)[1:-1]
+    if len(inner) <= max_sections:
+        return inner
+    return [inner[i] for i in np.unique(np.linspace(0, len(inner) - 1, max_sections).round().astype(int))]
 
 
 def nearest_section(xyz, section, values, query_xyz, *, k: int = 1) -> np.ndarray:

@@ -19,26 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from voxelome.errors import VoxelomeError, did_you_mean
-from voxelome.evaluate.field_baselines import BASELINE_KS, baseline_predict, choose_k, per_gene_scores
+from voxelome.evaluate.field_baselines import (
+    BASELINE_KS,
+    baseline_predict,
+    choose_k,
+    evenly_spread_inner,
+    per_gene_scores,
+    section_depths,
+)
 
 #: plain names of the baselines, for the report and the figure
 BASELINE_LABELS = {"nearest_section": "nearest section", "linear_interp": "linear interpolation",
                    "knn_3d": "3D kNN"}
-
-
-def section_depths(xyz_um: np.ndarray, section: np.ndarray) -> dict[str, float]:
-    """Median z (µm) of every section, in increasing z."""
-    names = np.unique(section)
-    depth = {str(n): float(np.median(xyz_um[section == n, 2])) for n in names}
-    return dict(sorted(depth.items(), key=lambda kv: kv[1]))
-
-
-def evenly_spread_inner(order: list, max_sections: int) -> list:
-    """Up to ``max_sections`` of the inner items of ``order`` (never the first or last), evenly spread."""
-    inner = list(order)[1:-1]
-    if len(inner) <= max_sections:
-        return inner
-    return [inner[i] for i in np.unique(np.linspace(0, len(inner) - 1, max_sections).round().astype(int))]
 
 
 def choose_held_out(depths: dict[str, float], requested: list[str] | None, max_sections: int) -> list[str]:

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from voxelome.errors import VoxelomeError, check_positive
-from voxelome.evaluate.field_baselines import knn_3d, per_gene_scores
+from voxelome.evaluate.field_baselines import knn_3d, per_gene_scores, section_depths
 
 #: sections up to which the best order is found exactly (Held–Karp, O(2ⁿ n²)); beyond, greedy paths + 2-opt
 EXACT_MAX = 12
@@ -297,7 +297,7 @@ def stacked_similarity(stack, *, section_key: str = "section", layer=None, n_gen
         raise VoxelomeError(f"the stack needs obsm[{SPATIAL_3D_KEY!r}] and obs[{section_key!r}] to check its order.")
     xyz = np.asarray(stack.obsm[SPATIAL_3D_KEY], float)
     sec = stack.obs[section_key].astype(str).to_numpy()
-    names = sorted(set(sec), key=lambda s: float(np.median(xyz[sec == s, 2])))
+    names = list(section_depths(xyz, sec))
     # at most REFERENCE_SPOTS points per section (seeded): bounded memory for a cell-level stack of millions
     rng = np.random.default_rng(seed)
     rows = [np.flatnonzero(sec == s) for s in names]

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from voxelome.errors import VoxelomeError
-from voxelome.evaluate.field_baselines import per_gene_scores
+from voxelome.evaluate.field_baselines import evenly_spread_inner, per_gene_scores, section_depths
 from voxelome.io.atomic import atomic_path, atomic_write_json
 from voxelome.train.field_trainer import fit_field, make_field_config, suggest_jitter
 from voxelome.train.point_data import PointData
@@ -112,9 +112,7 @@ def held_out_truth(part: PointData) -> np.ndarray:
 
 def inner_sections(data: PointData, max_sections: int) -> list[int]:
     """Codes of up to ``max_sections`` inner sections (never the first or last by median z), evenly spread."""
-    from voxelome.evaluate.field_holdout import evenly_spread_inner
-
-    order = sorted(np.unique(data.section), key=lambda c: float(np.median(data.xyz_um[data.section == c, 2])))
+    order = list(section_depths(data.xyz_um, data.section))
     if len(order) < 3:
         raise VoxelomeError(f"choosing settings needs ≥ 3 sections (a held-out inner section between two others); "
                             f"the stack has {len(order)}. Fit with fixed settings (no select) instead.")
