@@ -13,6 +13,15 @@ stacks), which also finds the folder that run wrote some ``--pair`` fits to befo
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_field_ceiling.py \\
         --runs benchmarks/out/field_select_seeds --out benchmarks/out/field_ceiling
 
+``--hybrids`` asks the other question for the default ``pair`` field (its 4 fits, 2 candidates × 2 seeds): does
+adding a baseline to it get there? Two hybrids, each scored for every setting of a small grid, the setting with the
+best *stack mean on the held-out sections* kept (again an oracle, an upper bound): a blend ``(1 − a)·field + a·baseline``
+(each baseline with its fold's k) and regression kriging, ``field + w · (uniform k-NN mean of the field's residuals at
+the training spots)`` with z distances scaled by ``s`` (s < 1: neighbours across sections count as nearer)::
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_field_ceiling.py --hybrids \
+        --only breast_st2016 her2st_A her2st_B her2st_C her2st_D phantom --out benchmarks/out/field_hybrids
+
 ``--only starmap`` does the same on 3D STARmap's held-out slabs with the members of the ``reconstruct fit`` runs that
 ``bench_field_cells.py`` left (``--cells-runs``: its ``--out`` folders; every run of a fold, e.g. ``--z-slabs`` 11 and
 22, `select` and `pair`, pooled), the baselines from those runs' results.
@@ -43,7 +52,12 @@ from bench_field import (  # noqa: E402
 )
 from bench_field_select import phantom_input  # noqa: E402
 
+from voxelome.evaluate.field_baselines import baseline_predict, knn_3d  # noqa: E402
 from voxelome.infer.field_export import FittedField  # noqa: E402
+
+PAIR_MEMBERS = ("pair0", "pair1", "pair0_seed1", "pair1_seed1")  # --settings pair × 2 seeds (the default)
+BLEND_A = (0.1, 0.2, 0.3, 0.5)
+KRIGING_GRID = [(s, k, w) for s in (1.0, 0.25) for k in (5, 10, 20, 40, 80) for w in (0.25, 0.5, 0.75, 1.0)]
 
 
 def measured(run: Path, xyz: np.ndarray, genes) -> np.ndarray:
@@ -136,12 +150,17 @@ def starmap_ceiling(cells_runs: list[Path], max_members: int) -> dict:
     return summarise(out, extra=())
 
 
-def ceiling(runs: Path, name: str, max_members: int) -> dict:
+def stack_folds(name: str):
+    """(stack, held-out section names) as bench_field_select.py folds them."""
     if name == "phantom":
         stack, _, folds, _ = phantom_input()
-    else:
-        stack, names = read_real_stack(name, "numeric")
-        folds = list(inner_folds(names))
+        return stack, folds
+    stack, names = read_real_stack(name, "numeric")
+    return stack, list(inner_folds(names))
+
+
+def ceiling(runs: Path, name: str, max_members: int) -> dict:
+    stack, folds = stack_folds(name)
     y_all = log_norm(stack.X)
     rows = baseline_rows(runs, name)
     out = {"stack": name, "folds": []}
@@ -161,6 +180,45 @@ def ceiling(runs: Path, name: str, max_members: int) -> dict:
     return summarise(out)
 
 
+def hybrids(runs: Path, name: str) -> dict:
+    """The pair field alone, blended with each baseline, and with its residuals kriged (oracle grids; see above)."""
+    stack, folds = stack_folds(name)
+    y_all, xyz = log_norm(stack.X), np.asarray(stack.obsm["spatial_3d"], float)
+    sec = stack.obs["section"].to_numpy()
+    rows = baseline_rows(runs, name)
+    out = {"stack": name, "members": list(PAIR_MEMBERS), "folds": []}
+    for h in folds:
+        tr, te = sec != h, sec == h
+        top = np.argsort(-y_all[tr].mean(0), kind="stable")[:REAL_GENES]
+        genes, y_tr, truth = stack.var_names[top], y_all[tr][:, top], y_all[te][:, top]
+        fits = fold_runs(runs, h)
+        at_test = sum(measured(fits[m], xyz[te], genes) for m in PAIR_MEMBERS) / len(PAIR_MEMBERS)
+        resid = y_tr - sum(measured(fits[m], xyz[tr], genes) for m in PAIR_MEMBERS) / len(PAIR_MEMBERS)
+        base = rows[h]["baselines"]
+        row = {"held_out": h, "baselines": {b: v["r"] for b, v in base.items()},
+               "pair_x2": per_gene_scores(at_test, truth)["mean_r"], "blend": {}, "kriging": {}}
+        for b, v in base.items():
+            pred = baseline_predict(b, xyz[tr], sec[tr], y_tr, xyz[te], v["k"])
+            for a in BLEND_A:
+                row["blend"][f"{b} a={a}"] = per_gene_scores((1 - a) * at_test + a * pred, truth)["mean_r"]
+        for s, k, w in KRIGING_GRID:
+            scale = np.array([1.0, 1.0, s])
+            smooth = knn_3d(xyz[tr] * scale, resid, xyz[te] * scale, k=k, weights="uniform")
+            row["kriging"][f"s={s} k={k} w={w}"] = per_gene_scores(at_test + w * smooth, truth)["mean_r"]
+        print(json.dumps({"held_out": h, "pair_x2": row["pair_x2"], "best_baseline": max(row["baselines"].values()),
+                          "best_blend": max(row["blend"].values()), "best_kriging": max(row["kriging"].values())}),
+              flush=True)
+        out["folds"].append(row)
+    summarise(out, extra=("pair_x2",))
+    for kind in ("blend", "kriging"):
+        means = {key: float(np.mean([f[kind][key] for f in out["folds"]])) for key in out["folds"][0][kind]}
+        best = max(means, key=means.get)
+        out[f"best_{kind}"] = best
+        out[f"{kind}_minus_best_baseline"] = means[best] - out["mean_best_baseline"]
+        out[f"{kind}_minus_pair_x2"] = means[best] - out["mean_pair_x2"]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, default=Path("benchmarks/out/field_select_seeds"),
@@ -171,10 +229,19 @@ def main():
                     default=[Path("benchmarks/out/field_cells_seeds"), Path("benchmarks/out/field_cells_pair")],
                     help="--only starmap: --out folders of bench_field_cells.py runs")
     ap.add_argument("--max-members", type=int, default=5, help="largest subset averaged")
+    ap.add_argument("--hybrids", action="store_true",
+                    help="the pair field blended with each baseline / with kriged residuals (see above)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.only:
+        if args.hybrids:
+            if name == "starmap":
+                raise SystemExit("--hybrids reads bench_field_select.py's pair fits; STARmap has none there")
+            res = hybrids(args.runs, name)
+            print(json.dumps({k: v for k, v in res.items() if k != "folds"}), flush=True)
+            (args.out / f"hybrids_{name}.json").write_text(json.dumps(res, indent=1))
+            continue
         res = (starmap_ceiling(args.cells_runs, args.max_members) if name == "starmap"
                else ceiling(args.runs, name, args.max_members))
         print(json.dumps({k: v for k, v in res.items() if k != "folds"}), flush=True)

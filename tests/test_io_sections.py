@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +16,7 @@ import scipy.sparse as sp
 from voxelome.constants import PIXEL_SIZE_KEY, SPOT_DIAMETER_KEY, UNS_KEY
 from voxelome.errors import VoxelomeError
 from voxelome.io import read_legacy_st, read_section, read_visium, validate_section, write_h5ad
+from tenx import write_10x_h5
 
 SHARED = Path(__file__).parents[2] / "shared" / "data"
 PX_UM = 0.5  # µm per full-res pixel of the synthetic Visium image
@@ -30,21 +30,6 @@ def _visium_grid(n_rows=6, n_cols=8):
     px_row = 1000 + rows * (100 * np.sqrt(3) / 2) / PX_UM
     px_col = 2000 + cols * 50 / PX_UM
     return rows, cols, px_row, px_col
-
-
-def _write_10x_h5(path, barcodes, genes, types, csc, library="sample1"):
-    """A Space Ranger ``filtered_feature_bc_matrix.h5`` (genes × barcodes CSC, as 10x stores it)."""
-    with h5py.File(path, "w") as f:
-        f.attrs["library_ids"] = np.array([library.encode()])
-        m = f.create_group("matrix")
-        m["barcodes"] = np.asarray(barcodes).astype("S")
-        m["data"], m["indices"], m["indptr"] = csc.data, csc.indices, csc.indptr
-        m["shape"] = np.array(csc.shape, dtype=np.int32)
-        feat = m.create_group("features")
-        feat["id"] = np.array([f"ENSG{i:05d}" for i in range(len(genes))], dtype="S")
-        feat["name"] = np.array(genes, dtype="S")
-        feat["feature_type"] = np.array(types, dtype="S")
-        feat["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
 
 
 @pytest.fixture
@@ -62,7 +47,7 @@ def visium_outs(tmp_path):
     csc = sp.csc_matrix(counts.T)  # genes × cells, as 10x stores it
     outs = tmp_path / "sample1" / "outs"
     (outs / "spatial").mkdir(parents=True)
-    _write_10x_h5(outs / "filtered_feature_bc_matrix.h5", barcodes[: n - 1], genes, types, csc)
+    write_10x_h5(outs / "filtered_feature_bc_matrix.h5", barcodes[: n - 1], genes, types, csc)
     pos = pd.DataFrame({"barcode": barcodes, "in_tissue": in_tissue, "array_row": rows, "array_col": cols,
                         "pxl_row_in_fullres": px_row.round().astype(int), "pxl_col_in_fullres": px_col.round().astype(int)})
     pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
@@ -98,7 +83,7 @@ def test_visium_hd_bin_folder(tmp_path):
     bin_dir = outs / "binned_outputs" / "square_016um"
     (bin_dir / "spatial").mkdir(parents=True)
     (outs / "binned_outputs" / "square_008um").mkdir()
-    _write_10x_h5(bin_dir / "filtered_feature_bc_matrix.h5", barcodes, genes, ["Gene Expression"] * 3,
+    write_10x_h5(bin_dir / "filtered_feature_bc_matrix.h5", barcodes, genes, ["Gene Expression"] * 3,
                   sp.csc_matrix(counts.T))
     um_per_px = 0.2737
     pd.DataFrame({"barcode": barcodes, "in_tissue": np.ones(n, int), "array_row": rows, "array_col": cols,

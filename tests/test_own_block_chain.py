@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from PIL import Image
-from test_io_sections import _write_10x_h5
+from tenx import write_10x_h5
 from test_register_plane import PX, deep_phantom, section  # noqa: F401  (module fixtures reused)
 from typer.testing import CliRunner
 
@@ -35,7 +35,7 @@ def _outs(tmp_path, deep_phantom, section):  # noqa: F811
     (outs / "spatial").mkdir(parents=True)
     barcodes = np.array([f"AAAC{i:06d}-1" for i in range(spots.n_obs)])
     counts = sp.csc_matrix(np.asarray(spots.X.todense() if sp.issparse(spots.X) else spots.X).T.astype(np.int32))
-    _write_10x_h5(outs / "filtered_feature_bc_matrix.h5", barcodes, list(spots.var_names),
+    write_10x_h5(outs / "filtered_feature_bc_matrix.h5", barcodes, list(spots.var_names),
                   ["Gene Expression"] * spots.n_vars, counts, library="block")
     pd.DataFrame({"barcode": barcodes, "in_tissue": 1, "array_row": spots.obs["array_row"].to_numpy(),
                   "array_col": spots.obs["array_col"].to_numpy(), "pxl_row_in_fullres": img_px[:, 1],

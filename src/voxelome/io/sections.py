@@ -229,7 +229,8 @@ def read_section(path, *, pixel_size_um=None, spot_diameter_um=None, library_id=
     ----------
     path : path, or (counts_tsv, spots_tsv)
         A Space Ranger ``outs`` folder (or its parent; Visium HD: one bin folder, e.g.
-        ``outs/binned_outputs/square_008um``), an ``.h5ad`` file, a legacy ST pair, a
+        ``outs/binned_outputs/square_008um``), a Xenium or MERSCOPE output folder (one row per cell:
+        :mod:`voxelome.io.imaging_st`), an ``.h5ad`` file, a legacy ST pair, a
         legacy ST counts file (with ``spots``, or its ``<name>_selection.tsv`` found beside it or in
         ``../ST-spotfiles``), or a folder holding legacy ST files (her2st
         layout; choose the section with ``library_id``).
@@ -240,6 +241,7 @@ def read_section(path, *, pixel_size_um=None, spot_diameter_um=None, library_id=
     spots : path, optional
         Legacy ST spot file when ``path`` is its counts file.
     """
+    from voxelome.io.imaging_st import is_merscope, is_xenium, read_merscope, read_xenium
     from voxelome.io.legacy_st import _find_legacy_pair, read_legacy_st
     from voxelome.io.visium import read_visium
 
@@ -254,6 +256,13 @@ def read_section(path, *, pixel_size_um=None, spot_diameter_um=None, library_id=
         raise missing_path_error(path, "section file or folder")
     if path.is_dir():
         outs = path / "outs" if (path / "outs").is_dir() else path
+        if is_xenium(outs):
+            return read_xenium(outs, pixel_size_um=pixel_size_um, cell_diameter_um=spot_diameter_um)
+        if is_merscope(outs):
+            if pixel_size_um not in (None, 1.0):
+                raise VoxelomeError(f"pixel_size_um={pixel_size_um}: a MERSCOPE section is read in µm (cell "
+                                    "centres in cell_metadata.csv); leave pixel_size_um unset.")
+            return read_merscope(outs, cell_diameter_um=spot_diameter_um)
         if (outs / "spatial").is_dir() or (outs / "binned_outputs").is_dir() or any(
                 (outs / f).exists() for f in ("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix")):
             return read_visium(outs, pixel_size_um=pixel_size_um, library_id=library_id,
@@ -274,7 +283,8 @@ def read_section(path, *, pixel_size_um=None, spot_diameter_um=None, library_id=
         if spots is not None or found:
             return read_legacy_st(path, spots if spots is not None else found[0], pixel_size_um, spot_diameter_um,
                                   library_id=library_id)
-    raise VoxelomeError(f"'{path}': unsupported section input. Supported: a Space Ranger outs folder, an .h5ad file, "
+    raise VoxelomeError(f"'{path}': unsupported section input. Supported: a Space Ranger outs folder, a Xenium or "
+                        "MERSCOPE output folder, an .h5ad file, "
                         "a legacy ST (counts.tsv[.gz], spots_selection.tsv) pair or a folder of them "
                         "(for a counts file alone pass spots=).")
 
