@@ -180,6 +180,38 @@ def ceiling(runs: Path, name: str, max_members: int) -> dict:
     return summarise(out)
 
 
+def hybrid_row(held: str, train: tuple, xyz_te, truth, at_train, at_test, base: dict) -> dict:
+    """One fold's hybrids: ``train`` = (xyz µm, section, values) of the training points; ``at_train``/``at_test`` the
+    field's measured-value predictions there; ``base`` the fold's baselines ``{name: {"r", "k"}}``."""
+    xyz_tr, sec_tr, y_tr = train
+    resid = y_tr - at_train
+    row = {"held_out": held, "baselines": {b: v["r"] for b, v in base.items()},
+           "pair_x2": per_gene_scores(at_test, truth)["mean_r"], "blend": {}, "kriging": {}}
+    for b, v in base.items():
+        pred = baseline_predict(b, xyz_tr, sec_tr, y_tr, xyz_te, v["k"])
+        for a in BLEND_A:
+            row["blend"][f"{b} a={a}"] = per_gene_scores((1 - a) * at_test + a * pred, truth)["mean_r"]
+    for s, k, w in KRIGING_GRID:
+        scale = np.array([1.0, 1.0, s])
+        smooth = knn_3d(xyz_tr * scale, resid, xyz_te * scale, k=k, weights="uniform")
+        row["kriging"][f"s={s} k={k} w={w}"] = per_gene_scores(at_test + w * smooth, truth)["mean_r"]
+    print(json.dumps({"held_out": held, "pair_x2": row["pair_x2"], "best_baseline": max(row["baselines"].values()),
+                      "best_blend": max(row["blend"].values()), "best_kriging": max(row["kriging"].values())}),
+          flush=True)
+    return row
+
+
+def summarise_hybrids(out: dict) -> dict:
+    summarise(out, extra=("pair_x2",))
+    for kind in ("blend", "kriging"):
+        means = {key: float(np.mean([f[kind][key] for f in out["folds"]])) for key in out["folds"][0][kind]}
+        best = max(means, key=means.get)
+        out[f"best_{kind}"] = best
+        out[f"{kind}_minus_best_baseline"] = means[best] - out["mean_best_baseline"]
+        out[f"{kind}_minus_pair_x2"] = means[best] - out["mean_pair_x2"]
+    return out
+
+
 def hybrids(runs: Path, name: str) -> dict:
     """The pair field alone, blended with each baseline, and with its residuals kriged (oracle grids; see above)."""
     stack, folds = stack_folds(name)
@@ -190,33 +222,32 @@ def hybrids(runs: Path, name: str) -> dict:
     for h in folds:
         tr, te = sec != h, sec == h
         top = np.argsort(-y_all[tr].mean(0), kind="stable")[:REAL_GENES]
-        genes, y_tr, truth = stack.var_names[top], y_all[tr][:, top], y_all[te][:, top]
-        fits = fold_runs(runs, h)
-        at_test = sum(measured(fits[m], xyz[te], genes) for m in PAIR_MEMBERS) / len(PAIR_MEMBERS)
-        resid = y_tr - sum(measured(fits[m], xyz[tr], genes) for m in PAIR_MEMBERS) / len(PAIR_MEMBERS)
-        base = rows[h]["baselines"]
-        row = {"held_out": h, "baselines": {b: v["r"] for b, v in base.items()},
-               "pair_x2": per_gene_scores(at_test, truth)["mean_r"], "blend": {}, "kriging": {}}
-        for b, v in base.items():
-            pred = baseline_predict(b, xyz[tr], sec[tr], y_tr, xyz[te], v["k"])
-            for a in BLEND_A:
-                row["blend"][f"{b} a={a}"] = per_gene_scores((1 - a) * at_test + a * pred, truth)["mean_r"]
-        for s, k, w in KRIGING_GRID:
-            scale = np.array([1.0, 1.0, s])
-            smooth = knn_3d(xyz[tr] * scale, resid, xyz[te] * scale, k=k, weights="uniform")
-            row["kriging"][f"s={s} k={k} w={w}"] = per_gene_scores(at_test + w * smooth, truth)["mean_r"]
-        print(json.dumps({"held_out": h, "pair_x2": row["pair_x2"], "best_baseline": max(row["baselines"].values()),
-                          "best_blend": max(row["blend"].values()), "best_kriging": max(row["kriging"].values())}),
-              flush=True)
-        out["folds"].append(row)
-    summarise(out, extra=("pair_x2",))
-    for kind in ("blend", "kriging"):
-        means = {key: float(np.mean([f[kind][key] for f in out["folds"]])) for key in out["folds"][0][kind]}
-        best = max(means, key=means.get)
-        out[f"best_{kind}"] = best
-        out[f"{kind}_minus_best_baseline"] = means[best] - out["mean_best_baseline"]
-        out[f"{kind}_minus_pair_x2"] = means[best] - out["mean_pair_x2"]
-    return out
+        genes = stack.var_names[top]
+        fits = [fold_runs(runs, h)[m] for m in PAIR_MEMBERS]
+        at_train = sum(measured(f, xyz[tr], genes) for f in fits) / len(fits)
+        at_test = sum(measured(f, xyz[te], genes) for f in fits) / len(fits)
+        out["folds"].append(hybrid_row(h, (xyz[tr], sec[tr], y_all[tr][:, top]), xyz[te], y_all[te][:, top],
+                                       at_train, at_test, rows[h]["baselines"]))
+    return summarise_hybrids(out)
+
+
+def starmap_hybrids(pair_run: Path) -> dict:
+    """The same on 3D STARmap's held-out slabs, with the 4 members of ``bench_field_cells.py``'s ``pair`` run
+    (``--settings pair``, ``--z-slabs 22``; its baselines and k)."""
+    stack = starmap_stack()
+    res = json.loads(next(pair_run.glob("results_slab*.json")).read_text())
+    base = {row["held_out"]: row["baselines"] for run in res["runs"].values() for row in run["folds"]}
+    out = {"stack": "starmap", "members": str(pair_run), "folds": []}
+    for held, val in STARMAP_FOLDS.items():
+        tr, te, _ = leave_out(stack, held, val)
+        tr_a, te_a = stack[tr], stack[te]
+        xyz_tr, xyz_te = np.asarray(tr_a.obsm["spatial_3d"], float), np.asarray(te_a.obsm["spatial_3d"], float)
+        members = sorted(next(pair_run.glob(f"{held}_slab*")).joinpath("run", "members").iterdir())
+        at_train = sum(measured(m, xyz_tr, te_a.var_names) for m in members) / len(members)
+        at_test = sum(measured(m, xyz_te, te_a.var_names) for m in members) / len(members)
+        out["folds"].append(hybrid_row(held, (xyz_tr, tr_a.obs["section"].to_numpy(), log_norm(tr_a.X)), xyz_te,
+                                       log_norm(te_a.X), at_train, at_test, base[held]))
+    return summarise_hybrids(out)
 
 
 def main():
@@ -229,6 +260,8 @@ def main():
                     default=[Path("benchmarks/out/field_cells_seeds"), Path("benchmarks/out/field_cells_pair")],
                     help="--only starmap: --out folders of bench_field_cells.py runs")
     ap.add_argument("--max-members", type=int, default=5, help="largest subset averaged")
+    ap.add_argument("--starmap-pair-run", type=Path, default=Path("benchmarks/out/field_cells_pair"),
+                    help="--hybrids --only starmap: the --out of bench_field_cells.py's --settings pair run")
     ap.add_argument("--hybrids", action="store_true",
                     help="the pair field blended with each baseline / with kriged residuals (see above)")
     args = ap.parse_args()
@@ -236,9 +269,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.only:
         if args.hybrids:
-            if name == "starmap":
-                raise SystemExit("--hybrids reads bench_field_select.py's pair fits; STARmap has none there")
-            res = hybrids(args.runs, name)
+            res = starmap_hybrids(args.starmap_pair_run) if name == "starmap" else hybrids(args.runs, name)
             print(json.dumps({k: v for k, v in res.items() if k != "folds"}), flush=True)
             (args.out / f"hybrids_{name}.json").write_text(json.dumps(res, indent=1))
             continue
