@@ -254,7 +254,7 @@ def test_cli_select_ensemble_default_and_single(stack, tmp_path):
     path = tmp_path / "stack.h5ad"
     stack.write_h5ad(path)
     runner = CliRunner()
-    tiny = ["--n-genes", "4", "--select-sections", "1", "--settings", "select",
+    tiny = ["--n-genes", "4", "--select-sections", "1", "--settings", "select", "--knn-blend", "off",  # the mean alone
             *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
     run = tmp_path / "run"
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), *tiny])
@@ -315,7 +315,8 @@ def test_cli_seeds_average_fits_of_other_seeds(stack, tmp_path):
     path = tmp_path / "stack.h5ad"
     stack.write_h5ad(path)
     runner = CliRunner()
-    tiny = ["--n-genes", "4", *[a for k, v in TINY.items() if k != "seed" for a in ("--set", f"{k}={v}")]]
+    tiny = ["--n-genes", "4", "--knn-blend", "off",  # the members' mean alone (test_field_knn_blend: with kNN)
+            *[a for k, v in TINY.items() if k != "seed" for a in ("--set", f"{k}={v}")]]
     run = tmp_path / "robust"
     res = runner.invoke(app, ["reconstruct", "fit", str(path), "--out", str(run), "--settings", "robust", *tiny,
                               "--set", "seed=3", "--seeds", "2"])

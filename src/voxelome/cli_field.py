@@ -21,8 +21,8 @@ import typer
 
 from voxelome.cli_common import friendly as _friendly
 from voxelome.cli_common import parse_names, parse_numbers, parse_sets
-from voxelome.cli_field_ensemble import (compared_schedule, ensemble_done, fit_pair, fit_selection_ensemble,
-                                         sections_text)
+from voxelome.cli_field_ensemble import (blend_with_knn, compared_schedule, ensemble_done, fit_pair,
+                                         fit_selection_ensemble, sections_text)
 from voxelome.cli_field_evaluate import evaluate
 from voxelome.cli_field_query import denoise, predict, section, volume
 from voxelome.errors import VoxelomeError, did_you_mean
@@ -109,6 +109,12 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
                                             "(2 vs 1: +0.0025 held-out r on 16 of 17 real-stack folds); N× the final "
                                             "fitting time; 1 = one field in RUN. Default 2 for an .h5ad, 1 for a point "
                                             "store (atlas scale: long fits that vary little with the seed)."),
+        knn_blend: str = typer.Option("auto", help="auto: hold out up to 2 inner sections, fit the ensemble's "
+                                      "configurations without them and keep the weight (0, 0.25 or 0.5) of 3D kNN of "
+                                      "the measured points that predicts them best; every query then averages it in "
+                                      "(RUN/knn_blend.json; on volumetric STARmap cells 0.5 gained +0.01 r, on "
+                                      "sectioned stacks 0 is kept). One extra fit per configuration. off: the fields "
+                                      "alone. Ensemble runs (--seeds ≥ 2 or --ensemble ≥ 2) of ≥ 3 sections."),
         no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of resuming last.pt.")):
     """Fit a field to a registered stack of sections."""
     import anndata as ad
@@ -130,6 +136,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     if seeds is not None and seeds < 1:
         raise VoxelomeError(f"--seeds {seeds} must be ≥ 1 (fits per field, averaged; 1 = a single fit).")
     seeds = (1 if stack.is_dir() else 2) if seeds is None else seeds
+    if knn_blend not in ("auto", "off"):
+        raise VoxelomeError(f"--knn-blend {knn_blend!r} is not one of auto, off.{did_you_mean(knn_blend, ['auto', 'off'])}")
     choices = ["auto", "select", "ntf", "robust", "pair"]
     if settings not in choices:
         raise VoxelomeError(f"--settings {settings!r} is not one of {', '.join(choices)}.{did_you_mean(settings, choices)}")
@@ -190,7 +198,7 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         if ensemble not in (1, 2):
             raise VoxelomeError(f"--ensemble {ensemble} applies to --settings select; --settings pair always fits "
                                 "its two fields (drop --ensemble).")
-        fit_pair(data, out, seeds, preset, overrides, resume=not no_resume)
+        fit_pair(data, out, seeds, preset, overrides, resume=not no_resume, knn_blend=knn_blend)
         return
     if settings == "select":
         if chosen_by_user:
@@ -213,7 +221,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         typer.echo(f"held-out mean r of the two best averaged: {chosen['top2_mean_r']:.3f} (the best alone: "
                    f"{chosen['mean_r'][chosen['best']]:.3f})")
         if ensemble > 1 or seeds > 1:
-            fit_selection_ensemble(data, chosen, out, ensemble, seeds, preset, overrides, resume=not no_resume)
+            fit_selection_ensemble(data, chosen, out, ensemble, seeds, preset, overrides, resume=not no_resume,
+                                   knn_blend=knn_blend)
             return
     elif ensemble not in (1, 2):  # 2 is the default, meant for select
         raise VoxelomeError(f"--ensemble {ensemble} applies to --settings select (the candidates it ranks); "
@@ -242,10 +251,15 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
     from voxelome.train.field_members import MemberSpec, fit_members
 
     if seeds > 1:
-        members = fit_members(data, out, [MemberSpec(settings, "field", config, loadings)], seeds=seeds,
-                              rule=f"one configuration (--settings {settings})", resume=not no_resume, log=typer.echo)
+        specs = [MemberSpec(settings, "field", config, loadings)]
+        members = fit_members(data, out, specs, seeds=seeds, rule=f"one configuration (--settings {settings})",
+                              resume=not no_resume, log=typer.echo)
+        blend_with_knn(data, specs, out, knn_blend if sig is None and obsm_key is None else "off", not no_resume)
         typer.echo(ensemble_done(data, members, out))
         return
+    from voxelome.infer.field_knn import remove_blend
+
+    remove_blend(out)
     (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # a single field now: an older ensemble record must not shadow it
     run = fit_field(data, config, out, loadings=loadings, resume=not no_resume)
     typer.echo(f"field of {len(data.genes)} variables on {len(data)} points from {sections_text(data)} → {run}")

@@ -46,7 +46,9 @@ def evaluate(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sectio
              layer: Optional[str] = typer.Option(None, help="Counts layer (default layers['counts'] or X)."),
              settings: str = typer.Option("auto", help="As for `fit` (auto, pair, select, ntf, robust)."),
              seeds: Optional[int] = typer.Option(None, help="As for `fit` (default 2)."),
-             set_: list[str] = typer.Option([], "--set", help="As for `fit`: a FieldConfig field, key=value.")):
+             set_: list[str] = typer.Option([], "--set", help="As for `fit`: a FieldConfig field, key=value."),
+             knn_blend: str = typer.Option("auto", help="As for `fit` (auto, off): 3D kNN averaged in where the "
+                                           "training sections' own held-out inner sections say so.")):
     """Score the field on sections it never saw, beside nearest-section, linear-interpolation and 3D-kNN baselines."""
     import anndata as ad
 
@@ -94,7 +96,7 @@ def evaluate(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sectio
         fit(stack=train_path, out=fold / "run", genes=genes, n_genes=n_genes, obsm_key=None, section_key=section_key,
             z_slabs=z_slabs, drop_empty=False, layer=layer, preset="cpu", settings=settings, likelihood=None,
             jitter="auto", signatures_model=None, set_=list(set_), select_sections=2, ensemble=2, seeds=seeds,
-            no_resume=False)
+            knn_blend=knn_blend, no_resume=False)
         field = FittedField.load(fold / "run")
         test = PointData.from_anndata(adata[section == name], genes=field.genes, layer=layer, section_key=score_key,
                                       min_sections=1)
@@ -109,7 +111,7 @@ def evaluate(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sectio
             f"{b} {v['r']:.3f} (k {v['k']})" for b, v in r["baselines"].items()))
     meta = {"stack": str(stack), "held_out": chosen, "sections_by_z": list(depths), "z_slab_um": z_slabs,
             "settings": settings,
-            "seeds": 2 if seeds is None else seeds, "set": list(set_), "value": "measured",
+            "seeds": 2 if seeds is None else seeds, "set": list(set_), "knn_blend": knn_blend, "value": "measured",
             "score": "per-gene Pearson r and RMSE over the held-out spots, log1p(counts per 10k)"}
     report = write_report(out, rows, meta)
     typer.echo(report["verdict"] + f" ({out / 'report.json'}, {out / 'evaluate.png'})", err=True)

@@ -11,7 +11,9 @@ A run folder holds the members in ``members/candidate-K/`` (ordinary field runs;
 ``members/field[-seed-S]/`` for the seeds of one fixed configuration, ``reconstruct fit --seeds``;
 :mod:`voxelome.train.field_members` fits them) and ``ensemble.json`` naming them;
 :meth:`voxelome.infer.field_export.FittedField.load` returns a :class:`FieldEnsemble` for such a folder, so every
-query (points, denoised spots, virtual sections, volumes, the Dask export) works unchanged.
+query (points, denoised spots, virtual sections, volumes, the Dask export) works unchanged. When ``reconstruct fit``
+chose to average the members with 3D kNN of the measured points (``knn_blend.json``, :mod:`voxelome.infer.field_knn`),
+every query includes it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from voxelome.errors import VoxelomeError
 from voxelome.infer.field_export import FittedField
+from voxelome.infer.field_knn import BLEND_FILE, KnnBlend
 from voxelome.io.atomic import atomic_write_json
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -66,6 +69,8 @@ class FieldEnsemble(FittedField):
     """
 
     members: list = None
+    #: the 3D kNN share of every query (``knn_blend.json``), ``None`` for the members' mean alone
+    knn: KnnBlend | None = None
 
     @classmethod
     def from_members(cls, run_dirs, device: str | None = None) -> "FieldEnsemble":
@@ -96,15 +101,20 @@ class FieldEnsemble(FittedField):
                                 f"fit ... --out {run}` (finished members are kept).")
         ens = cls.from_members([run / m for m in record["members"]], device)
         ens.member_names = list(record.get("names", []))
+        ens.knn = KnnBlend.load(run)
+        if ens.knn is not None:  # other blends are other predictions (a volume's resume markers check this)
+            ens.fingerprint = hashlib.sha256((ens.fingerprint + (run / BLEND_FILE).read_text()).encode()).hexdigest()[:16]
         return ens
 
     def predict(self, points_xyz_um, genes=None, **kwargs) -> np.ndarray:
-        """The members' mean of :meth:`FittedField.predict` (same arguments, same shape ``(..., g)``)."""
+        """The members' mean of :meth:`FittedField.predict` (same arguments, same shape ``(..., g)``), averaged
+        with 3D kNN of the measured points when the run chose so (:attr:`knn`; it ignores ``section``/``library``)."""
         total = None
         for field in self.members:
             y = field.predict(points_xyz_um, genes, **kwargs)
             total = y if total is None else total + y
-        return total / np.float32(len(self.members))
+        mean = total / np.float32(len(self.members))
+        return mean if self.knn is None else self.knn.blend(mean, points_xyz_um, self.gene_index(genes))
 
     def library(self, points_xyz_um, **kwargs) -> np.ndarray:
         """Geometric mean of the members' :meth:`FittedField.library` (members without a library field, e.g.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from voxelome.errors import VoxelomeError
 from voxelome.infer.field_ensemble import ENSEMBLE_FILE, write_ensemble
+from voxelome.infer.field_knn import remove_blend
 from voxelome.train.field_trainer import FieldConfig, fit_field
 
 
@@ -75,6 +76,7 @@ def fit_members(data, run_dir, specs: list[MemberSpec], *, seeds: int = 2, rule:
                             f"{total}. Fit a single field instead.")
     run = Path(run_dir)
     (run / ENSEMBLE_FILE).unlink(missing_ok=True)
+    remove_blend(run)  # a blend was chosen for the fields being refitted
     members, names = [], []
     for spec in specs:
         for k in range(seeds):

@@ -94,20 +94,25 @@ def candidate_config(data: PointData, candidate: dict, preset: str = "cpu", **ov
 
 def split_section(data: PointData, code: int) -> tuple[PointData, PointData]:
     """``(the stack without section code, that section alone)``; both keep every section name and code."""
+    return split_sections(data, [code])
+
+
+def split_sections(data: PointData, codes) -> tuple[PointData, PointData]:
+    """``(the stack without the sections codes, those sections)``; both keep every section name and code."""
     if not isinstance(data.values, (np.ndarray, sp.spmatrix, sp.sparray)):
         raise VoxelomeError("choosing settings on held-out sections needs the stack in memory (an .h5ad), not a "
                             "point store; choose them on a subsample written to .h5ad, then fit the store.")
-    parts = []
-    for keep in (data.section != code, data.section == code):
-        parts.append(PointData(data.xyz_um[keep], data.section[keep], list(data.section_names), list(data.genes),
-                               data.values[keep], data.library[keep], data.is_counts))
-    return parts[0], parts[1]
+    held = np.isin(data.section, list(codes))
+    return tuple(PointData(data.xyz_um[keep], data.section[keep], list(data.section_names), list(data.genes),
+                           data.values[keep], data.library[keep], data.is_counts, data.z_slab_um)
+                 for keep in (~held, held))
 
 
-def held_out_truth(part: PointData) -> np.ndarray:
-    """What a prediction of ``part`` is scored against: log1p(counts per 10k) (counts) or the values, ``(n, g)``."""
+def held_out_truth(part: PointData, target_sum: float = 1e4) -> np.ndarray:
+    """What a prediction of ``part`` is scored against: log1p(counts per ``target_sum``) (counts) or the values,
+    ``(n, g)``."""
     y = part.rows(np.arange(len(part))).astype(np.float64)
-    return np.log1p(y / part.library[:, None] * 1e4) if part.is_counts else y
+    return np.log1p(y / part.library[:, None] * target_sum) if part.is_counts else y
 
 
 def inner_sections(data: PointData, max_sections: int) -> list[int]:
