@@ -5,10 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from scipy.spatial import cKDTree
 from typer.testing import CliRunner
 
 from voxelome.cli import app
-from voxelome.evaluate.field_baselines import knn_3d
+
 from voxelome.infer.field_export import FittedField
 from voxelome.infer.field_knn import BLEND_FILE, POINTS_FILE, KnnBlend
 from voxelome.train.field_knn_blend import BLEND_WEIGHTS, choose_knn_blend
@@ -48,11 +49,19 @@ def test_knn_blend_query_formula_and_records(data, tmp_path):
     assert not (tmp_path / "knn_blend").exists()  # the validation fits are removed once the choice is recorded
     ens = FittedField.load(tmp_path)
     assert isinstance(ens.knn, KnnBlend) and ens.knn.weight == 0.5
-    pts = np.column_stack([np.linspace(30, 950, 40), np.linspace(900, 40, 40), np.linspace(10, 190, 40)])
+    # anywhere, and on measured spots (denoising them): inverse-distance weights, distances floored at half the
+    # spots' nearest-neighbour distance (80 µm grid, 50 µm apart in z → 25 µm) so a spot is not its own prediction
+    assert record["distance_floor_um"] == pytest.approx(25.0)
+    pts = np.vstack([np.column_stack([np.linspace(30, 950, 40), np.linspace(900, 40, 40), np.linspace(10, 190, 40)]),
+                     data.xyz_um[::97]])
+    measured = held_out_truth(data)  # log1p counts per 10k of the measured spots
+    d, idx = cKDTree(data.xyz_um).query(pts, k=record["k"])
+    w = 1 / np.maximum(d, 25.0)
+    knn = np.einsum("mk,mkg->mg", w / w.sum(1, keepdims=True), measured[idx])
+    assert (w[-len(data.xyz_um[::97]):, 0] / w[-len(data.xyz_um[::97]):].sum(1)).max() < 0.2
     parts = [FittedField.load(tmp_path / m) for m in members]
     for kwargs in ({}, {"value": "measured"}):
         fields = np.mean([p.predict(pts, **kwargs) for p in parts], axis=0)
-        knn = knn_3d(data.xyz_um, held_out_truth(data), pts, k=record["k"])  # the measured points, log1p per 10k
         np.testing.assert_allclose(ens.predict(pts, **kwargs), 0.5 * fields + 0.5 * knn, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ens.predict(pts, ["g4", "g1"]), ens.predict(pts)[:, [4, 1]], rtol=1e-6)
     # a volume goes through the same predict (and its resume markers see the blend in the fingerprint)

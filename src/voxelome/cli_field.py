@@ -1,6 +1,7 @@
 """``voxelome reconstruct``: fit a neural transcriptomic field to serial sections and query it.
 
     voxelome reconstruct fit STACK.h5ad --out RUN [--genes A,B | --n-genes 500] [--settings auto|select|ntf|robust|pair] [--ensemble 2] [--seeds N]
+                             [--knn-blend auto|off]
     voxelome reconstruct fit CELLS.h5ad --out RUN --z-slabs 11        # volumetric cells without sections
     voxelome reconstruct store STACK.h5ad --out STORE [--genes A,B | --n-genes 500]   # then: reconstruct fit STORE --out RUN
     voxelome reconstruct volume RUN --out field.ome.zarr --spacing 20 [--bbox x0,y0,z0,x1,y1,z1]

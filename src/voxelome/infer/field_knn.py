@@ -10,8 +10,10 @@ in the run folder:
 - ``knn_points.npz``: ``xyz_um`` ``(n, 3)`` float32 and ``values`` ``(n, g)`` float32 — the measured points'
   log1p(counts per ``target_sum``) of the modelled genes, the scale every field query returns.
 
-Every query of the run is then ``(1 − a) · field + a · kNN`` (inverse-distance weights over the ``k`` nearest
-measured points, as the benchmark's 3D kNN baseline).
+Every query of the run is then ``(1 − a) · field + a · kNN``: inverse-distance weights over the ``k`` nearest measured
+points, as the benchmark's 3D kNN baseline, with distances floored at half the points' median nearest-neighbour
+distance (``distance_floor_um``) so that a query on a measured point (denoising it) does not return its own noisy
+value.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ _GATHER_BUDGET = 20_000_000
 class KnnBlend:
     """3D kNN regression of stored point values, blended into a field's predictions with weight ``weight``."""
 
-    def __init__(self, xyz_um: np.ndarray, values: np.ndarray, k: int, weight: float):
+    def __init__(self, xyz_um: np.ndarray, values: np.ndarray, k: int, weight: float, distance_floor_um: float):
         from scipy.spatial import cKDTree
 
         if not 0 < weight <= 1:
@@ -44,6 +46,7 @@ class KnnBlend:
         self.values = np.asarray(values, np.float32)
         self.k = int(min(k, len(self.values)))
         self.weight = float(weight)
+        self.distance_floor_um = float(distance_floor_um)
         self.tree = cKDTree(np.asarray(xyz_um, np.float64))
 
     @classmethod
@@ -61,7 +64,7 @@ class KnnBlend:
             raise VoxelomeError(f"{run / BLEND_FILE} asks for a kNN blend but {run / POINTS_FILE} is missing; refit "
                                 f"with `voxelome reconstruct fit ... --out {run}` (finished fits are kept).")
         with np.load(run / POINTS_FILE) as z:
-            return cls(z["xyz_um"], z["values"], record["k"], record["weight"])
+            return cls(z["xyz_um"], z["values"], record["k"], record["weight"], record["distance_floor_um"])
 
     def predict(self, points_xyz_um, gene_index=None) -> np.ndarray:
         """kNN values ``(..., g)`` at ``points_xyz_um`` ``(..., 3)`` µm (columns ``gene_index``; default all)."""
@@ -74,7 +77,7 @@ class KnnBlend:
         for start in range(0, len(pts), step):
             d, idx = self.tree.query(pts[start:start + step], k=self.k)
             d, idx = d.reshape(len(idx), self.k), idx.reshape(len(idx), self.k)
-            w = 1.0 / np.maximum(d, 1e-6)
+            w = 1.0 / np.maximum(d, self.distance_floor_um)
             w /= w.sum(1, keepdims=True)
             out[start:start + step] = np.einsum("mk,mkg->mg", w, self.values[idx][:, :, cols])
         return out.reshape(*shape, len(cols))
@@ -83,6 +86,14 @@ class KnnBlend:
         """``(1 − weight) · field_values + weight · kNN`` (shape of ``field_values``)."""
         knn = self.predict(points_xyz_um, gene_index)
         return ((1 - self.weight) * field_values + self.weight * knn).astype(np.float32)
+
+
+def distance_floor_um(xyz_um) -> float:
+    """Half the median distance (µm) from a point to its nearest other point: the smallest distance kNN weighs."""
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(np.asarray(xyz_um, np.float64)).query(xyz_um, k=2)
+    return max(float(np.median(d[:, 1])) / 2, 1e-6)
 
 
 def write_blend(run_dir, record: dict, xyz_um=None, values=None) -> Path:

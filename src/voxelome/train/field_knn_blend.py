@@ -6,8 +6,8 @@ is fitted once (its first seed) on the other sections; the mean of their predict
 measured values is averaged with 3D kNN of the other sections' points (inverse-distance weights, ``k`` chosen among
 :data:`~voxelome.evaluate.field_baselines.K_3D` on the same held-out points) with a weight ``a`` in
 :data:`BLEND_WEIGHTS`, and the ``a`` with the best mean per-gene r is kept (ties: the smaller). On the benchmark
-stacks it kept 0 on breast, her2st A, C and the phantom, where the field is clearly ahead of kNN, and 0.5 on every
-3D STARmap fold, where the two tie.
+stacks it kept 0 on breast, her2st A, C, D and the phantom, where the field is clearly ahead of kNN, and 0.5 on
+every 3D STARmap fold, where the two tie.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from voxelome.errors import VoxelomeError
 from voxelome.evaluate.field_baselines import K_3D, knn_3d, per_gene_scores
-from voxelome.infer.field_knn import MAX_STORED_VALUES, remove_blend, write_blend
+from voxelome.infer.field_knn import MAX_STORED_VALUES, distance_floor_um, remove_blend, write_blend
 from voxelome.train.field_selection import held_out_truth, inner_sections, pca_loadings, split_sections
 
 #: kNN weights compared (0 = the fields alone)
@@ -90,6 +90,7 @@ def choose_knn_blend(data, specs, run_dir, *, max_validation_sections: int = 2, 
               "mean_r": {str(a): r for a, r in mean_r.items()}, "mean_r_knn": knn_r[k],
               "rule": "kNN weight with the best mean r on held-out inner sections (fields fitted without them)"}
     if weight:
+        record["distance_floor_um"] = distance_floor_um(data.xyz_um)
         write_blend(run, record, data.xyz_um, held_out_truth(data, target_sum))
     else:
         write_blend(run, record)

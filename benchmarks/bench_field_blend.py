@@ -1,0 +1,123 @@
+"""The rule of ``reconstruct fit --knn-blend auto``, simulated on the benchmark stacks before it was built.
+
+Rule (declared before this ran, fourteenth session): per fold, the ``pair`` settings' two candidates (seed 0, the
+benchmark budget) are fitted on the fold's training sections minus its validation sections (select's, ≤ 2 inner,
+held out together; STARmap: the fold's validation slab, through the CLI as a user runs it); their mean predicts the
+validation spots; 3D kNN (k = the fold's baseline k, chosen on the same validation sections) predicts them from the
+same training points; the weight a ∈ {0, 0.25, 0.5} with the best mean validation r is applied to the test section:
+(1 − a)·pair_x2 + a·kNN(all training points, k). Adopted as the default only if every stack's mean r ≥ pair − 0.002
+and STARmap gains ≥ +0.005. Reuses the test-fold fits of ``bench_field_select.py --seeds 2 --pair`` (``--runs``) and
+of ``bench_field_cells.py``'s pair run (STARmap); fits only the validation pairs (into ``--out``).
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_field_blend.py starmap phantom breast_st2016 \
+        her2st_A her2st_B her2st_C her2st_D
+
+The product (``voxelome.train.field_knn_blend``) follows the rule but chooses k itself on the same held-out points;
+``bench_field_cells.py`` and ``reconstruct evaluate`` measure it through the CLI (BENCHMARKS.md).
+"""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+warnings.simplefilter("ignore")  # the stacks' reader says how many genes the sections share, every fold
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_field import STARMAP_FOLDS, REAL_GENES, leave_out, log_norm, per_gene_scores, starmap_stack  # noqa: E402
+from bench_field_select import BUDGET, final_fit  # noqa: E402
+from bench_field_ceiling import stack_folds, baseline_rows, fold_runs, measured, PAIR_MEMBERS  # noqa: E402
+from voxelome.evaluate.field_baselines import knn_3d  # noqa: E402
+from voxelome.train.field_selection import FIELD_CANDIDATES, PAIR_CANDIDATES, candidate_overrides, pca_loadings  # noqa: E402
+from voxelome.train.point_data import PointData  # noqa: E402
+torch.set_num_threads(1)
+
+RUNS = Path("benchmarks/out/field_select_seeds")  # bench_field_select.py --seeds 2 --pair
+CELLS_PAIR = Path("benchmarks/out/field_cells_pair")  # bench_field_cells.py, --settings pair, --slab-um 22
+OUT = Path("benchmarks/out/field_blend")
+AS = (0.0, 0.25, 0.5)
+VB = str(Path(sys.executable).parent / "voxelome")
+
+
+def choose(val_pred, val_knn, val_truth):
+    scores = {a: per_gene_scores((1 - a) * val_pred + a * val_knn, val_truth)["mean_r"] for a in AS}
+    return max(scores, key=scores.get), scores
+
+
+def sectioned(name):
+    stack, folds = stack_folds(name)
+    y_all, xyz = log_norm(stack.X), np.asarray(stack.obsm["spatial_3d"], float)
+    sec = stack.obs["section"].to_numpy(); rows = baseline_rows(RUNS, name); res = []
+    for h in folds:
+        tr, te = sec != h, sec == h
+        top = np.argsort(-y_all[tr].mean(0), kind="stable")[:REAL_GENES]; genes = stack.var_names[top]
+        sel = json.loads((next(RUNS.glob(f"runs/*/{h}/selection/selection.json"))).read_text())
+        V = np.isin(sec, sel["validation_sections"]) & tr
+        fit_mask = tr & ~V
+        data = PointData.from_anndata(stack[fit_mask], genes=list(genes))
+        preds = []
+        for k, cname in enumerate(PAIR_CANDIDATES):
+            cand = FIELD_CANDIDATES[cname]; pca = int(cand.get("pca", 0))
+            f = final_fit(data, OUT / name / h / f"val_pair{k}", {**BUDGET, **candidate_overrides(data, cand)},
+                          pca_loadings(data, pca) if pca else None)
+            preds.append(f.predict(xyz[V], value="measured"))
+        kb = rows[h]["baselines"]["knn_3d"]["k"]
+        vk = knn_3d(xyz[fit_mask], y_all[fit_mask][:, top], xyz[V], k=kb)
+        a, scores = choose(sum(preds) / 2, vk, y_all[V][:, top])
+        fits = [fold_runs(RUNS, h)[m] for m in PAIR_MEMBERS]
+        at_test = sum(measured(f, xyz[te], genes) for f in fits) / len(fits)
+        tk = knn_3d(xyz[tr], y_all[tr][:, top], xyz[te], k=kb)
+        truth = y_all[te][:, top]
+        row = {"held_out": h, "a": a, "val": scores, "pair": per_gene_scores(at_test, truth)["mean_r"],
+               "blend": per_gene_scores((1 - a) * at_test + a * tk, truth)["mean_r"], "knn": rows[h]["baselines"]["knn_3d"]["r"]}
+        print(name, json.dumps(row), flush=True); res.append(row)
+    return res
+
+
+def starmap():
+    stack = starmap_stack(); res = []
+    prev = json.loads((CELLS_PAIR / "results_slab22.json").read_text())["runs"]["22"]["folds"]
+    prev = {r["held_out"]: r for r in prev}
+    for held, val in STARMAP_FOLDS.items():
+        tr, te, vmask = leave_out(stack, held, val)
+        tr_a, te_a = stack[tr], stack[te]
+        fit_a, val_a = tr_a[~vmask], tr_a[vmask]
+        work = OUT / "starmap" / held; work.mkdir(parents=True, exist_ok=True)
+        cells = ad.AnnData(X=sp.csr_matrix(fit_a.X), obs=pd.DataFrame(index=fit_a.obs_names), var=fit_a.var.copy())
+        cells.obsm["spatial_3d"] = np.asarray(fit_a.obsm["spatial_3d"], float)
+        cells.write_h5ad(work / "cells.h5ad")
+        pd.DataFrame(np.asarray(val_a.obsm["spatial_3d"], float), columns=["x", "y", "z"]).to_csv(work / "val.csv", index=False)
+        if not (work / "run" / "ensemble.json").exists():
+            subprocess.run([VB, "reconstruct", "fit", str(work / "cells.h5ad"), "--out", str(work / "run"), "--z-slabs", "22",
+                            "--settings", "pair", "--seeds", "1"], check=True, capture_output=True)
+        subprocess.run([VB, "reconstruct", "predict", str(work / "run"), "--points", str(work / "val.csv"), "--out",
+                        str(work / "val_pred.csv"), "--value", "measured"], check=True, capture_output=True)
+        vp = pd.read_csv(work / "val_pred.csv")[list(map(str, val_a.var_names))].to_numpy()
+        kb = prev[held]["baselines"]["knn_3d"]["k"]
+        vk = knn_3d(np.asarray(fit_a.obsm["spatial_3d"], float), log_norm(fit_a.X), np.asarray(val_a.obsm["spatial_3d"], float), k=kb)
+        a, scores = choose(vp, vk, log_norm(val_a.X))
+        members = sorted((CELLS_PAIR / f"{held}_slab22" / "run" / "members").iterdir())
+        q = np.asarray(te_a.obsm["spatial_3d"], float); truth = log_norm(te_a.X)
+        at_test = sum(measured(m, q, te_a.var_names) for m in members) / len(members)
+        tk = knn_3d(np.asarray(tr_a.obsm["spatial_3d"], float), log_norm(tr_a.X), q, k=kb)
+        row = {"held_out": held, "a": a, "val": scores, "pair": per_gene_scores(at_test, truth)["mean_r"],
+               "blend": per_gene_scores((1 - a) * at_test + a * tk, truth)["mean_r"], "knn": prev[held]["baselines"]["knn_3d"]["r"]}
+        print("starmap", json.dumps(row), flush=True); res.append(row)
+    return res
+
+
+if __name__ == "__main__":
+    OUT.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in sys.argv[1:]:
+        out[name] = starmap() if name == "starmap" else sectioned(name)
+        r = out[name]
+        print(f"== {name}: pair {np.mean([x['pair'] for x in r]):.4f} blend {np.mean([x['blend'] for x in r]):.4f} "
+              f"knn {np.mean([x['knn'] for x in r]):.4f} a={[x['a'] for x in r]}", flush=True)
+        (OUT / f"result_{name}.json").write_text(json.dumps(r, indent=1))
