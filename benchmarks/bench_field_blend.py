@@ -95,7 +95,7 @@ def starmap():
         pd.DataFrame(np.asarray(val_a.obsm["spatial_3d"], float), columns=["x", "y", "z"]).to_csv(work / "val.csv", index=False)
         if not (work / "run" / "ensemble.json").exists():
             subprocess.run([VB, "reconstruct", "fit", str(work / "cells.h5ad"), "--out", str(work / "run"), "--z-slabs", "22",
-                            "--settings", "pair", "--seeds", "1"], check=True, capture_output=True)
+                            "--settings", "pair", "--seeds", "1", "--knn-blend", "off"], check=True, capture_output=True)
         subprocess.run([VB, "reconstruct", "predict", str(work / "run"), "--points", str(work / "val.csv"), "--out",
                         str(work / "val_pred.csv"), "--value", "measured"], check=True, capture_output=True)
         vp = pd.read_csv(work / "val_pred.csv")[list(map(str, val_a.var_names))].to_numpy()
