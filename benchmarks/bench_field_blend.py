@@ -41,83 +41,91 @@ torch.set_num_threads(1)
 RUNS = Path("benchmarks/out/field_select_seeds")  # bench_field_select.py --seeds 2 --pair
 CELLS_PAIR = Path("benchmarks/out/field_cells_pair")  # bench_field_cells.py, --settings pair, --slab-um 22
 OUT = Path("benchmarks/out/field_blend")
-AS = (0.0, 0.25, 0.5)
-VB = str(Path(sys.executable).parent / "voxelome")
+WEIGHTS = (0.0, 0.25, 0.5)
+VOXELOME = str(Path(sys.executable).parent / "voxelome")
 
 
-def choose(val_pred, val_knn, val_truth):
-    scores = {a: per_gene_scores((1 - a) * val_pred + a * val_knn, val_truth)["mean_r"] for a in AS}
-    return max(scores, key=scores.get), scores
+def fold_row(held, val_pred, val_knn, val_truth, test_pred, test_knn, test_truth, knn_r) -> dict:
+    """The weight chosen on the validation points, and what it gives on the test section."""
+    scores = {a: per_gene_scores((1 - a) * val_pred + a * val_knn, val_truth)["mean_r"] for a in WEIGHTS}
+    a = max(scores, key=scores.get)
+    return {"held_out": held, "a": a, "val": scores, "pair": per_gene_scores(test_pred, test_truth)["mean_r"],
+            "blend": per_gene_scores((1 - a) * test_pred + a * test_knn, test_truth)["mean_r"], "knn": knn_r}
 
 
-def sectioned(name):
+def sectioned(name: str) -> list:
+    """Breast / her2st A–D / phantom folds: validation pairs fitted here, test fits of bench_field_select.py."""
     stack, folds = stack_folds(name)
     y_all, xyz = log_norm(stack.X), np.asarray(stack.obsm["spatial_3d"], float)
-    sec = stack.obs["section"].to_numpy(); rows = baseline_rows(RUNS, name); res = []
+    sec = stack.obs["section"].to_numpy()
+    rows, res = baseline_rows(RUNS, name), []
     for h in folds:
         tr, te = sec != h, sec == h
-        top = np.argsort(-y_all[tr].mean(0), kind="stable")[:REAL_GENES]; genes = stack.var_names[top]
-        sel = json.loads((next(RUNS.glob(f"runs/*/{h}/selection/selection.json"))).read_text())
-        V = np.isin(sec, sel["validation_sections"]) & tr
-        fit_mask = tr & ~V
+        top = np.argsort(-y_all[tr].mean(0), kind="stable")[:REAL_GENES]
+        genes = stack.var_names[top]
+        sel = json.loads(next(RUNS.glob(f"runs/*/{h}/selection/selection.json")).read_text())
+        val = np.isin(sec, sel["validation_sections"]) & tr
+        fit_mask = tr & ~val
         data = PointData.from_anndata(stack[fit_mask], genes=list(genes))
-        preds = []
+        val_pred = 0
         for k, cname in enumerate(PAIR_CANDIDATES):
-            cand = FIELD_CANDIDATES[cname]; pca = int(cand.get("pca", 0))
-            f = final_fit(data, OUT / name / h / f"val_pair{k}", {**BUDGET, **candidate_overrides(data, cand)},
-                          pca_loadings(data, pca) if pca else None)
-            preds.append(f.predict(xyz[V], value="measured"))
-        kb = rows[h]["baselines"]["knn_3d"]["k"]
-        vk = knn_3d(xyz[fit_mask], y_all[fit_mask][:, top], xyz[V], k=kb)
-        a, scores = choose(sum(preds) / 2, vk, y_all[V][:, top])
+            cand = FIELD_CANDIDATES[cname]
+            pca = int(cand.get("pca", 0))
+            field = final_fit(data, OUT / name / h / f"val_pair{k}", {**BUDGET, **candidate_overrides(data, cand)},
+                              pca_loadings(data, pca) if pca else None)
+            val_pred = val_pred + field.predict(xyz[val], value="measured") / len(PAIR_CANDIDATES)
+        k_knn = rows[h]["baselines"]["knn_3d"]["k"]
         fits = [fold_runs(RUNS, h)[m] for m in PAIR_MEMBERS]
-        at_test = sum(measured(f, xyz[te], genes) for f in fits) / len(fits)
-        tk = knn_3d(xyz[tr], y_all[tr][:, top], xyz[te], k=kb)
-        truth = y_all[te][:, top]
-        row = {"held_out": h, "a": a, "val": scores, "pair": per_gene_scores(at_test, truth)["mean_r"],
-               "blend": per_gene_scores((1 - a) * at_test + a * tk, truth)["mean_r"], "knn": rows[h]["baselines"]["knn_3d"]["r"]}
-        print(name, json.dumps(row), flush=True); res.append(row)
+        row = fold_row(h, val_pred, knn_3d(xyz[fit_mask], y_all[fit_mask][:, top], xyz[val], k=k_knn),
+                       y_all[val][:, top], sum(measured(f, xyz[te], genes) for f in fits) / len(fits),
+                       knn_3d(xyz[tr], y_all[tr][:, top], xyz[te], k=k_knn), y_all[te][:, top],
+                       rows[h]["baselines"]["knn_3d"]["r"])
+        print(name, json.dumps(row), flush=True)
+        res.append(row)
     return res
 
 
-def starmap():
-    stack = starmap_stack(); res = []
+def starmap() -> list:
+    """3D STARmap folds: the validation pair fitted through the CLI on the training cells minus the validation slab,
+    the test members of bench_field_cells.py's pair run."""
+    stack = starmap_stack()
     prev = json.loads((CELLS_PAIR / "results_slab22.json").read_text())["runs"]["22"]["folds"]
     prev = {r["held_out"]: r for r in prev}
+    res = []
     for held, val in STARMAP_FOLDS.items():
         tr, te, vmask = leave_out(stack, held, val)
         tr_a, te_a = stack[tr], stack[te]
         fit_a, val_a = tr_a[~vmask], tr_a[vmask]
-        work = OUT / "starmap" / held; work.mkdir(parents=True, exist_ok=True)
+        xyz_fit, xyz_val = (np.asarray(a.obsm["spatial_3d"], float) for a in (fit_a, val_a))
+        work = OUT / "starmap" / held
+        work.mkdir(parents=True, exist_ok=True)
         cells = ad.AnnData(X=sp.csr_matrix(fit_a.X), obs=pd.DataFrame(index=fit_a.obs_names), var=fit_a.var.copy())
-        cells.obsm["spatial_3d"] = np.asarray(fit_a.obsm["spatial_3d"], float)
+        cells.obsm["spatial_3d"] = xyz_fit
         cells.write_h5ad(work / "cells.h5ad")
-        pd.DataFrame(np.asarray(val_a.obsm["spatial_3d"], float), columns=["x", "y", "z"]).to_csv(work / "val.csv", index=False)
+        pd.DataFrame(xyz_val, columns=["x", "y", "z"]).to_csv(work / "val.csv", index=False)
         if not (work / "run" / "ensemble.json").exists():
-            subprocess.run([VB, "reconstruct", "fit", str(work / "cells.h5ad"), "--out", str(work / "run"), "--z-slabs", "22",
-                            "--settings", "pair", "--seeds", "1", "--knn-blend", "off"], check=True, capture_output=True)
-        subprocess.run([VB, "reconstruct", "predict", str(work / "run"), "--points", str(work / "val.csv"), "--out",
-                        str(work / "val_pred.csv"), "--value", "measured"], check=True, capture_output=True)
-        vp = pd.read_csv(work / "val_pred.csv")[list(map(str, val_a.var_names))].to_numpy()
-        kb = prev[held]["baselines"]["knn_3d"]["k"]
-        vk = knn_3d(np.asarray(fit_a.obsm["spatial_3d"], float), log_norm(fit_a.X), np.asarray(val_a.obsm["spatial_3d"], float), k=kb)
-        a, scores = choose(vp, vk, log_norm(val_a.X))
+            subprocess.run([VOXELOME, "reconstruct", "fit", str(work / "cells.h5ad"), "--out", str(work / "run"),
+                            "--z-slabs", "22", "--settings", "pair", "--seeds", "1", "--knn-blend", "off"],
+                           check=True, capture_output=True)
+        subprocess.run([VOXELOME, "reconstruct", "predict", str(work / "run"), "--points", str(work / "val.csv"),
+                        "--out", str(work / "val_pred.csv"), "--value", "measured"], check=True, capture_output=True)
+        val_pred = pd.read_csv(work / "val_pred.csv")[list(map(str, val_a.var_names))].to_numpy()
+        k_knn = prev[held]["baselines"]["knn_3d"]["k"]
         members = sorted((CELLS_PAIR / f"{held}_slab22" / "run" / "members").iterdir())
-        q = np.asarray(te_a.obsm["spatial_3d"], float); truth = log_norm(te_a.X)
-        at_test = sum(measured(m, q, te_a.var_names) for m in members) / len(members)
-        tk = knn_3d(np.asarray(tr_a.obsm["spatial_3d"], float), log_norm(tr_a.X), q, k=kb)
-        row = {"held_out": held, "a": a, "val": scores, "pair": per_gene_scores(at_test, truth)["mean_r"],
-               "blend": per_gene_scores((1 - a) * at_test + a * tk, truth)["mean_r"], "knn": prev[held]["baselines"]["knn_3d"]["r"]}
-        print("starmap", json.dumps(row), flush=True); res.append(row)
+        q = np.asarray(te_a.obsm["spatial_3d"], float)
+        row = fold_row(held, val_pred, knn_3d(xyz_fit, log_norm(fit_a.X), xyz_val, k=k_knn), log_norm(val_a.X),
+                       sum(measured(m, q, te_a.var_names) for m in members) / len(members),
+                       knn_3d(np.asarray(tr_a.obsm["spatial_3d"], float), log_norm(tr_a.X), q, k=k_knn),
+                       log_norm(te_a.X), prev[held]["baselines"]["knn_3d"]["r"])
+        print("starmap", json.dumps(row), flush=True)
+        res.append(row)
     return res
 
 
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
-    out = {}
     for name in sys.argv[1:]:
-        out[name] = starmap() if name == "starmap" else sectioned(name)
-        r = out[name]
+        r = starmap() if name == "starmap" else sectioned(name)
         print(f"== {name}: pair {np.mean([x['pair'] for x in r]):.4f} blend {np.mean([x['blend'] for x in r]):.4f} "
               f"knn {np.mean([x['knn'] for x in r]):.4f} a={[x['a'] for x in r]}", flush=True)
         (OUT / f"result_{name}.json").write_text(json.dumps(r, indent=1))

@@ -102,3 +102,13 @@ def test_cli_knn_blend_option(stack, tmp_path):
     res = runner.invoke(app, ["reconstruct", "fit", str(two), "--out", str(tmp_path / "two"), *quick])
     assert res.exit_code == 0 and "kNN blend: not considered" in res.output, res.output
     assert not (tmp_path / "two" / BLEND_FILE).exists()
+
+
+def test_knn_blend_not_offered_above_the_stored_values_cap(data, tmp_path, monkeypatch):
+    import voxelome.train.field_knn_blend as blend
+
+    monkeypatch.setattr(blend, "MAX_STORED_VALUES", len(data) * data.n_genes - 1)
+    record = choose_knn_blend(data, _specs(), tmp_path, log=lambda s: None)
+    assert record["weight"] == 0 and "kNN would carry the data" in record["reason"]
+    assert not (tmp_path / "knn_blend").exists() and not (tmp_path / POINTS_FILE).exists()  # nothing fitted or kept
+    assert json.loads((tmp_path / BLEND_FILE).read_text())["weight"] == 0 and KnnBlend.load(tmp_path) is None

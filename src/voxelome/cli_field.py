@@ -138,7 +138,8 @@ def fit(stack: Path = typer.Argument(..., help="AnnData .h5ad of all sections: o
         raise VoxelomeError(f"--seeds {seeds} must be ≥ 1 (fits per field, averaged; 1 = a single fit).")
     seeds = (1 if stack.is_dir() else 2) if seeds is None else seeds
     if knn_blend not in ("auto", "off"):
-        raise VoxelomeError(f"--knn-blend {knn_blend!r} is not one of auto, off.{did_you_mean(knn_blend, ['auto', 'off'])}")
+        raise VoxelomeError(f"--knn-blend {knn_blend!r} is not one of auto, off."
+                            f"{did_you_mean(knn_blend, ['auto', 'off'])}")
     choices = ["auto", "select", "ntf", "robust", "pair"]
     if settings not in choices:
         raise VoxelomeError(f"--settings {settings!r} is not one of {', '.join(choices)}.{did_you_mean(settings, choices)}")

@@ -133,7 +133,8 @@ def _plane(volume, image, pixel_size, out, spacing_um, landmarks, max_tilt, max_
 
 
 @app.command("stack")
-def stack(sections: List[Path] = typer.Argument(..., help="Sections in cutting order (.h5ad, Visium outs, Xenium or MERSCOPE folders, ...)."),
+def stack(sections: List[Path] = typer.Argument(..., help="Sections in cutting order (.h5ad, Visium outs, Xenium or "
+                                                          "MERSCOPE folders, ...)."),
           z: str = typer.Option(..., help="Depth of each section in µm, comma-separated, increasing (e.g. 0,15,30)."),
           out: Path = typer.Option(..., help="Output stack .h5ad (obsm['spatial_3d'] x,y,z µm)."),
           method: str = typer.Option("icp", help="icp (fast, expression ICP) or fgw (PASTE-like optimal transport)."),

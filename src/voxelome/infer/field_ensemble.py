@@ -103,7 +103,8 @@ class FieldEnsemble(FittedField):
         ens.member_names = list(record.get("names", []))
         ens.knn = KnnBlend.load(run)
         if ens.knn is not None:  # other blends are other predictions (a volume's resume markers check this)
-            ens.fingerprint = hashlib.sha256((ens.fingerprint + (run / BLEND_FILE).read_text()).encode()).hexdigest()[:16]
+            mixed = ens.fingerprint + (run / BLEND_FILE).read_text()
+            ens.fingerprint = hashlib.sha256(mixed.encode()).hexdigest()[:16]
         return ens
 
     def predict(self, points_xyz_um, genes=None, **kwargs) -> np.ndarray:
