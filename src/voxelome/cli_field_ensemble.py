@@ -86,9 +86,9 @@ def fit_pair(data, out: Path, seeds: int, preset: str, overrides: dict, resume: 
 
 def ensemble_done(data, members, out: Path) -> str:
     """The fit's closing line for an ensemble run."""
-    from voxelome.infer.field_knn import KnnBlend
+    from voxelome.infer.field_knn import blend_weight
 
-    knn = KnnBlend.load(out)
+    weight = blend_weight(out)
     return (f"ensemble of {len(members)} fields of {len(data.genes)} variables on {len(data)} points from "
             f"{sections_text(data)} → {out} (queries average the members"
-            + (f", then with 3D kNN of the measured points at weight {knn.weight:g})" if knn else ")"))
+            + (f", then with 3D kNN of the measured points at weight {weight:g})" if weight else ")"))

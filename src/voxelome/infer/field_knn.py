@@ -88,6 +88,12 @@ class KnnBlend:
         return ((1 - self.weight) * field_values + self.weight * knn).astype(np.float32)
 
 
+def blend_weight(run_dir) -> float:
+    """The kNN weight a run's queries use (0 without a blend), read from its record alone."""
+    path = Path(run_dir) / BLEND_FILE
+    return float(json.loads(path.read_text())["weight"]) if path.is_file() else 0.0
+
+
 def distance_floor_um(xyz_um) -> float:
     """Half the median distance (µm) from a point to its nearest other point: the smallest distance kNN weighs."""
     from scipy.spatial import cKDTree
