@@ -32,7 +32,7 @@ warnings.simplefilter("ignore")  # the stacks' reader says how many genes the se
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_field import STARMAP_FOLDS, REAL_GENES, leave_out, log_norm, per_gene_scores, starmap_stack  # noqa: E402
 from bench_field_select import BUDGET, final_fit  # noqa: E402
-from bench_field_ceiling import stack_folds, baseline_rows, fold_runs, measured, PAIR_MEMBERS  # noqa: E402
+from bench_field_ceiling import stack_folds, baseline_rows, fold_runs, mean_measured, PAIR_MEMBERS  # noqa: E402
 from voxelome.evaluate.field_baselines import knn_3d  # noqa: E402
 from voxelome.train.field_selection import FIELD_CANDIDATES, PAIR_CANDIDATES, candidate_overrides, pca_loadings  # noqa: E402
 from voxelome.train.point_data import PointData  # noqa: E402
@@ -77,7 +77,7 @@ def sectioned(name: str) -> list:
         k_knn = rows[h]["baselines"]["knn_3d"]["k"]
         fits = [fold_runs(RUNS, h)[m] for m in PAIR_MEMBERS]
         row = fold_row(h, val_pred, knn_3d(xyz[fit_mask], y_all[fit_mask][:, top], xyz[val], k=k_knn),
-                       y_all[val][:, top], sum(measured(f, xyz[te], genes) for f in fits) / len(fits),
+                       y_all[val][:, top], mean_measured(fits, genes, xyz[te])[0],
                        knn_3d(xyz[tr], y_all[tr][:, top], xyz[te], k=k_knn), y_all[te][:, top],
                        rows[h]["baselines"]["knn_3d"]["r"])
         print(name, json.dumps(row), flush=True)
@@ -114,7 +114,7 @@ def starmap() -> list:
         members = sorted((CELLS_PAIR / f"{held}_slab22" / "run" / "members").iterdir())
         q = np.asarray(te_a.obsm["spatial_3d"], float)
         row = fold_row(held, val_pred, knn_3d(xyz_fit, log_norm(fit_a.X), xyz_val, k=k_knn), log_norm(val_a.X),
-                       sum(measured(m, q, te_a.var_names) for m in members) / len(members),
+                       mean_measured(members, te_a.var_names, q)[0],
                        knn_3d(np.asarray(tr_a.obsm["spatial_3d"], float), log_norm(tr_a.X), q, k=k_knn),
                        log_norm(te_a.X), prev[held]["baselines"]["knn_3d"]["r"])
         print("starmap", json.dumps(row), flush=True)

@@ -60,11 +60,22 @@ BLEND_A = (0.1, 0.2, 0.3, 0.5)
 KRIGING_GRID = [(s, k, w) for s in (1.0, 0.25) for k in (5, 10, 20, 40, 80) for w in (0.25, 0.5, 0.75, 1.0)]
 
 
+def mean_measured(runs, genes, *point_sets) -> list[np.ndarray]:
+    """The mean over fitted fields ``runs`` of their measured-spot predictions ``(n, len(genes))`` at each of
+    ``point_sets`` (µm), columns in the order of ``genes``; each field is loaded once."""
+    sums = [0.0] * len(point_sets)
+    for run in runs:
+        field = FittedField.load(run)
+        col = {g: k for k, g in enumerate(field.genes)}
+        cols = [col[str(g)] for g in genes]
+        for i, xyz in enumerate(point_sets):
+            sums[i] = sums[i] + field.predict(xyz, value="measured")[:, cols]
+    return [total / len(runs) for total in sums]
+
+
 def measured(run: Path, xyz: np.ndarray, genes) -> np.ndarray:
     """A fitted field's measured-spot prediction ``(n, len(genes))`` at ``xyz`` µm, columns in the order of ``genes``."""
-    field = FittedField.load(run)
-    col = {g: k for k, g in enumerate(field.genes)}
-    return field.predict(xyz, value="measured")[:, [col[str(g)] for g in genes]]
+    return mean_measured([run], genes, xyz)[0]
 
 
 def fold_runs(runs: Path, fold: str) -> dict[str, Path]:
@@ -224,8 +235,7 @@ def hybrids(runs: Path, name: str) -> dict:
         top = np.argsort(-y_all[tr].mean(0), kind="stable")[:REAL_GENES]
         genes = stack.var_names[top]
         fits = [fold_runs(runs, h)[m] for m in PAIR_MEMBERS]
-        at_train = sum(measured(f, xyz[tr], genes) for f in fits) / len(fits)
-        at_test = sum(measured(f, xyz[te], genes) for f in fits) / len(fits)
+        at_train, at_test = mean_measured(fits, genes, xyz[tr], xyz[te])
         out["folds"].append(hybrid_row(h, (xyz[tr], sec[tr], y_all[tr][:, top]), xyz[te], y_all[te][:, top],
                                        at_train, at_test, rows[h]["baselines"]))
     return summarise_hybrids(out)
@@ -243,8 +253,7 @@ def starmap_hybrids(pair_run: Path) -> dict:
         tr_a, te_a = stack[tr], stack[te]
         xyz_tr, xyz_te = np.asarray(tr_a.obsm["spatial_3d"], float), np.asarray(te_a.obsm["spatial_3d"], float)
         members = sorted(next(pair_run.glob(f"{held}_slab*")).joinpath("run", "members").iterdir())
-        at_train = sum(measured(m, xyz_tr, te_a.var_names) for m in members) / len(members)
-        at_test = sum(measured(m, xyz_te, te_a.var_names) for m in members) / len(members)
+        at_train, at_test = mean_measured(members, te_a.var_names, xyz_tr, xyz_te)
         out["folds"].append(hybrid_row(held, (xyz_tr, tr_a.obs["section"].to_numpy(), log_norm(tr_a.X)), xyz_te,
                                        log_norm(te_a.X), at_train, at_test, base[held]))
     return summarise_hybrids(out)

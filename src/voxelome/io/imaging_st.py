@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from voxelome.constants import SPATIAL_KEY
+from voxelome.constants import SPATIAL_KEY, UNS_KEY
 from voxelome.errors import VoxelomeError
 from voxelome.io.guarded import missing_path_error
 from voxelome.io.sections import _anndata, validate_section
@@ -71,7 +71,7 @@ def _cells_section(counts, cell_ids, genes: pd.DataFrame, xy_um: np.ndarray, obs
     obs.index = pd.Index(np.asarray(cell_ids, dtype=str)[has_counts])
     adata = _anndata().AnnData(X=counts[has_counts], obs=obs, var=genes)
     adata.obsm[SPATIAL_KEY] = np.asarray(xy_um, float)[has_counts] / pixel_size_um
-    adata.uns["voxelome"] = {"platform": platform}
+    adata.uns[UNS_KEY] = {"platform": platform}
     return validate_section(adata, pixel_size_um=pixel_size_um, spot_diameter_um=diameter_um)
 
 
@@ -183,5 +183,5 @@ def read_merscope(path, *, cell_diameter_um: float | None = None):
                            diameter_um=float(cell_diameter_um), platform="merscope", where=folder)
     transform = folder / "images" / "micron_to_mosaic_pixel_transform.csv"
     if transform.exists():
-        adata.uns["voxelome"]["micron_to_mosaic_px"] = np.loadtxt(transform).reshape(3, 3).tolist()
+        adata.uns[UNS_KEY]["micron_to_mosaic_px"] = np.loadtxt(transform).reshape(3, 3).tolist()
     return adata

@@ -81,9 +81,10 @@ def choose_knn_blend(data, specs, run_dir, *, max_validation_sections: int = 2, 
             fit_field(train, spec.config, work / spec.folder, loadings=loadings, resume=False, progress=True)
         pred += FittedField.load(work / spec.folder).predict(test.xyz_um, value="measured") / len(specs)
     values = held_out_truth(train, target_sum)
-    knn_r = {k: per_gene_scores(knn_3d(train.xyz_um, values, test.xyz_um, k=k), truth)["mean_r"] for k in K_3D}
+    knn_by_k = {k: knn_3d(train.xyz_um, values, test.xyz_um, k=k) for k in K_3D}
+    knn_r = {k: per_gene_scores(p, truth)["mean_r"] for k, p in knn_by_k.items()}
     k = max(knn_r, key=knn_r.get)
-    knn = knn_3d(train.xyz_um, values, test.xyz_um, k=k)
+    knn = knn_by_k[k]
     mean_r = {a: per_gene_scores((1 - a) * pred + a * knn, truth)["mean_r"] for a in BLEND_WEIGHTS}
     weight = max(BLEND_WEIGHTS, key=lambda a: (mean_r[a], -a))
     record = {"weight": weight, "k": int(k), "validation_sections": names,
